@@ -1,0 +1,33 @@
+"""bucketsnap: training-state snapshots in zstd zip archives at any fsspec URL, with an atomic commit log."""
+
+from bucketsnap._version import __version__
+from bucketsnap.errors import (
+    BucketsnapError,
+    CommitConflictError,
+    CorruptSnapshotError,
+    NotAFileError,
+    NotASnapshotError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    StorageError,
+    UnsafeLoadError,
+)
+from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.store import Snapshot, SnapshotStore
+
+__all__ = [
+    "BucketsnapError",
+    "CommitConflictError",
+    "CorruptSnapshotError",
+    "MemberInfo",
+    "NotAFileError",
+    "NotASnapshotError",
+    "Snapshot",
+    "SnapshotExistsError",
+    "SnapshotInfo",
+    "SnapshotNotFoundError",
+    "SnapshotStore",
+    "StorageError",
+    "UnsafeLoadError",
+    "__version__",
+]

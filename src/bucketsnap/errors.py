@@ -1,0 +1,85 @@
+"""bucketsnap's exceptions, and the redaction of URLs that appear in their messages.
+
+Every exception derives from :class:`BucketsnapError`; where a built-in exception means the same thing, the
+subclass inherits it too, so ``except FileNotFoundError`` written for a plain ``torch.load`` keeps working::
+
+    BucketsnapError
+    ├── SnapshotNotFoundError   (FileNotFoundError)   empty store, unknown itr, object missing
+    ├── NotASnapshotError       (NotAFileError alias)  the location holds something that is not a bucketsnap run
+    ├── CorruptSnapshotError    (ValueError)           checksum mismatch, truncated or malformed archive/manifest
+    ├── CommitConflictError     (FileExistsError)      a commit could not be made against concurrent writers
+    │   └── SnapshotExistsError                        the itr is already committed and overwrite=False
+    ├── UnsafeLoadError         (PermissionError)      a pickled value met without allow_pickle=True
+    └── StorageError            (OSError)              the backend failed (network, permissions, throttling)
+
+Messages say what happened, name the URL with credentials redacted, and say what to do next.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "BucketsnapError",
+    "CommitConflictError",
+    "CorruptSnapshotError",
+    "NotAFileError",
+    "NotASnapshotError",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
+    "StorageError",
+    "UnsafeLoadError",
+    "redact",
+]
+
+
+class BucketsnapError(Exception):
+    """Base class of every error bucketsnap raises."""
+
+
+class SnapshotNotFoundError(BucketsnapError, FileNotFoundError):
+    """No committed snapshot matches the request (empty store, unknown itr, or its object is gone)."""
+
+
+class NotASnapshotError(BucketsnapError):
+    """The location exists but holds something that is not a bucketsnap run or snapshot."""
+
+
+#: garage's name for :class:`NotASnapshotError`.
+NotAFileError = NotASnapshotError
+
+
+class CorruptSnapshotError(BucketsnapError, ValueError):
+    """A snapshot archive or manifest failed validation (checksum, truncation, malformed structure)."""
+
+
+class CommitConflictError(BucketsnapError, FileExistsError):
+    """A commit could not be made because of concurrent writers."""
+
+
+class SnapshotExistsError(CommitConflictError):
+    """The itr is already committed; pass ``overwrite=True`` to replace it."""
+
+
+class UnsafeLoadError(BucketsnapError, PermissionError):
+    """A value can only be restored by unpickling, which needs ``allow_pickle=True``."""
+
+
+class StorageError(BucketsnapError, OSError):
+    """The storage backend failed; the message names the URL and the backend's own error."""
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]*@")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<key>[?&][^=&\s]*(?:sig|signature|token|secret|password|credential|key)[^=&\s]*=)[^&\s]*"
+)
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with user info and secret-looking query values replaced by ``***``.
+
+    >>> redact("s3://AKIA:s3cr3t@bucket/run?X-Amz-Signature=abc&x=1")
+    's3://***@bucket/run?X-Amz-Signature=***&x=1'
+    """
+    url = _USERINFO.sub(r"\g<scheme>***@", url)
+    return _SECRET_QUERY.sub(r"\g<key>***", url)

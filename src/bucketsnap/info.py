@@ -1,0 +1,155 @@
+"""What the manifest records about each committed snapshot: :class:`SnapshotInfo` and :class:`MemberInfo`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from bucketsnap.errors import CorruptSnapshotError
+
+__all__ = ["MemberInfo", "SnapshotInfo", "check_metrics"]
+
+Metric = int | float | str | bool | None
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One archive member: the value saved under one top-level key.
+
+    Attributes:
+        name: the zip member name (``<key>.zst``).
+        offset: byte offset of the member's stored data in the archive, so it is read with one ranged request.
+        stored_size: bytes stored (the zstd frame).
+        raw_size: bytes after decompression.
+        crc32: CRC-32 of the stored bytes, as 8 hex digits (the same value as the zip's own CRC field).
+        codec: ``"zstd"``.
+        pickled: whether the value holds a cloudpickled part (loading it needs ``allow_pickle=True``).
+    """
+
+    name: str
+    offset: int
+    stored_size: int
+    raw_size: int
+    crc32: str
+    codec: str = "zstd"
+    pickled: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio, raw size over stored size."""
+        return self.raw_size / self.stored_size if self.stored_size else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "stored_size": self.stored_size,
+            "raw_size": self.raw_size,
+            "crc32": self.crc32,
+            "codec": self.codec,
+            "pickled": self.pickled,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MemberInfo:
+        return cls(
+            name=str(d["name"]),
+            offset=_nonneg(d["offset"]),
+            stored_size=_nonneg(d["stored_size"]),
+            raw_size=_nonneg(d["raw_size"]),
+            crc32=str(d["crc32"]),
+            codec=str(d.get("codec", "zstd")),
+            pickled=bool(d.get("pickled", False)),
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A committed snapshot as the manifest records it.
+
+    Attributes:
+        itr: the iteration it was saved at.
+        path: the archive's path relative to the run root (``snapshots/<itr>-<token>.zip``).
+        url: the archive's full URL, credentials redacted.
+        size: the archive's size in bytes.
+        created: when it was saved (UTC).
+        metrics: the metrics saved with it.
+        members: key -> :class:`MemberInfo`, in the order the state was saved.
+        format_version: the archive format version.
+    """
+
+    itr: int
+    path: str
+    url: str
+    size: int
+    created: datetime
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    members: dict[str, MemberInfo] = field(default_factory=dict)
+    format_version: int = 1
+
+    def keys(self) -> list[str]:
+        """The saved top-level keys."""
+        return list(self.members)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "itr": self.itr,
+            "path": self.path,
+            "size": self.size,
+            "created": self.created.isoformat(),
+            "metrics": self.metrics,
+            "members": {k: m.to_json() for k, m in self.members.items()},
+            "format_version": self.format_version,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, base_url: str) -> SnapshotInfo:
+        """Parse a manifest entry; raise CorruptSnapshotError (naming ``base_url``) if malformed."""
+        try:
+            path = str(d["path"])
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"path {path!r} escapes the run")
+            created = datetime.fromisoformat(str(d["created"]))
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=timezone.utc)
+            itr = d["itr"]
+            if not isinstance(itr, int) or isinstance(itr, bool) or itr < 0:
+                raise ValueError(f"bad itr {itr!r}")
+            return cls(
+                itr=itr,
+                path=path,
+                url=f"{base_url}/{path}",
+                size=_nonneg(d["size"]),
+                created=created,
+                metrics=check_metrics(d.get("metrics") or {}),
+                members={str(k): MemberInfo.from_json(m) for k, m in dict(d["members"]).items()},
+                format_version=int(d.get("format_version", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptSnapshotError(f"malformed manifest entry in {base_url}: {exc!r}") from exc
+
+
+def check_metrics(metrics: Any) -> dict[str, Metric]:
+    """Validate metrics: a mapping of str to finite numbers, str, bool or None (torch/numpy scalars are converted)."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be a dict of name -> number, not {type(metrics).__name__}")
+    out: dict[str, Metric] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise ValueError(f"metric names must be str, got {name!r}")
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+            value = value.item()  # torch / numpy scalars
+        if not isinstance(value, (int, float, str, bool)) and value is not None:
+            raise ValueError(f"metric {name!r} must be a number, str, bool or None, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"metric {name!r} is {value}; metrics must be finite")
+        out[name] = value
+    return out
+
+
+def _nonneg(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"expected a non-negative int, got {v!r}")
+    return v

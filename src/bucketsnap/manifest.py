@@ -1,0 +1,204 @@
+"""The commit protocol: which snapshots of a run are committed, as a log of numbered manifest generations.
+
+A run's root holds::
+
+    snapshots/<itr, 12 digits>-<random>.zip     immutable archives, under names no two writers share
+    manifest/<generation, 12 digits>.json       each generation lists every committed snapshot
+
+A save first writes its archive (invisible to readers: nothing references it yet), then commits by creating
+generation N+1, the previous list plus its entry, with an *exclusive* create. If N+1 already exists another
+writer committed first: re-read, re-apply the change to the newer list, and try N+2. The exclusive create is
+the single instant at which a snapshot becomes committed, which gives the four properties we need:
+
+* a crash at any instant leaves every committed snapshot intact (nothing committed is ever rewritten; a crash
+  leaves at most an unreferenced archive, an orphan that :meth:`SnapshotStore.gc` removes);
+* readers never see an uncommitted snapshot (they only follow the manifest);
+* two writers never lose each other's commits (each generation is created exactly once, and each writer
+  re-applies its change on top of the newest one);
+* ``last``/``first``/``itr`` cost two requests (list ``manifest/``, read the newest) however many snapshots
+  the run has, because writers prune generations older than the newest :data:`KEEP_GENERATIONS`.
+
+The trade-off, as in Delta Lake's log: a commit rewrites the whole list, so a run with tens of thousands of
+snapshots has a manifest of a few MB; in exchange a reader needs no listing of ``snapshots/`` and no
+per-snapshot request. Backends without an atomic exclusive create weaken only the third property (see
+:mod:`bucketsnap.storage`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from bucketsnap.errors import BucketsnapError, CommitConflictError, CorruptSnapshotError, SnapshotNotFoundError
+from bucketsnap.info import SnapshotInfo
+from bucketsnap.storage import Storage
+
+__all__ = ["KEEP_GENERATIONS", "MANIFEST_DIR", "SNAPSHOT_DIR", "Manifest", "ManifestLog", "Which"]
+
+logger = logging.getLogger("bucketsnap")
+
+MANIFEST_DIR = "manifest"
+SNAPSHOT_DIR = "snapshots"
+MANIFEST_FORMAT = "bucketsnap-manifest"
+MANIFEST_VERSION = 1
+#: Generations kept behind the newest; a reader that lists, then reads a generation pruned in between, retries.
+KEEP_GENERATIONS = 8
+MAX_COMMIT_ATTEMPTS = 200
+_GENERATION = re.compile(r"^(\d{12})\.json$")
+
+Which = int | str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One generation of the log: the committed snapshots, ascending by itr."""
+
+    generation: int
+    snapshots: tuple[SnapshotInfo, ...] = ()
+
+    def itrs(self) -> list[int]:
+        return [s.itr for s in self.snapshots]
+
+    def find(self, itr: int) -> SnapshotInfo | None:
+        for s in self.snapshots:
+            if s.itr == itr:
+                return s
+        return None
+
+    def resolve(self, which: Which, url: str) -> SnapshotInfo:
+        """The snapshot ``which`` names: ``"last"``, ``"first"`` or an int itr."""
+        if (
+            isinstance(which, bool)
+            or not isinstance(which, (int, str))
+            or (isinstance(which, str) and which not in ("last", "first"))
+        ):
+            raise ValueError(f"which must be 'last', 'first' or an int itr, not {which!r}")
+        if not self.snapshots:
+            raise SnapshotNotFoundError(
+                f"no committed snapshot at {url}: the run is empty. Check the URL, or save one first."
+            )
+        if which == "last":
+            return self.snapshots[-1]
+        if which == "first":
+            return self.snapshots[0]
+        found = self.find(int(which))
+        if found is None:
+            itrs = self.itrs()
+            shown = ", ".join(map(str, itrs)) if len(itrs) <= 10 else f"{itrs[0]} to {itrs[-1]} ({len(itrs)} in all)"
+            raise SnapshotNotFoundError(f"no snapshot with itr {which} at {url}; committed itrs: {shown}")
+        return found
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "generation": self.generation,
+            "written": datetime.now(timezone.utc).isoformat(),
+            "snapshots": [s.to_json() for s in self.snapshots],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, generation: int, base_url: str, where: str) -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptSnapshotError(
+                f"manifest {where} is not valid JSON ({exc}); run `bucketsnap repair` or SnapshotStore.repair() "
+                "to commit a new generation rebuilt from the intact snapshots"
+            ) from exc
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise CorruptSnapshotError(f"{where} is not a bucketsnap manifest; run SnapshotStore.repair()")
+        if doc.get("version") != MANIFEST_VERSION:
+            raise CorruptSnapshotError(
+                f"manifest {where} has version {doc.get('version')!r}, this bucketsnap reads version "
+                f"{MANIFEST_VERSION}; upgrade bucketsnap"
+            )
+        if doc.get("generation") != generation:
+            raise CorruptSnapshotError(f"manifest {where} says generation {doc.get('generation')!r}")
+        entries = doc.get("snapshots")
+        if not isinstance(entries, list):
+            raise CorruptSnapshotError(f"manifest {where} has no snapshot list")
+        snapshots = sorted((SnapshotInfo.from_json(e, base_url=base_url) for e in entries), key=lambda s: s.itr)
+        if len({s.itr for s in snapshots}) != len(snapshots):
+            raise CorruptSnapshotError(f"manifest {where} lists an itr twice")
+        return cls(generation, tuple(snapshots))
+
+
+def generation_name(generation: int) -> str:
+    return f"{MANIFEST_DIR}/{generation:012d}.json"
+
+
+class ManifestLog:
+    """Reads the newest manifest generation and commits new ones; counts the conflicts it retried."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.conflicts = 0
+
+    def generations(self) -> list[int]:
+        """The generations present, ascending."""
+        found = (_GENERATION.match(n) for n in self.storage.list(MANIFEST_DIR))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def read_generation(self, generation: int) -> Manifest:
+        rel = generation_name(generation)
+        data = self.storage.read(rel)
+        return Manifest.from_json(
+            data, generation=generation, base_url=self.storage.url, where=self.storage.url_of(rel)
+        )
+
+    def read(self) -> Manifest:
+        """The newest generation (generation 0, empty, for a new run)."""
+        for _ in range(10):
+            generations = self.generations()
+            if not generations:
+                return Manifest(0)
+            try:
+                return self.read_generation(generations[-1])
+            except FileNotFoundError:
+                continue  # pruned between the listing and the read: list again
+        raise BucketsnapError(f"the manifest at {self.storage.url} kept changing while being read; retry")
+
+    def commit(self, change: Callable[[Manifest], list[SnapshotInfo]], *, over_corrupt: bool = False) -> Manifest:
+        """Create the next generation from ``change(newest)``, retrying on top of concurrent commits.
+
+        ``change`` is called again with the newer manifest after each conflict, and may raise to give up.
+        With ``over_corrupt`` (repair), a newest generation that does not parse is passed as an empty list.
+        """
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
+            try:
+                current = self.read()
+            except CorruptSnapshotError:
+                if not over_corrupt:
+                    raise
+                current = Manifest(self.generations()[-1])
+            snapshots = sorted(change(current), key=lambda s: s.itr)
+            new = Manifest(current.generation + 1, tuple(snapshots))
+            try:
+                self.storage.create_exclusive(generation_name(new.generation), new.to_json())
+            except FileExistsError:
+                self.conflicts += 1
+                logger.debug("generation %d was committed by another writer; retrying", new.generation)
+                time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(attempt, 7))))
+                continue
+            self._prune(new.generation)
+            return new
+        raise CommitConflictError(
+            f"could not commit to {self.storage.url} after {MAX_COMMIT_ATTEMPTS} attempts: other writers kept "
+            "committing first. The snapshot object was written; retry the save."
+        )
+
+    def _prune(self, newest: int) -> None:
+        """Best effort: drop generations too old for any reader to still be reading them."""
+        for generation in range(max(1, newest - KEEP_GENERATIONS - 4), newest - KEEP_GENERATIONS):
+            try:
+                self.storage.delete(generation_name(generation))
+            except BucketsnapError as exc:  # pruning is an optimisation; gc() retries it
+                logger.debug("could not prune manifest generation %d: %s", generation, exc)

@@ -1,0 +1,305 @@
+"""The storage layer: an fsspec URL turned into the five verbs the commit protocol needs.
+
+``write`` (a streamed object that becomes visible whole or not at all), ``create_exclusive`` (fails if the name
+exists), ``read`` (whole or a byte range), ``list`` and ``delete``. Everything above this module speaks paths
+relative to the run's root and never sees a filesystem object.
+
+How each backend gets its guarantees:
+
+* **Local disk.** Objects are written to a temp file in the destination directory, fsynced, then
+  ``os.replace``-d into place; exclusive creates ``os.link`` a fsynced temp file to the final name, which fails
+  if the name exists. fsspec's local transactions are not used: they stage in ``$TMPDIR`` and move across
+  devices.
+* **S3 and GCS.** An upload (single PUT or multipart) becomes visible only when it completes, so a crash
+  leaves nothing or an invisible incomplete upload. Exclusive creates use fsspec's ``pipe_file(mode="create")``
+  which s3fs sends as ``If-None-Match: *`` and gcsfs as ``ifGenerationMatch=0``; a failed write is aborted
+  with ``discard()`` rather than closed, because closing would complete the upload with partial data.
+* **Memory.** One process; a lock makes the check-then-write of an exclusive create atomic, and objects are
+  buffered and stored in one assignment.
+* **Anything else.** fsspec's generic ``mode="create"`` is check-then-write. bucketsnap warns once and uses it:
+  two writers racing on such a backend can lose a commit.
+
+Backend errors other than "not found" and "exists" are raised as :class:`~bucketsnap.errors.StorageError`
+naming the URL with credentials redacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from bucketsnap.errors import BucketsnapError, StorageError, redact
+
+__all__ = ["Storage"]
+
+logger = logging.getLogger("bucketsnap")
+
+T = TypeVar("T")
+
+_MEMORY_LOCK = threading.Lock()
+_ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+_warned_protocols: set[str] = set()
+
+#: Part size for streamed uploads to object stores: s3fs and gcsfs upload one part each time this much is
+#: buffered, so it bounds the memory a save needs beyond the state itself.
+DEFAULT_PART_SIZE = 16 * 2**20
+
+
+class Storage:
+    """A run's root on some fsspec filesystem.
+
+    Args:
+        url: any fsspec URL or a local path.
+        storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``...).
+        part_size: bytes buffered per uploaded part on object stores.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+    ) -> None:
+        if not isinstance(url, (str, os.PathLike)):
+            raise TypeError(f"url must be a string or path, not {type(url).__name__}")
+        url = os.fspath(url)
+        if not url:
+            raise ValueError("url is empty: pass a local path or an fsspec URL such as s3://bucket/run")
+        self.url = redact(url.rstrip("/") or url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise BucketsnapError(
+                f"cannot open {self.url}: {exc}. For s3:// install bucketsnap[s3], for gs:// bucketsnap[gcs]."
+            ) from exc
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root: str = root.rstrip("/") if root not in ("/", "") else root
+        self.part_size = part_size
+        self.is_local = isinstance(fs, LocalFileSystem)
+        self.is_memory = isinstance(fs, MemoryFileSystem)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.protocol: str = protocol
+        self.atomic_create = self.is_local or self.is_memory or protocol in _ATOMIC_CREATE_PROTOCOLS
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    # -- naming --------------------------------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        """The backend path of ``rel`` (relative to the root)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        """The redacted URL of ``rel``, for messages and :class:`~bucketsnap.SnapshotInfo`."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    # -- the verbs -----------------------------------------------------------------------------------------
+
+    def read(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Read ``rel`` whole, or the byte range ``[start, end)``. Raises FileNotFoundError if missing."""
+        return bytes(self._call(rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end)))
+
+    def size(self, rel: str) -> int:
+        """The size in bytes of ``rel``."""
+        return int(self._call(rel, lambda: self.fs.size(self.path(rel))))
+
+    def modified(self, rel: str) -> float | None:
+        """The modification time of ``rel`` as a POSIX timestamp, or None where the backend has none."""
+        info = self._call(rel, lambda: self.fs.info(self.path(rel)))
+        for field in ("mtime", "LastModified", "updated", "created"):
+            value = info.get(field)
+            if value is None:
+                continue
+            if isinstance(value, (int, float)):
+                return float(value)
+            if hasattr(value, "timestamp"):
+                return float(value.timestamp())
+            with contextlib.suppress(ValueError):
+                from datetime import datetime
+
+                return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        return None
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Names (not paths) of the objects directly under ``rel_dir``; empty if it does not exist."""
+        path = self.path(rel_dir)
+
+        def ls() -> list[str]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+        return self._call(rel_dir, ls)
+
+    def exists(self, rel: str) -> bool:
+        """Whether ``rel`` exists (a fresh check, not a cached listing)."""
+        path = self.path(rel)
+
+        def check() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+
+        return self._call(rel, check)
+
+    def delete(self, rel: str) -> None:
+        """Delete ``rel``; a missing object is not an error."""
+
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(rel))
+
+        self._call(rel, rm)
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` with ``data``; raise FileExistsError if it already exists."""
+        if self.is_local:
+            self._call(rel, lambda: _local_create_exclusive(self.path(rel), data))
+        elif self.is_memory:
+            with _MEMORY_LOCK:
+                if self.fs.exists(self.path(rel)):
+                    raise FileExistsError(self.url_of(rel))
+                self.fs.pipe_file(self.path(rel), data)
+        else:
+            if not self.atomic_create and self.protocol not in _warned_protocols:
+                _warned_protocols.add(self.protocol)
+                warnings.warn(
+                    f"{self.protocol}:// has no known atomic exclusive create; bucketsnap falls back to "
+                    "check-then-write, so two writers committing at the same instant can lose a commit",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._call(rel, lambda: self._remote_create_exclusive(rel, data))
+
+    @contextlib.contextmanager
+    def write(self, rel: str) -> Iterator[IO[bytes]]:
+        """Stream a new object to ``rel``: visible whole when the block exits cleanly, never if it raises."""
+        if self.is_local:
+            writer = _LocalAtomicWriter(self.path(rel))
+            try:
+                yield writer.file
+            except BaseException:
+                writer.abort()
+                raise
+            self._call(rel, writer.commit)
+        elif self.is_memory:
+            buffer = io.BytesIO()
+            yield buffer
+            self.fs.pipe_file(self.path(rel), buffer.getvalue())
+        else:
+            f = self._call(rel, lambda: self.fs.open(self.path(rel), "wb", block_size=self.part_size))
+            try:
+                yield f
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    f.discard()  # aborts the multipart or resumable upload instead of completing it
+                raise
+            self._call(rel, f.close)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _remote_create_exclusive(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise
+        except Exception as exc:  # s3fs and gcsfs report a failed precondition in their own ways
+            if _is_precondition_failure(exc):
+                raise FileExistsError(self.url_of(rel)) from exc
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def _call(self, rel: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, translating backend errors into bucketsnap's at this boundary."""
+        try:
+            return fn()
+        except (FileNotFoundError, FileExistsError, BucketsnapError):
+            raise
+        except PermissionError as exc:
+            raise StorageError(
+                f"permission denied on {self.url_of(rel)}: {exc}. Check the credentials and the bucket policy."
+            ) from exc
+        except Exception as exc:
+            raise StorageError(
+                f"storage operation on {self.url_of(rel)} failed: {type(exc).__name__}: {_redacted(exc)}"
+            ) from exc
+
+
+def _redacted(exc: BaseException) -> str:
+    return redact(str(exc))[:500]
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{type(current).__name__} {current}"
+        if "PreconditionFailed" in text or "412" in text or "conditionNotMet" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _local_create_exclusive(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic, and fails with FileExistsError if the name is taken
+        _fsync_dir(directory)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalAtomicWriter:
+    """A temp file beside the destination, fsynced and renamed over it on commit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.directory = os.path.dirname(path)
+        os.makedirs(self.directory, exist_ok=True)
+        self.tmp = os.path.join(self.directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        self.file: IO[bytes] = open(self.tmp, "xb")  # noqa: SIM115 -- closed by commit or abort
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.directory)
+
+    def abort(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)

@@ -1,0 +1,421 @@
+"""``SnapshotStore``: save, find and restore training state in a run directory at any fsspec URL.
+
+The store orchestrates; it holds no format or storage logic. A save writes an archive
+(:mod:`bucketsnap.archive`) through the storage layer (:mod:`bucketsnap.storage`) and commits it to the
+manifest log (:mod:`bucketsnap.manifest`). A load resolves ``which`` in the newest manifest generation and
+streams only the requested members' byte ranges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from bucketsnap._version import __version__
+from bucketsnap.archive import META_NAME, ArchiveWriter, data_offset, load_member, read_directory, verify_member
+from bucketsnap.errors import (
+    BucketsnapError,
+    CorruptSnapshotError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+)
+from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
+from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
+from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
+from bucketsnap.values import MapLocation
+
+__all__ = ["Snapshot", "SnapshotStore"]
+
+logger = logging.getLogger("bucketsnap")
+
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+class SnapshotStore:
+    """A run: committed snapshots of training state under one fsspec URL.
+
+    Args:
+        url: a local path or fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``...).
+        storage_options: passed to fsspec (credentials, ``endpoint_url``, ...); never printed.
+        compression_level: zstd level for members that compress; members that do not (float weights) are
+            detected by sampling and written at zstd's fastest level.
+        compression_threads: zstd worker threads per member (0: compress in the saving thread).
+        part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
+
+    Example:
+        >>> store = SnapshotStore("memory://doc/run")
+        >>> info = store.save(10, {"policy": {"w": torch.zeros(2)}, "step": 10}, metrics={"return": 1.5})
+        >>> store.itrs()
+        [10]
+        >>> store.load("last", keys=["step"])
+        {'step': 10}
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        compression_level: int = 3,
+        compression_threads: int = 0,
+        part_size: int = DEFAULT_PART_SIZE,
+    ) -> None:
+        self._storage = Storage(url, storage_options=storage_options, part_size=part_size)
+        self._log = ManifestLog(self._storage)
+        self.compression_level = compression_level
+        self.compression_threads = compression_threads
+
+    @property
+    def url(self) -> str:
+        """The run's URL, credentials redacted."""
+        return self._storage.url
+
+    @property
+    def storage(self) -> Storage:
+        """The storage layer this store writes through."""
+        return self._storage
+
+    @property
+    def conflicts(self) -> int:
+        """How many commits this store had to retry because another writer committed first."""
+        return self._log.conflicts
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.url!r})"
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        itr: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> SnapshotInfo:
+        """Write ``state`` as snapshot ``itr`` and commit it.
+
+        Each top-level key becomes one archive member that can be loaded alone. The snapshot is committed
+        (visible to readers) only once the whole archive is stored.
+
+        Raises:
+            SnapshotExistsError: ``itr`` is already committed and ``overwrite`` is False.
+            ValueError: a bad itr, key or metric.
+            StorageError: the backend failed; nothing was committed.
+        """
+        itr = _check_itr(itr)
+        _check_state(state)
+        metric_values = check_metrics(dict(metrics or {}))
+        if not overwrite and self._log.read().find(itr) is not None:
+            raise self._exists(itr)
+        created = datetime.now(timezone.utc)
+        path = f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip"
+        with self._storage.write(path) as f:
+            writer = ArchiveWriter(f, level=self.compression_level, threads=self.compression_threads)
+            for key, value in state.items():
+                writer.add(key, value)
+            size = writer.finish(_meta(itr, created, metric_values))
+        info = SnapshotInfo(
+            itr=itr,
+            path=path,
+            url=self._storage.url_of(path),
+            size=size,
+            created=created,
+            metrics=metric_values,
+            members=dict(writer.members),
+        )
+        self._commit_new(info, overwrite=overwrite)
+        logger.info("committed itr %d to %s (%d bytes)", itr, self.url, size)
+        return info
+
+    def _commit_new(self, info: SnapshotInfo, *, overwrite: bool) -> None:
+        replaced: list[SnapshotInfo] = []
+
+        def add(current: Manifest) -> list[SnapshotInfo]:
+            old = current.find(info.itr)
+            if old is not None and not overwrite:
+                raise self._exists(info.itr)
+            replaced[:] = [old] if old is not None else []
+            return [s for s in current.snapshots if s.itr != info.itr] + [info]
+
+        try:
+            self._log.commit(add)
+        except BaseException:
+            self._storage.delete(info.path)  # never committed: do not leave it for gc
+            raise
+        for old in replaced:
+            self._storage.delete(old.path)
+
+    def delete(self, itr: int) -> None:
+        """Uncommit snapshot ``itr`` and delete its archive.
+
+        Raises:
+            SnapshotNotFoundError: no snapshot ``itr`` is committed.
+        """
+        itr = _check_itr(itr)
+        removed: list[SnapshotInfo] = []
+
+        def remove(current: Manifest) -> list[SnapshotInfo]:
+            removed[:] = [current.resolve(itr, self.url)]
+            return [s for s in current.snapshots if s.itr != itr]
+
+        self._log.commit(remove)
+        self._storage.delete(removed[0].path)
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def itrs(self) -> list[int]:
+        """The committed itrs, ascending."""
+        return self._log.read().itrs()
+
+    def infos(self) -> list[SnapshotInfo]:
+        """Every committed snapshot's info, ascending by itr."""
+        return list(self._log.read().snapshots)
+
+    def info(self, which: Which = "last") -> SnapshotInfo:
+        """The info of snapshot ``which``: ``"last"``, ``"first"`` or an int itr.
+
+        Raises:
+            SnapshotNotFoundError: the run is empty or has no such itr.
+            ValueError: ``which`` is none of those.
+        """
+        return self._log.read().resolve(which, self.url)
+
+    def open(self, which: Which = "last", *, map_location: MapLocation = None, allow_pickle: bool = False) -> Snapshot:
+        """A lazy view of snapshot ``which``: members are read only when indexed."""
+        return Snapshot(self._storage, self.info(which), map_location=map_location, allow_pickle=allow_pickle)
+
+    def load(
+        self,
+        which: Which = "last",
+        *,
+        keys: Iterable[str] | None = None,
+        map_location: MapLocation = None,
+        allow_pickle: bool = False,
+    ) -> dict[str, Any]:
+        """Load snapshot ``which`` (only ``keys`` if given) into a dict.
+
+        Args:
+            which: ``"last"``, ``"first"`` or an int itr.
+            keys: the top-level keys to read; the others are not downloaded.
+            map_location: as in ``torch.load``: a device, a ``{saved: target}`` dict, or a callable
+                ``(tensor, saved_device) -> tensor``.
+            allow_pickle: allow values that can only be restored by unpickling (code from the snapshot runs).
+
+        Raises:
+            SnapshotNotFoundError, CorruptSnapshotError, UnsafeLoadError, KeyError (an unknown key).
+        """
+        return self.open(which, map_location=map_location, allow_pickle=allow_pickle).load(keys)
+
+    def verify(self, which: Which = "last") -> SnapshotInfo:
+        """Re-read every member of snapshot ``which`` and check its checksums and sizes.
+
+        Raises:
+            CorruptSnapshotError: a member or the archive does not match what was committed.
+        """
+        return self.open(which).verify()
+
+    # -- maintenance ---------------------------------------------------------------------------------------
+
+    def gc(self, *, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Delete what no committed snapshot needs; return the removed paths (relative to the run).
+
+        Removes archives the newest manifest does not reference (orphans of crashed or failed saves, pruned
+        snapshots) once they are older than ``min_age`` seconds, so that a concurrent writer's archive, written
+        but not yet committed, is left alone; and manifest generations older than the newest
+        :data:`~bucketsnap.manifest.KEEP_GENERATIONS`. Never removes anything committed.
+        """
+        now = datetime.now(timezone.utc).timestamp()
+        manifest = self._log.read()
+        referenced = {s.path for s in manifest.snapshots}
+        doomed: list[str] = []
+        for name in self._storage.list(SNAPSHOT_DIR):
+            rel = f"{SNAPSHOT_DIR}/{name}"
+            if rel in referenced:
+                continue
+            modified = self._storage.modified(rel)
+            if min_age <= 0 or modified is None or now - modified >= min_age:
+                doomed.append(rel)
+        generations = self._log.generations()
+        doomed += [generation_name(g) for g in generations if g < manifest.generation - KEEP_GENERATIONS]
+        if not dry_run:
+            for rel in doomed:
+                self._storage.delete(rel)
+        return doomed
+
+    def repair(self) -> Manifest:
+        """Commit a new manifest generation rebuilt after a corrupt one.
+
+        Starts from the newest generation that parses, and adds every intact archive under ``snapshots/`` whose
+        itr it does not list (read from the archive's own ``meta.json``). Use it when a load reports a corrupt
+        manifest; it never deletes anything.
+        """
+        base = Manifest(0)
+        for generation in reversed(self._log.generations()):
+            try:
+                base = self._log.read_generation(generation)
+                break
+            except (CorruptSnapshotError, FileNotFoundError) as exc:
+                logger.warning("skipping manifest generation %d: %s", generation, exc)
+        known = {s.itr: s for s in base.snapshots}
+        for name in self._storage.list(SNAPSHOT_DIR):
+            rel = f"{SNAPSHOT_DIR}/{name}"
+            if not name.endswith(".zip") or name.startswith(".") or any(s.path == rel for s in base.snapshots):
+                continue
+            try:
+                info = self._recover_info(rel)
+            except (BucketsnapError, FileNotFoundError) as exc:
+                logger.warning("not recovering %s: %s", self._storage.url_of(rel), exc)
+                continue
+            if info.itr not in known or info.created > known[info.itr].created:
+                known[info.itr] = info
+
+        def merged(current: Manifest) -> list[SnapshotInfo]:
+            # Commits made since (by another writer, or another repair) win over what was recovered.
+            return list({**known, **{s.itr: s for s in current.snapshots}}.values())
+
+        return self._log.commit(merged, over_corrupt=True)
+
+    def _recover_info(self, rel: str) -> SnapshotInfo:
+        size = self._storage.size(rel)
+        where = self._storage.url_of(rel)
+
+        def read_range(start: int, end: int) -> bytes:
+            return self._storage.read(rel, start, end)
+
+        entries = read_directory(read_range, size, where=where)
+        if META_NAME not in entries:
+            raise CorruptSnapshotError(f"{where} has no {META_NAME}")
+        entry = entries[META_NAME]
+        start = data_offset(read_range, entry, size, where=where)
+        meta = json.loads(read_range(start, start + entry.stored_size))
+        info = SnapshotInfo.from_json({**meta, "path": rel, "size": size}, base_url=self._storage.url)
+        Snapshot(self._storage, info).verify()
+        return info
+
+    def _exists(self, itr: int) -> SnapshotExistsError:
+        return SnapshotExistsError(
+            f"itr {itr} is already committed at {self.url}; pass overwrite=True to replace it, or save a new itr"
+        )
+
+
+class Snapshot(Mapping[str, Any]):
+    """One committed snapshot, read lazily: ``snap[key]`` downloads and decodes that member only.
+
+    Attributes:
+        info: the snapshot's :class:`SnapshotInfo`.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        info: SnapshotInfo,
+        *,
+        map_location: MapLocation = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        self._storage = storage
+        self.info = info
+        self._map_location = map_location
+        self._allow_pickle = allow_pickle
+
+    def __repr__(self) -> str:
+        return f"Snapshot(itr={self.info.itr}, url={self.info.url!r}, keys={list(self.info.members)})"
+
+    def __getitem__(self, key: str) -> Any:
+        member = self._member(key)
+        return load_member(
+            self._read_range,
+            member,
+            where=f"{self.info.url} member {member.name}",
+            map_location=self._map_location,
+            allow_pickle=self._allow_pickle,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.info.members)
+
+    def __len__(self) -> int:
+        return len(self.info.members)
+
+    def load(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """The members ``keys`` (all if None) as a dict, in saved order."""
+        wanted = list(self.info.members) if keys is None else list(keys)
+        for key in wanted:
+            self._member(key)
+        return {key: self[key] for key in wanted}
+
+    def verify(self) -> SnapshotInfo:
+        """Re-read every member and check its CRC, zstd checksum and sizes; check the archive's size."""
+        size = self._call_missing(lambda: self._storage.size(self.info.path))
+        if size != self.info.size:
+            raise CorruptSnapshotError(
+                f"{self.info.url} is {size} bytes but {self.info.size} were committed (truncated or replaced)"
+            )
+        for member in self.info.members.values():
+            verify_member(self._read_range, member, where=f"{self.info.url} member {member.name}")
+        return self.info
+
+    def _member(self, key: str) -> MemberInfo:
+        try:
+            return self.info.members[key]
+        except KeyError:
+            raise KeyError(
+                f"snapshot itr {self.info.itr} at {self.info.url} has no key {key!r}; it has {list(self.info.members)}"
+            ) from None
+
+    def _read_range(self, start: int, end: int) -> bytes:
+        data: bytes = self._call_missing(lambda: self._storage.read(self.info.path, start, end))
+        return data
+
+    def _call_missing(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except FileNotFoundError as exc:
+            raise SnapshotNotFoundError(
+                f"the archive of committed snapshot itr {self.info.itr} is missing: {self.info.url}. It was "
+                "deleted by hand or by a concurrent delete; load another itr."
+            ) from exc
+
+
+def _meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": "bucketsnap",
+        "itr": itr,
+        "created": created.isoformat(),
+        "metrics": metrics,
+        "library": {
+            "bucketsnap": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _check_itr(itr: Any) -> int:
+    if isinstance(itr, bool) or not isinstance(itr, (int, np.integer)) or itr < 0:
+        raise ValueError(f"itr must be a non-negative int, not {itr!r}")
+    return int(itr)
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state must be a dict of key -> value, not {type(state).__name__}")
+    if not state:
+        raise ValueError("state is empty: pass at least one key, such as {'policy': model.state_dict()}")
+    for key in state:
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(
+                f"state key {key!r} is not a valid member name: use 1-200 letters, digits, '_', '-' or '.', "
+                "not starting with '.' or '-'"
+            )

@@ -1,0 +1,312 @@
+"""Encoding of one member's value without pickle: a JSON tree for the structure, raw bytes for the arrays.
+
+A member's raw (uncompressed) payload is::
+
+    b"BSNPVAL1"                      8-byte magic
+    header length                    8 bytes, little-endian unsigned
+    header                           UTF-8 JSON: {"tree": <node>, "data_size": <int>}
+    data                             the buffers the tree refers to, concatenated in tree order
+
+A node is a JSON scalar (``null``, ``true``/``false``, integers, finite floats, strings), a JSON list (a Python
+list), or a one-key object whose key says the type:
+
+=====================  ========================================================================================
+``{"$dict": [[k, v]]}``  a dict; keys are nodes too, so int keys (optimizer state) and order survive
+``{"$odict": ..., "metadata": node}``  an OrderedDict, with ``state_dict()``'s ``_metadata`` when present
+``{"$tuple": [...]}``    a tuple
+``{"$float": "nan"}``    a non-finite float (``"nan"``, ``"inf"``, ``"-inf"``)
+``{"$tensor": {...}}``   a dense torch tensor: dtype, shape, device, nbytes, and for parameters ``param``
+``{"$ndarray": {...}}``  a numpy array or scalar: dtype descr, shape, nbytes, ``scalar``
+``{"$bytes": n}``        a bytes object of n bytes
+``{"$pickle": {...}}``   anything else, cloudpickled: ``type`` and nbytes; loading it needs ``allow_pickle``
+=====================  ========================================================================================
+
+Buffers are laid out in the order a depth-first walk of the tree meets them, so a reader decodes the data in
+one forward pass and can read each tensor straight into its final memory. Array bytes are in the machine's
+native (little-endian on every platform torch supports) order, C-contiguous.
+
+Trade-off: tensors that shared storage when saved (views of one another) are stored and restored as separate
+copies, as safetensors does; ``torch.save`` would keep the sharing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import cloudpickle
+import numpy as np
+import torch
+
+from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, UnsafeLoadError
+
+__all__ = ["MapLocation", "EncodedValue", "encode", "decode"]
+
+MAGIC = b"BSNPVAL1"
+_LEN = struct.Struct("<Q")
+#: Headers above this size are refused: a structure this large is a malformed or hostile member.
+MAX_HEADER_SIZE = 256 * 2**20
+
+MapLocation = str | torch.device | dict[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
+
+
+@dataclass
+class EncodedValue:
+    """A value split into its JSON header and the buffers it refers to."""
+
+    header: bytes
+    buffers: list[memoryview] = field(default_factory=list)
+    pickled: bool = False
+
+    @property
+    def raw_size(self) -> int:
+        return len(MAGIC) + _LEN.size + len(self.header) + sum(b.nbytes for b in self.buffers)
+
+    def chunks(self) -> Iterator[memoryview | bytes]:
+        """The raw payload, piece by piece, without joining the buffers."""
+        yield MAGIC + _LEN.pack(len(self.header)) + self.header
+        yield from self.buffers
+
+
+def encode(value: Any) -> EncodedValue:
+    """Split ``value`` into a JSON tree and raw buffers; anything without a safe encoding is cloudpickled."""
+    encoder = _Encoder()
+    tree = encoder.node(value)
+    header = json.dumps({"tree": tree, "data_size": encoder.offset}, separators=(",", ":"), allow_nan=False).encode()
+    return EncodedValue(header, encoder.buffers, encoder.pickled)
+
+
+def decode(
+    stream: BinaryIO,
+    *,
+    map_location: MapLocation = None,
+    allow_pickle: bool = False,
+    where: str = "",
+) -> Any:
+    """Read one payload written by :func:`encode` from ``stream``.
+
+    Raises:
+        CorruptSnapshotError: the payload is malformed.
+        UnsafeLoadError: the payload holds a pickled value and ``allow_pickle`` is False.
+    """
+    head = _read_exact(stream, len(MAGIC) + _LEN.size, where)
+    if head[: len(MAGIC)] != MAGIC:
+        raise CorruptSnapshotError(f"{where}: not a bucketsnap value (bad magic {head[:8]!r})")
+    (header_len,) = _LEN.unpack(head[len(MAGIC) :])
+    if header_len > MAX_HEADER_SIZE:
+        raise CorruptSnapshotError(f"{where}: header of {header_len} bytes exceeds the {MAX_HEADER_SIZE} limit")
+    try:
+        header = json.loads(_read_exact(stream, header_len, where))
+        tree = header["tree"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptSnapshotError(f"{where}: malformed value header: {exc}") from exc
+    decoder = _Decoder(stream, map_location, allow_pickle, where)
+    try:
+        return decoder.node(tree)
+    except BucketsnapError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CorruptSnapshotError(f"{where}: malformed value: {type(exc).__name__}: {exc}") from exc
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.offset = 0
+        self.pickled = False
+
+    def add(self, buffer: memoryview) -> int:
+        self.buffers.append(buffer)
+        self.offset += buffer.nbytes
+        return buffer.nbytes
+
+    def node(self, v: Any) -> Any:
+        t = type(v)
+        if v is None or t is bool or t is str or t is int:
+            return v
+        if t is float:
+            return v if math.isfinite(v) else {"$float": repr(v)}
+        if t is list:
+            return [self.node(x) for x in v]
+        if t is tuple:
+            return {"$tuple": [self.node(x) for x in v]}
+        if t is dict:
+            return {"$dict": [[self.node(k), self.node(x)] for k, x in v.items()]}
+        if t is OrderedDict:
+            out: dict[str, Any] = {"$odict": [[self.node(k), self.node(x)] for k, x in v.items()]}
+            metadata = getattr(v, "_metadata", None)
+            if metadata is not None:
+                out["metadata"] = self.node(metadata)
+            return out
+        if t is bytes:
+            return {"$bytes": self.add(memoryview(v))}
+        if isinstance(v, torch.Tensor) and t in (torch.Tensor, torch.nn.Parameter):
+            encoded = self.tensor(v)
+            if encoded is not None:
+                return encoded
+        if isinstance(v, (np.ndarray, np.generic)) and t is not np.matrix:
+            encoded = self.ndarray(v)
+            if encoded is not None:
+                return encoded
+        return self.pickle(v)
+
+    def tensor(self, v: torch.Tensor) -> dict[str, Any] | None:
+        if v.layout != torch.strided or v.is_quantized or v.is_nested or v.device.type == "meta":
+            return None
+        spec: dict[str, Any] = {
+            "dtype": str(v.dtype).removeprefix("torch."),
+            "shape": list(v.shape),
+            "device": str(v.device),
+        }
+        if isinstance(v, torch.nn.Parameter):
+            spec["param"] = True
+            spec["requires_grad"] = v.requires_grad
+        data = v.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.resolve_conj().resolve_neg().contiguous()
+        spec["nbytes"] = self.add(data.reshape(-1).view(torch.uint8).numpy().data)
+        return {"$tensor": spec}
+
+    def ndarray(self, v: np.ndarray | np.generic) -> dict[str, Any] | None:
+        scalar = isinstance(v, np.generic)
+        array = np.asarray(v)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
+        if array.dtype.hasobject:
+            return None
+        spec = {
+            "dtype": np.lib.format.dtype_to_descr(array.dtype),
+            "shape": list(array.shape),
+            "scalar": scalar,
+            "nbytes": self.add(array.reshape(-1).view(np.uint8).data),
+        }
+        return {"$ndarray": spec}
+
+    def pickle(self, v: Any) -> dict[str, Any]:
+        self.pickled = True
+        data = cloudpickle.dumps(v)
+        kind = f"{type(v).__module__}.{type(v).__qualname__}"
+        return {"$pickle": {"type": kind, "nbytes": self.add(memoryview(data))}}
+
+
+class _Decoder:
+    def __init__(self, stream: BinaryIO, map_location: MapLocation, allow_pickle: bool, where: str) -> None:
+        self.stream = stream
+        self.map_location = map_location
+        self.allow_pickle = allow_pickle
+        self.where = where
+
+    def node(self, n: Any) -> Any:
+        if n is None or isinstance(n, (bool, int, float, str)):
+            return n
+        if isinstance(n, list):
+            return [self.node(x) for x in n]
+        if not isinstance(n, dict) or len(n) not in (1, 2):
+            raise CorruptSnapshotError(f"{self.where}: malformed node {str(n)[:80]}")
+        if "$dict" in n:
+            return {self.key(k): self.node(x) for k, x in n["$dict"]}
+        if "$odict" in n:
+            od: OrderedDict[Any, Any] = OrderedDict((self.key(k), self.node(x)) for k, x in n["$odict"])
+            if "metadata" in n:
+                od._metadata = self.node(n["metadata"])  # type: ignore[attr-defined]
+            return od
+        if "$tuple" in n:
+            return tuple(self.node(x) for x in n["$tuple"])
+        if "$float" in n:
+            return float(n["$float"])
+        if "$bytes" in n:
+            return _read_exact(self.stream, int(n["$bytes"]), self.where)
+        if "$tensor" in n:
+            return self.tensor(n["$tensor"])
+        if "$ndarray" in n:
+            return self.ndarray(n["$ndarray"])
+        if "$pickle" in n:
+            return self.unpickle(n["$pickle"])
+        raise CorruptSnapshotError(f"{self.where}: unknown node type {sorted(n)}")
+
+    def key(self, k: Any) -> Any:
+        key = self.node(k)
+        if isinstance(key, (list, dict)):
+            raise CorruptSnapshotError(f"{self.where}: unhashable dict key")
+        return key
+
+    def tensor(self, spec: dict[str, Any]) -> torch.Tensor:
+        dtype = getattr(torch, spec["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptSnapshotError(f"{self.where}: unknown tensor dtype {spec['dtype']!r}")
+        shape = [int(d) for d in spec["shape"]]
+        t = torch.empty(shape, dtype=dtype)
+        nbytes = int(spec["nbytes"])
+        if nbytes != t.numel() * t.element_size():
+            raise CorruptSnapshotError(f"{self.where}: tensor of shape {shape} declares {nbytes} bytes")
+        if nbytes:
+            _readinto_exact(self.stream, t.reshape(-1).view(torch.uint8).numpy().data, self.where)
+        t = self.place(t, str(spec.get("device", "cpu")))
+        if spec.get("param"):
+            return torch.nn.Parameter(t, requires_grad=bool(spec.get("requires_grad", True)))
+        return t
+
+    def place(self, t: torch.Tensor, saved_device: str) -> torch.Tensor:
+        loc = self.map_location
+        if callable(loc) and not isinstance(loc, (str, torch.device)):
+            return loc(t, saved_device)
+        if isinstance(loc, dict):
+            target: str | torch.device = loc.get(saved_device, saved_device)
+        elif loc is None:
+            target = saved_device
+        else:
+            target = loc
+        target = torch.device(target)
+        if target.type == "cpu":
+            return t
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise BucketsnapError(
+                f"{self.where}: tensor was saved on {saved_device} but CUDA is not available here; "
+                "pass map_location='cpu'"
+            )
+        return t.to(target)
+
+    def ndarray(self, spec: dict[str, Any]) -> np.ndarray | np.generic:
+        descr = spec["dtype"]
+        dtype = np.lib.format.descr_to_dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])  # type: ignore[arg-type]
+        if dtype.hasobject:
+            raise CorruptSnapshotError(f"{self.where}: object arrays are never decoded without pickle")
+        shape = tuple(int(d) for d in spec["shape"])
+        array = np.empty(shape, dtype=dtype)
+        nbytes = int(spec["nbytes"])
+        if nbytes != array.nbytes:
+            raise CorruptSnapshotError(f"{self.where}: array of shape {shape} declares {nbytes} bytes")
+        if nbytes:
+            _readinto_exact(self.stream, array.reshape(-1).view(np.uint8).data, self.where)
+        return array[()] if spec.get("scalar") else array
+
+    def unpickle(self, spec: dict[str, Any]) -> Any:
+        nbytes = int(spec["nbytes"])
+        if not self.allow_pickle:
+            raise UnsafeLoadError(
+                f"{self.where} holds a pickled {spec.get('type', 'object')}; unpickling runs code from the "
+                "snapshot. Pass allow_pickle=True only if you trust where it came from, or load other keys."
+            )
+        return cloudpickle.loads(_read_exact(self.stream, nbytes, self.where))
+
+
+def _read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
+    out = bytearray(n)
+    _readinto_exact(stream, memoryview(out), where)
+    return bytes(out)
+
+
+def _readinto_exact(stream: Any, view: memoryview, where: str) -> None:
+    got = 0
+    total = view.nbytes
+    while got < total:
+        n = stream.readinto(view[got:])
+        if not n:
+            raise CorruptSnapshotError(f"{where}: truncated: expected {total} bytes, got {got}")
+        got += n

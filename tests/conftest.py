@@ -1,0 +1,107 @@
+"""Fixtures: one contract suite over memory, local disk, S3 (LocalStack) and GCS (fake-gcs-server).
+
+The servers start once per session on 127.0.0.1 (a server that fails to start fails the tests, with its log);
+each test gets its own bucket prefix, so no reset is needed between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import servers
+
+BACKENDS = ["memory", "local", "s3", "gcs"]
+
+
+@dataclass
+class Backend:
+    """A place to put runs: ``url(name)`` gives a fresh run URL, ``options`` the storage options."""
+
+    name: str
+    base: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def url(self, name: str = "run") -> str:
+        return f"{self.base}/{name}-{uuid.uuid4().hex[:8]}"
+
+    def store(self, name: str = "run", **kwargs: Any) -> Any:
+        from bucketsnap import SnapshotStore
+
+        return SnapshotStore(self.url(name), storage_options=self.options, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _clean_fsspec_state() -> Iterator[None]:
+    """fsspec's memory store is one global dict, and filesystem instances are cached: reset both."""
+    yield
+    MemoryFileSystem.store.clear()
+    MemoryFileSystem.pseudo_dirs[:] = [""]
+    fsspec.AbstractFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[servers.S3Server]:
+    server = servers.s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[servers.GcsServer]:
+    server = servers.gcs_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_backend(s3_server: servers.S3Server) -> Backend:
+    bucket = s3_server.create_bucket()
+    return Backend("s3", f"s3://{bucket}", servers.s3_storage_options(s3_server))
+
+
+@pytest.fixture(scope="session")
+def gcs_backend(gcs_server: servers.GcsServer) -> Backend:
+    bucket = gcs_server.create_bucket()
+    return Backend("gcs", f"gs://{bucket}", servers.gcs_storage_options(gcs_server))
+
+
+@pytest.fixture
+def local_backend(tmp_path: Path) -> Backend:
+    return Backend("local", str(tmp_path))
+
+
+@pytest.fixture
+def memory_backend() -> Backend:
+    return Backend("memory", f"memory://bucketsnap-tests-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every backend in turn."""
+    name = request.param
+    if name in ("s3", "gcs"):
+        request.applymarker(getattr(pytest.mark, name))
+    return request.getfixturevalue(f"{name}_backend")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["local", "s3"])
+def process_backend(request: pytest.FixtureRequest) -> Backend:
+    """Backends that several processes can share (memory cannot)."""
+    return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
+
+
+def pytest_report_header() -> str:
+    endpoint = os.environ.get(servers.S3_ENDPOINT_ENV)
+    return f"bucketsnap S3 test server: {endpoint or 'LocalStack started by the tests'}"

@@ -1,0 +1,104 @@
+"""Shared test helpers: a state with every supported value type, and a deep equality that checks types."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def every_value_type() -> dict[str, Any]:
+    """A state whose members cover every value type that must round-trip without pickle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    dtypes = [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+        torch.complex64,
+    ]
+    return {
+        "policy": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "tensors": {
+            **{str(dt): (torch.randn(3, 5) * 10).to(dt) for dt in dtypes},
+            "transposed": base.t(),
+            "strided": base[:, ::2],
+            "bf16_view": base.to(torch.bfloat16)[1:, 2:],
+            "scalar": torch.tensor(3.5),
+            "empty": torch.empty(0, 3),
+            "parameter": nn.Parameter(torch.ones(2, 2)),
+            "frozen": nn.Parameter(torch.ones(2), requires_grad=False),
+        },
+        "numpy": {
+            "f32": np.random.default_rng(0).random((3, 4), dtype=np.float32),
+            "frames": np.zeros((2, 84, 84), dtype=np.uint8),
+            "fortran": np.asfortranarray(np.arange(12).reshape(3, 4)),
+            "structured": np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+            "scalar": np.int64(7),
+            "f16_scalar": np.float16(1.5),
+            "big_endian": np.arange(3, dtype=">i4"),
+        },
+        "python": {
+            "int": 2**70,
+            "float": 1.25,
+            "nan": float("nan"),
+            "inf": float("-inf"),
+            "str": "héllo, 世界",
+            "none": None,
+            "bools": [True, False],
+            "nested": [1, [2, [3, {"k": (4, 5)}]]],
+            "tuple": (1, (2, 3), []),
+            "int_keys": {0: "a", 1: "b"},
+            "mixed_keys": {1: "int", "1": "str", (1, 2): "tuple", None: "none", 2.5: "float"},
+            "bytes": b"\x00\x01\xff",
+            "ordered": OrderedDict([("b", 1), ("a", 2)]),
+            "empty": {},
+        },
+        "step": 12345,
+    }
+
+
+def assert_same(a: Any, b: Any, path: str = "state") -> None:
+    """Deep equality that also checks types, dtypes, shapes, and NaN == NaN."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{path}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
+        )
+        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad differs"
+        assert torch.equal(a.detach(), b.detach()), f"{path}: values differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+        assert a.tobytes() == b.tobytes(), f"{path}: values differ"
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} != {b!r}"
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert type(k) is type(next(x for x in b if x == k and type(x) is type(k))), f"{path}: key type of {k!r}"
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

@@ -1,0 +1,213 @@
+"""The SnapshotStore contract, run on every backend: memory, local disk, S3 (LocalStack), GCS (fake-gcs-server)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bucketsnap import (
+    BucketsnapError,
+    CorruptSnapshotError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    SnapshotStore,
+    UnsafeLoadError,
+)
+from conftest import Backend
+from helpers import assert_same, every_value_type
+
+
+def test_every_value_type_round_trips_without_pickle(backend: Backend) -> None:
+    store = backend.store()
+    state = every_value_type()
+    info = store.save(1, state, metrics={"return": 12.5, "tag": "ok", "step": torch.tensor(3)})
+    assert not any(m.pickled for m in info.members.values())
+    assert info.metrics == {"return": 12.5, "tag": "ok", "step": 3}
+    assert_same(store.load(1), state)
+    assert_same(store.load(1, allow_pickle=False)["policy"], state["policy"])
+
+
+def test_restored_model_and_optimizer_load_into_fresh_objects(backend: Backend) -> None:
+    store = backend.store()
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    store.save(5, {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    restored = store.load()
+    model2 = torch.nn.Linear(4, 2)
+    opt2 = torch.optim.Adam(model2.parameters())
+    model2.load_state_dict(restored["model"])
+    opt2.load_state_dict(restored["optimizer"])
+    assert torch.equal(model2.weight, model.weight)
+    assert_same(opt2.state_dict(), opt.state_dict())
+
+
+def test_last_first_and_itr_lookup(backend: Backend) -> None:
+    store = backend.store()
+    for itr in (3, 10, 7):
+        store.save(itr, {"itr": itr})
+    assert store.itrs() == [3, 7, 10]
+    assert store.info("last").itr == 10
+    assert store.info("first").itr == 3
+    assert store.load(7) == {"itr": 7}
+    assert store.load("last") == {"itr": 10}
+    assert store.info().url.startswith(store.url)
+
+
+def test_lookup_errors_are_typed_and_name_the_url(backend: Backend) -> None:
+    store = backend.store()
+    with pytest.raises(SnapshotNotFoundError, match="empty") as empty:
+        store.load()
+    assert store.url in str(empty.value)
+    assert isinstance(empty.value, FileNotFoundError)
+    store.save(1, {"x": 1})
+    with pytest.raises(FileNotFoundError, match="itr 2"):
+        store.info(2)
+    for bad in ("latest", 1.0, True, None):
+        with pytest.raises(ValueError, match="which must be"):
+            store.info(bad)  # type: ignore[arg-type]
+
+
+def test_saving_a_committed_itr_needs_overwrite(backend: Backend) -> None:
+    store = backend.store()
+    store.save(4, {"v": 1})
+    with pytest.raises(SnapshotExistsError, match="overwrite=True") as exc:
+        store.save(4, {"v": 2})
+    assert isinstance(exc.value, FileExistsError)
+    assert store.load(4) == {"v": 1}
+    store.save(4, {"v": 3}, overwrite=True)
+    assert store.load(4) == {"v": 3}
+    assert store.itrs() == [4]
+    assert len(store.storage.list("snapshots")) == 1, "the replaced archive is deleted"
+
+
+def test_delete(backend: Backend) -> None:
+    store = backend.store()
+    store.save(1, {"v": 1})
+    store.save(2, {"v": 2})
+    store.delete(2)
+    assert store.itrs() == [1]
+    assert store.info("last").itr == 1
+    with pytest.raises(SnapshotNotFoundError):
+        store.delete(2)
+
+
+def test_open_is_lazy_and_reports_members(backend: Backend) -> None:
+    store = backend.store()
+    store.save(1, {"policy": {"w": torch.ones(3)}, "optimizer": {"lr": 0.1}, "buffer": torch.zeros(1000, 10)})
+    snap = store.open()
+    assert list(snap.keys()) == ["policy", "optimizer", "buffer"]
+    assert snap.info.members["buffer"].raw_size > 40_000 > snap.info.members["buffer"].stored_size
+    assert torch.equal(snap["policy"]["w"], torch.ones(3))
+    assert store.load(keys=["optimizer"]) == {"optimizer": {"lr": 0.1}}
+    with pytest.raises(KeyError, match="has no key 'nope'"):
+        snap["nope"]
+
+
+def test_pickled_values_need_allow_pickle(backend: Backend) -> None:
+    store = backend.store()
+    schedule = lambda progress: 3e-4 * progress  # noqa: E731 -- SB3 stores schedules like this
+    store.save(1, {"schedule": schedule, "policy": {"w": torch.ones(2)}})
+    assert store.info().members["schedule"].pickled
+    with pytest.raises(UnsafeLoadError, match="allow_pickle=True"):
+        store.load()
+    assert torch.equal(store.load(keys=["policy"])["policy"]["w"], torch.ones(2))
+    assert store.load(allow_pickle=True)["schedule"](2.0) == pytest.approx(6e-4)
+
+
+def test_verify_and_a_flipped_byte(backend: Backend) -> None:
+    store = backend.store()
+    store.save(1, {"keep": torch.arange(1000)})
+    store.save(2, {"policy": torch.arange(100_000), "other": 1})
+    assert store.verify(2).itr == 2
+    info = store.info(2)
+    data = bytearray(store.storage.read(info.path))
+    data[info.members["policy"].offset + 100] ^= 0x40
+    store.storage.fs.pipe_file(store.storage.path(info.path), bytes(data))
+    with pytest.raises(CorruptSnapshotError, match=r"policy\.zst"):
+        store.verify(2)
+    with pytest.raises(CorruptSnapshotError):
+        store.load(2, keys=["policy"])
+    assert store.load(2, keys=["other"]) == {"other": 1}
+    assert torch.equal(store.load(1)["keep"], torch.arange(1000))
+
+
+def test_truncated_archive(backend: Backend) -> None:
+    store = backend.store()
+    store.save(1, {"keep": 1})
+    info = store.save(2, {"policy": torch.arange(10_000)})
+    data = store.storage.read(info.path)
+    store.storage.fs.pipe_file(store.storage.path(info.path), data[: info.members["policy"].offset + 50])
+    with pytest.raises(CorruptSnapshotError):
+        store.verify(2)
+    with pytest.raises(CorruptSnapshotError, match="truncated"):
+        store.load(2)
+    assert store.load(1) == {"keep": 1}
+
+
+def test_garbage_manifest_is_reported_and_repair_recovers(backend: Backend) -> None:
+    store = backend.store()
+    for itr in (1, 2, 3):
+        store.save(itr, {"v": itr})
+    newest = store.storage.list("manifest")[-1]
+    store.storage.fs.pipe_file(store.storage.path(f"manifest/{newest}"), b"{not json")
+    with pytest.raises(CorruptSnapshotError, match="repair") as exc:
+        store.load()
+    assert store.url in str(exc.value)
+    with pytest.raises(CorruptSnapshotError):
+        store.save(4, {"v": 4})
+    store.repair()
+    assert store.itrs() == [1, 2, 3]
+    assert [store.load(i)["v"] for i in (1, 2, 3)] == [1, 2, 3]
+    store.save(4, {"v": 4})
+    assert store.itrs() == [1, 2, 3, 4]
+
+
+def test_gc_removes_orphans_and_never_committed_snapshots(backend: Backend) -> None:
+    store = backend.store()
+    store.save(1, {"v": 1})
+    store.save(2, {"v": 2})
+    orphan = "snapshots/000000000003-deadbeefdeadbeef.zip"
+    store.storage.fs.pipe_file(store.storage.path(orphan), b"half an upload")
+    assert store.gc(dry_run=True) == [], "a fresh object may be a concurrent writer's: left alone"
+    assert store.gc(min_age=0, dry_run=True) == [orphan]
+    assert store.storage.exists(orphan)
+    assert store.gc(min_age=0) == [orphan]
+    assert not store.storage.exists(orphan)
+    assert store.itrs() == [1, 2]
+    assert store.verify(1) and store.verify(2)
+
+
+def test_bad_inputs_are_refused_before_writing(backend: Backend) -> None:
+    store = backend.store()
+    for itr in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="itr"):
+            store.save(itr, {"x": 1})  # type: ignore[arg-type]
+    for state in ({}, [("x", 1)], {"../escape": 1}, {"a/b": 1}, {"": 1}, {".hidden": 1}, {3: 1}):
+        with pytest.raises(ValueError):
+            store.save(1, state)  # type: ignore[arg-type]
+    for metrics in ({"r": float("nan")}, {"r": [1, 2]}, {1: 2}):
+        with pytest.raises(ValueError, match="metric"):
+            store.save(1, {"x": 1}, metrics=metrics)  # type: ignore[arg-type]
+    assert store.itrs() == []
+    assert store.storage.list("snapshots") == []
+
+
+def test_map_location(memory_backend: Backend) -> None:
+    store = memory_backend.store()
+    store.save(1, {"w": torch.ones(2)})
+    assert store.load(map_location="cpu")["w"].device.type == "cpu"
+    assert store.load(map_location={"cpu": "cpu"})["w"].device.type == "cpu"
+    seen = []
+    out = store.load(map_location=lambda t, loc: seen.append(loc) or t.double())
+    assert seen == ["cpu"] and out["w"].dtype == torch.float64
+    assert store.load(map_location="meta")["w"].device.type == "meta"
+
+
+def test_credentials_never_appear_in_errors() -> None:
+    store = SnapshotStore("memory://AKIAEXAMPLE:hunter2@bucket/run")
+    assert "hunter2" not in repr(store)
+    with pytest.raises(BucketsnapError) as exc:
+        store.load()
+    assert "hunter2" not in str(exc.value)
