@@ -13,6 +13,7 @@ from bucketsnap.errors import (
     UnsafeLoadError,
 )
 from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.resume import Resumed, resume
 from bucketsnap.store import Snapshot, SnapshotStore
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "MemberInfo",
     "NotAFileError",
     "NotASnapshotError",
+    "Resumed",
     "Snapshot",
     "SnapshotExistsError",
     "SnapshotInfo",
@@ -30,4 +32,5 @@ __all__ = [
     "StorageError",
     "UnsafeLoadError",
     "__version__",
+    "resume",
 ]

@@ -92,6 +92,10 @@ class Storage:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.protocol: str = protocol
         self.atomic_create = self.is_local or self.is_memory or protocol in _ATOMIC_CREATE_PROTOCOLS
+        #: Bytes and requests read through :meth:`read` since creation (what a restore really downloaded).
+        self.bytes_read = 0
+        self.read_requests = 0
+        self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -110,7 +114,11 @@ class Storage:
 
     def read(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         """Read ``rel`` whole, or the byte range ``[start, end)``. Raises FileNotFoundError if missing."""
-        return bytes(self._call(rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end)))
+        data = bytes(self._call(rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end)))
+        with self._stats_lock:
+            self.bytes_read += len(data)
+            self.read_requests += 1
+        return data
 
     def size(self, rel: str) -> int:
         """The size in bytes of ``rel``."""
@@ -208,6 +216,9 @@ class Storage:
             except BaseException:
                 with contextlib.suppress(Exception):
                     f.discard()  # aborts the multipart or resumable upload instead of completing it
+                # Mark it closed: s3fs's discard leaves it open and gcsfs's does nothing before the first
+                # part, so a later close() (even the garbage collector's) would publish the partial object.
+                f.closed = True
                 raise
             self._call(rel, f.close)
 

@@ -33,7 +33,7 @@ from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, Manife
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
 from bucketsnap.values import MapLocation
 
-__all__ = ["Snapshot", "SnapshotStore"]
+__all__ = ["Snapshot", "SnapshotStore", "as_store"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -419,3 +419,12 @@ def _check_state(state: Any) -> None:
                 f"state key {key!r} is not a valid member name: use 1-200 letters, digits, '_', '-' or '.', "
                 "not starting with '.' or '-'"
             )
+
+
+def as_store(url_or_store: str | SnapshotStore, *, storage_options: dict[str, Any] | None = None) -> SnapshotStore:
+    """``url_or_store`` itself if it is a store, else a new :class:`SnapshotStore` at that URL."""
+    if isinstance(url_or_store, SnapshotStore):
+        if storage_options:
+            raise ValueError("storage_options apply to a URL; this is already a SnapshotStore")
+        return url_or_store
+    return SnapshotStore(url_or_store, storage_options=storage_options)
