@@ -14,7 +14,8 @@ from bucketsnap.errors import (
 )
 from bucketsnap.info import MemberInfo, SnapshotInfo
 from bucketsnap.resume import Resumed, resume
-from bucketsnap.store import Snapshot, SnapshotStore
+from bucketsnap.snapshot import Snapshot
+from bucketsnap.store import SnapshotStore
 
 __all__ = [
     "BucketsnapError",

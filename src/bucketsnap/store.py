@@ -12,8 +12,11 @@ import json
 import logging
 import platform
 import re
+import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,19 +24,19 @@ import numpy as np
 import torch
 
 from bucketsnap._version import __version__
-from bucketsnap.archive import META_NAME, ArchiveWriter, data_offset, load_member, read_directory, verify_member
+from bucketsnap.archive import META_NAME, ArchiveWriter, data_offset, read_directory
 from bucketsnap.errors import (
     BucketsnapError,
     CorruptSnapshotError,
     SnapshotExistsError,
-    SnapshotNotFoundError,
 )
-from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
+from bucketsnap.info import Metric, SnapshotInfo, check_metrics
 from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
+from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
-from bucketsnap.values import MapLocation
+from bucketsnap.values import EncodedValue, MapLocation, encode
 
-__all__ = ["Snapshot", "SnapshotStore", "as_store"]
+__all__ = ["SnapshotStore", "as_store"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -50,6 +53,7 @@ class SnapshotStore:
             detected by sampling and written at zstd's fastest level.
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
+        max_in_flight: how many :meth:`save_async` calls may write in the background at once.
 
     Example:
         >>> store = SnapshotStore("memory://doc/run")
@@ -68,11 +72,20 @@ class SnapshotStore:
         compression_level: int = 3,
         compression_threads: int = 0,
         part_size: int = DEFAULT_PART_SIZE,
+        max_in_flight: int = 1,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self._storage = Storage(url, storage_options=storage_options, part_size=part_size)
         self._log = ManifestLog(self._storage)
         self.compression_level = compression_level
         self.compression_threads = compression_threads
+        self.max_in_flight = max_in_flight
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._lock = threading.Lock()
+        self._in_flight: set[Future[SnapshotInfo]] = set()
+        self._errors: list[BaseException] = []
 
     @property
     def url(self) -> str:
@@ -111,29 +124,108 @@ class SnapshotStore:
             SnapshotExistsError: ``itr`` is already committed and ``overwrite`` is False.
             ValueError: a bad itr, key or metric.
             StorageError: the backend failed; nothing was committed.
+            Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
-        itr = _check_itr(itr)
-        _check_state(state)
-        metric_values = check_metrics(dict(metrics or {}))
-        if not overwrite and self._log.read().find(itr) is not None:
+        self._raise_background_error()
+        return self._write(_prepare(itr, state, metrics, overwrite=overwrite, copy=False))
+
+    def save_async(
+        self,
+        itr: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Future[SnapshotInfo]:
+        """Copy ``state`` to host memory, then write and commit it in a background thread.
+
+        Returns once the copy is made: the caller may change the model and optimizer right away. At most
+        ``max_in_flight`` saves run at once; a call beyond that first waits for the oldest to finish, so the
+        memory held by in-flight copies is bounded by ``max_in_flight`` (plus the one being copied) times the
+        state's size.
+
+        A failure is raised by the returned future's ``result()``, and also by the next ``save``,
+        ``save_async``, :meth:`flush` or :meth:`close` call, so it is never lost.
+        """
+        self._raise_background_error()
+        prepared = _prepare(itr, state, metrics, overwrite=overwrite, copy=True)
+        self._slots.acquire()
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bucketsnap-save")
+            future = self._executor.submit(self._write, prepared)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._async_done)
+        return future
+
+    def flush(self) -> None:
+        """Wait for every :meth:`save_async` in flight; raise the first error not yet raised."""
+        with self._lock:
+            pending = list(self._in_flight)
+        wait(pending)
+        self._raise_background_error()
+
+    def close(self) -> None:
+        """Wait for in-flight saves and stop the background thread; raise an error not yet raised."""
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # already unwinding: wait for the saves, but do not mask the error being raised
+            self.close()
+        except Exception as background:
+            logger.error("background save failed while %s was being raised: %s", exc_type, background)
+
+    def _async_done(self, future: Future[SnapshotInfo]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+            error = future.exception() if not future.cancelled() else None
+            if error is not None:
+                self._errors.append(error)
+        self._slots.release()
+
+    def _raise_background_error(self) -> None:
+        with self._lock:
+            error = self._errors.pop(0) if self._errors else None
+        if error is not None:
+            raise error
+
+    def _write(self, prepared: _Prepared) -> SnapshotInfo:
+        """Write an archive from encoded values and commit it."""
+        itr = prepared.itr
+        if not prepared.overwrite and self._log.read().find(itr) is not None:
             raise self._exists(itr)
         created = datetime.now(timezone.utc)
         path = f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip"
         with self._storage.write(path) as f:
             writer = ArchiveWriter(f, level=self.compression_level, threads=self.compression_threads)
-            for key, value in state.items():
-                writer.add(key, value)
-            size = writer.finish(_meta(itr, created, metric_values))
+            for key, encoded in prepared.values.items():
+                writer.add_encoded(key, encoded)
+            size = writer.finish(_meta(itr, created, prepared.metrics))
         info = SnapshotInfo(
             itr=itr,
             path=path,
             url=self._storage.url_of(path),
             size=size,
             created=created,
-            metrics=metric_values,
+            metrics=prepared.metrics,
             members=dict(writer.members),
         )
-        self._commit_new(info, overwrite=overwrite)
+        self._commit_new(info, overwrite=prepared.overwrite)
         logger.info("committed itr %d to %s (%d bytes)", itr, self.url, size)
         return info
 
@@ -308,83 +400,22 @@ class SnapshotStore:
         )
 
 
-class Snapshot(Mapping[str, Any]):
-    """One committed snapshot, read lazily: ``snap[key]`` downloads and decodes that member only.
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated, encoded save, ready to be written by any thread."""
 
-    Attributes:
-        info: the snapshot's :class:`SnapshotInfo`.
-    """
+    itr: int
+    values: dict[str, EncodedValue]
+    metrics: dict[str, Metric]
+    overwrite: bool
 
-    def __init__(
-        self,
-        storage: Storage,
-        info: SnapshotInfo,
-        *,
-        map_location: MapLocation = None,
-        allow_pickle: bool = False,
-    ) -> None:
-        self._storage = storage
-        self.info = info
-        self._map_location = map_location
-        self._allow_pickle = allow_pickle
 
-    def __repr__(self) -> str:
-        return f"Snapshot(itr={self.info.itr}, url={self.info.url!r}, keys={list(self.info.members)})"
-
-    def __getitem__(self, key: str) -> Any:
-        member = self._member(key)
-        return load_member(
-            self._read_range,
-            member,
-            where=f"{self.info.url} member {member.name}",
-            map_location=self._map_location,
-            allow_pickle=self._allow_pickle,
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.info.members)
-
-    def __len__(self) -> int:
-        return len(self.info.members)
-
-    def load(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
-        """The members ``keys`` (all if None) as a dict, in saved order."""
-        wanted = list(self.info.members) if keys is None else list(keys)
-        for key in wanted:
-            self._member(key)
-        return {key: self[key] for key in wanted}
-
-    def verify(self) -> SnapshotInfo:
-        """Re-read every member and check its CRC, zstd checksum and sizes; check the archive's size."""
-        size = self._call_missing(lambda: self._storage.size(self.info.path))
-        if size != self.info.size:
-            raise CorruptSnapshotError(
-                f"{self.info.url} is {size} bytes but {self.info.size} were committed (truncated or replaced)"
-            )
-        for member in self.info.members.values():
-            verify_member(self._read_range, member, where=f"{self.info.url} member {member.name}")
-        return self.info
-
-    def _member(self, key: str) -> MemberInfo:
-        try:
-            return self.info.members[key]
-        except KeyError:
-            raise KeyError(
-                f"snapshot itr {self.info.itr} at {self.info.url} has no key {key!r}; it has {list(self.info.members)}"
-            ) from None
-
-    def _read_range(self, start: int, end: int) -> bytes:
-        data: bytes = self._call_missing(lambda: self._storage.read(self.info.path, start, end))
-        return data
-
-    def _call_missing(self, fn: Any) -> Any:
-        try:
-            return fn()
-        except FileNotFoundError as exc:
-            raise SnapshotNotFoundError(
-                f"the archive of committed snapshot itr {self.info.itr} is missing: {self.info.url}. It was "
-                "deleted by hand or by a concurrent delete; load another itr."
-            ) from exc
+def _prepare(itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool) -> _Prepared:
+    itr = _check_itr(itr)
+    _check_state(state)
+    metric_values = check_metrics(dict(metrics or {}))
+    values = {key: encode(value, copy=copy) for key, value in state.items()}
+    return _Prepared(itr, values, metric_values, overwrite)
 
 
 def _meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:

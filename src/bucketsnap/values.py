@@ -73,9 +73,13 @@ class EncodedValue:
         yield from self.buffers
 
 
-def encode(value: Any) -> EncodedValue:
-    """Split ``value`` into a JSON tree and raw buffers; anything without a safe encoding is cloudpickled."""
-    encoder = _Encoder()
+def encode(value: Any, *, copy: bool = False) -> EncodedValue:
+    """Split ``value`` into a JSON tree and raw buffers; anything without a safe encoding is cloudpickled.
+
+    Buffers are views of the caller's tensors and arrays, unless ``copy`` is set: then each buffer is a private
+    host copy (device tensors are copied once, to the host), so the caller may change ``value`` right away.
+    """
+    encoder = _Encoder(copy=copy)
     tree = encoder.node(value)
     header = json.dumps({"tree": tree, "data_size": encoder.offset}, separators=(",", ":"), allow_nan=False).encode()
     return EncodedValue(header, encoder.buffers, encoder.pickled)
@@ -115,7 +119,8 @@ def decode(
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, *, copy: bool = False) -> None:
+        self.copy = copy
         self.buffers: list[memoryview] = []
         self.offset = 0
         self.pickled = False
@@ -168,15 +173,17 @@ class _Encoder:
             spec["requires_grad"] = v.requires_grad
         data = v.detach()
         if data.device.type != "cpu":
-            data = data.cpu()
+            data = data.cpu()  # a copy already
         data = data.resolve_conj().resolve_neg().contiguous()
+        if self.copy and data.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+            data = data.clone()
         spec["nbytes"] = self.add(data.reshape(-1).view(torch.uint8).numpy().data)
         return {"$tensor": spec}
 
     def ndarray(self, v: np.ndarray | np.generic) -> dict[str, Any] | None:
         scalar = isinstance(v, np.generic)
         array = np.asarray(v)
-        if not array.flags.c_contiguous:
+        if not array.flags.c_contiguous or (self.copy and np.may_share_memory(array, v)):
             array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
         if array.dtype.hasobject:
             return None

@@ -1,0 +1,94 @@
+"""``Snapshot``: a lazy, read-only view of one committed snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from bucketsnap.archive import load_member, verify_member
+from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
+from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.storage import Storage
+from bucketsnap.values import MapLocation
+
+__all__ = ["Snapshot"]
+
+T = TypeVar("T")
+
+
+class Snapshot(Mapping[str, Any]):
+    """One committed snapshot, read lazily: ``snap[key]`` downloads and decodes that member only.
+
+    Attributes:
+        info: the snapshot's :class:`SnapshotInfo`.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        info: SnapshotInfo,
+        *,
+        map_location: MapLocation = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        self._storage = storage
+        self.info = info
+        self._map_location = map_location
+        self._allow_pickle = allow_pickle
+
+    def __repr__(self) -> str:
+        return f"Snapshot(itr={self.info.itr}, url={self.info.url!r}, keys={list(self.info.members)})"
+
+    def __getitem__(self, key: str) -> Any:
+        member = self._member(key)
+        return load_member(
+            self._read_range,
+            member,
+            where=f"{self.info.url} member {member.name}",
+            map_location=self._map_location,
+            allow_pickle=self._allow_pickle,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.info.members)
+
+    def __len__(self) -> int:
+        return len(self.info.members)
+
+    def load(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """The members ``keys`` (all if None) as a dict, in saved order."""
+        wanted = list(self.info.members) if keys is None else list(keys)
+        for key in wanted:
+            self._member(key)
+        return {key: self[key] for key in wanted}
+
+    def verify(self) -> SnapshotInfo:
+        """Re-read every member and check its CRC, zstd checksum and sizes; check the archive's size."""
+        size = self._call_missing(lambda: self._storage.size(self.info.path))
+        if size != self.info.size:
+            raise CorruptSnapshotError(
+                f"{self.info.url} is {size} bytes but {self.info.size} were committed (truncated or replaced)"
+            )
+        for member in self.info.members.values():
+            verify_member(self._read_range, member, where=f"{self.info.url} member {member.name}")
+        return self.info
+
+    def _member(self, key: str) -> MemberInfo:
+        try:
+            return self.info.members[key]
+        except KeyError:
+            raise KeyError(
+                f"snapshot itr {self.info.itr} at {self.info.url} has no key {key!r}; it has {list(self.info.members)}"
+            ) from None
+
+    def _read_range(self, start: int, end: int) -> bytes:
+        return self._call_missing(lambda: self._storage.read(self.info.path, start, end))
+
+    def _call_missing(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FileNotFoundError as exc:
+            raise SnapshotNotFoundError(
+                f"the archive of committed snapshot itr {self.info.itr} is missing: {self.info.url}. It was "
+                "deleted by hand or by a concurrent delete; load another itr."
+            ) from exc
