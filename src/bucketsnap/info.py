@@ -26,6 +26,8 @@ class MemberInfo:
         crc32: CRC-32 of the stored bytes, as 8 hex digits (the same value as the zip's own CRC field).
         codec: ``"zstd"``.
         pickled: whether the value holds a cloudpickled part (loading it needs ``allow_pickle=True``).
+        path: the object holding the member, relative to the run, when it is not the snapshot's own archive
+            (each rank of a distributed save writes its own archive); None for the snapshot's archive.
     """
 
     name: str
@@ -35,6 +37,7 @@ class MemberInfo:
     crc32: str
     codec: str = "zstd"
     pickled: bool = False
+    path: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -42,7 +45,7 @@ class MemberInfo:
         return self.raw_size / self.stored_size if self.stored_size else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "offset": self.offset,
             "stored_size": self.stored_size,
@@ -51,6 +54,9 @@ class MemberInfo:
             "codec": self.codec,
             "pickled": self.pickled,
         }
+        if self.path is not None:
+            out["path"] = self.path
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MemberInfo:
@@ -62,6 +68,7 @@ class MemberInfo:
             crc32=str(d["crc32"]),
             codec=str(d.get("codec", "zstd")),
             pickled=bool(d.get("pickled", False)),
+            path=_relative_path(d["path"]) if d.get("path") is not None else None,
         )
 
 
@@ -78,6 +85,8 @@ class SnapshotInfo:
         metrics: the metrics saved with it.
         members: key -> :class:`MemberInfo`, in the order the state was saved.
         format_version: the archive format version.
+        refs: other objects (relative paths) this snapshot needs, such as content-addressed buffer chunks
+            shared with other snapshots; garbage collection keeps every object a committed snapshot refers to.
     """
 
     itr: int
@@ -88,10 +97,15 @@ class SnapshotInfo:
     metrics: dict[str, Metric] = field(default_factory=dict)
     members: dict[str, MemberInfo] = field(default_factory=dict)
     format_version: int = 1
+    refs: tuple[str, ...] = ()
 
     def keys(self) -> list[str]:
         """The saved top-level keys."""
         return list(self.members)
+
+    def objects(self) -> set[str]:
+        """Every object (relative path) this snapshot needs: its archive, member archives, and refs."""
+        return {self.path, *(m.path for m in self.members.values() if m.path), *self.refs}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,15 +116,14 @@ class SnapshotInfo:
             "metrics": self.metrics,
             "members": {k: m.to_json() for k, m in self.members.items()},
             "format_version": self.format_version,
+            **({"refs": list(self.refs)} if self.refs else {}),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any], *, base_url: str) -> SnapshotInfo:
         """Parse a manifest entry; raise CorruptSnapshotError (naming ``base_url``) if malformed."""
         try:
-            path = str(d["path"])
-            if path.startswith("/") or ".." in path.split("/"):
-                raise ValueError(f"path {path!r} escapes the run")
+            path = _relative_path(d["path"])
             created = datetime.fromisoformat(str(d["created"]))
             if created.tzinfo is None:
                 created = created.replace(tzinfo=timezone.utc)
@@ -126,6 +139,7 @@ class SnapshotInfo:
                 metrics=check_metrics(d.get("metrics") or {}),
                 members={str(k): MemberInfo.from_json(m) for k, m in dict(d["members"]).items()},
                 format_version=int(d.get("format_version", 1)),
+                refs=tuple(_relative_path(r) for r in d.get("refs", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptSnapshotError(f"malformed manifest entry in {base_url}: {exc!r}") from exc
@@ -147,6 +161,14 @@ def check_metrics(metrics: Any) -> dict[str, Metric]:
             raise ValueError(f"metric {name!r} is {value}; metrics must be finite")
         out[name] = value
     return out
+
+
+def _relative_path(v: Any) -> str:
+    """A path inside the run: relative, no ``..``, no NUL."""
+    path = str(v)
+    if not path or path.startswith(("/", "\\")) or ".." in path.split("/") or "\x00" in path or "://" in path:
+        raise ValueError(f"path {path!r} escapes the run")
+    return path
 
 
 def _nonneg(v: Any) -> int:

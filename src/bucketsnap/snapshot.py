@@ -42,7 +42,7 @@ class Snapshot(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         member = self._member(key)
         return load_member(
-            self._read_range,
+            self._reader(member),
             member,
             where=f"{self.info.url} member {member.name}",
             map_location=self._map_location,
@@ -70,7 +70,9 @@ class Snapshot(Mapping[str, Any]):
                 f"{self.info.url} is {size} bytes but {self.info.size} were committed (truncated or replaced)"
             )
         for member in self.info.members.values():
-            verify_member(self._read_range, member, where=f"{self.info.url} member {member.name}")
+            verify_member(self._reader(member), member, where=f"{self.info.url} member {member.name}")
+        for ref in self.info.refs:
+            self._call_missing(lambda ref=ref: self._storage.size(ref))  # type: ignore[misc]
         return self.info
 
     def _member(self, key: str) -> MemberInfo:
@@ -81,8 +83,14 @@ class Snapshot(Mapping[str, Any]):
                 f"snapshot itr {self.info.itr} at {self.info.url} has no key {key!r}; it has {list(self.info.members)}"
             ) from None
 
-    def _read_range(self, start: int, end: int) -> bytes:
-        return self._call_missing(lambda: self._storage.read(self.info.path, start, end))
+    def _reader(self, member: MemberInfo) -> Callable[[int, int], bytes]:
+        """Ranged reads of the object that holds ``member``."""
+        path = member.path or self.info.path
+
+        def read_range(start: int, end: int) -> bytes:
+            return self._call_missing(lambda: self._storage.read(path, start, end))
+
+        return read_range
 
     def _call_missing(self, fn: Callable[[], T]) -> T:
         try:

@@ -40,6 +40,9 @@ __all__ = ["SnapshotStore", "as_store"]
 
 logger = logging.getLogger("bucketsnap")
 
+#: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
+DATA_DIRS = (SNAPSHOT_DIR, "chunks")
+
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 
@@ -240,12 +243,11 @@ class SnapshotStore:
             return [s for s in current.snapshots if s.itr != info.itr] + [info]
 
         try:
-            self._log.commit(add)
+            committed = self._log.commit(add)
         except BaseException:
             self._storage.delete(info.path)  # never committed: do not leave it for gc
             raise
-        for old in replaced:
-            self._storage.delete(old.path)
+        self._delete_unreferenced(replaced, committed)
 
     def delete(self, itr: int) -> None:
         """Uncommit snapshot ``itr`` and delete its archive.
@@ -260,8 +262,14 @@ class SnapshotStore:
             removed[:] = [current.resolve(itr, self.url)]
             return [s for s in current.snapshots if s.itr != itr]
 
-        self._log.commit(remove)
-        self._storage.delete(removed[0].path)
+        committed = self._log.commit(remove)
+        self._delete_unreferenced(removed, committed)
+
+    def _delete_unreferenced(self, dropped: list[SnapshotInfo], manifest: Manifest) -> None:
+        """Delete the objects of ``dropped`` snapshots that no snapshot in ``manifest`` still needs."""
+        still_needed = set().union(*(s.objects() for s in manifest.snapshots))
+        for rel in sorted(set().union(*(s.objects() for s in dropped)) - still_needed):
+            self._storage.delete(rel)
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -328,15 +336,16 @@ class SnapshotStore:
         """
         now = datetime.now(timezone.utc).timestamp()
         manifest = self._log.read()
-        referenced = {s.path for s in manifest.snapshots}
+        referenced = set().union(*(s.objects() for s in manifest.snapshots))
         doomed: list[str] = []
-        for name in self._storage.list(SNAPSHOT_DIR):
-            rel = f"{SNAPSHOT_DIR}/{name}"
-            if rel in referenced:
-                continue
-            modified = self._storage.modified(rel)
-            if min_age <= 0 or modified is None or now - modified >= min_age:
-                doomed.append(rel)
+        for directory in DATA_DIRS:
+            for name in self._storage.list(directory):
+                rel = f"{directory}/{name}"
+                if rel in referenced:
+                    continue
+                modified = self._storage.modified(rel)
+                if min_age <= 0 or modified is None or now - modified >= min_age:
+                    doomed.append(rel)
         generations = self._log.generations()
         doomed += [generation_name(g) for g in generations if g < manifest.generation - KEEP_GENERATIONS]
         if not dry_run:
