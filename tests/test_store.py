@@ -11,6 +11,7 @@ from bucketsnap import (
     SnapshotExistsError,
     SnapshotNotFoundError,
     SnapshotStore,
+    StorageError,
     UnsafeLoadError,
 )
 from conftest import Backend
@@ -211,3 +212,12 @@ def test_credentials_never_appear_in_errors() -> None:
     with pytest.raises(BucketsnapError) as exc:
         store.load()
     assert "hunter2" not in str(exc.value)
+
+
+def test_unwritable_location_is_a_storage_error_naming_the_url(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    store = SnapshotStore(str(blocker / "run"))
+    with pytest.raises(StorageError, match="a-file") as exc:
+        store.save(1, {"x": 1})
+    assert "Check that the location exists" in str(exc.value) or "Not a directory" in str(exc.value)

@@ -177,7 +177,7 @@ class Storage:
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Create ``rel`` with ``data``; raise FileExistsError if it already exists."""
         if self.is_local:
-            self._call(rel, lambda: _local_create_exclusive(self.path(rel), data))
+            self._call(rel, lambda: _local_create_exclusive(self.path(rel), data), writing=True)
         elif self.is_memory:
             with _MEMORY_LOCK:
                 if self.fs.exists(self.path(rel)):
@@ -198,7 +198,7 @@ class Storage:
     def write(self, rel: str) -> Iterator[IO[bytes]]:
         """Stream a new object to ``rel``: visible whole when the block exits cleanly, never if it raises."""
         if self.is_local:
-            writer = _LocalAtomicWriter(self.path(rel))
+            writer = self._call(rel, lambda: _LocalAtomicWriter(self.path(rel)), writing=True)
             try:
                 yield writer.file
             except BaseException:
@@ -237,11 +237,21 @@ class Storage:
         finally:
             self.fs.invalidate_cache(path)
 
-    def _call(self, rel: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``, translating backend errors into bucketsnap's at this boundary."""
+    def _call(self, rel: str, fn: Callable[[], T], *, writing: bool = False) -> T:
+        """Run ``fn``, translating backend errors into bucketsnap's at this boundary.
+
+        "Not found" and "exists" pass through for the protocol to interpret, except when ``writing``: a
+        write that finds no parent directory is a storage failure, not a missing snapshot.
+        """
         try:
             return fn()
-        except (FileNotFoundError, FileExistsError, BucketsnapError):
+        except FileNotFoundError as exc:
+            if not writing:
+                raise
+            raise StorageError(
+                f"cannot write {self.url_of(rel)}: {_redacted(exc)}. Check that the location exists and is writable."
+            ) from exc
+        except (FileExistsError, BucketsnapError):
             raise
         except PermissionError as exc:
             raise StorageError(
