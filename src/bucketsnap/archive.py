@@ -97,10 +97,19 @@ class ArchiveWriter:
         dest: a writable binary file object (not closed by the writer).
         level: zstd level for compressible members.
         threads: zstd worker threads (0: compress in the calling thread; -1: one per core).
+        progress: called with each count of uncompressed bytes as it is written.
     """
 
-    def __init__(self, dest: IO[bytes], *, level: int = 3, threads: int = 0) -> None:
+    def __init__(
+        self,
+        dest: IO[bytes],
+        *,
+        level: int = 3,
+        threads: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._out = _ForwardStream(dest)
+        self._progress = progress
         self._zip = zipfile.ZipFile(self._out, "w", zipfile.ZIP_STORED, allowZip64=True)  # type: ignore[arg-type]
         self._level = level
         self._threads = threads
@@ -123,7 +132,13 @@ class ArchiveWriter:
             offset = self._out.tell()
             with cctx.stream_writer(member, size=raw_size, write_size=_WRITE_CHUNK, closefd=False) as zw:
                 for chunk in encoded.chunks():
-                    zw.write(chunk)
+                    if self._progress is None:
+                        zw.write(chunk)
+                        continue
+                    view = memoryview(chunk).cast("B")
+                    for start in range(0, view.nbytes, READ_CHUNK):  # a tensor is one chunk: report in slices
+                        zw.write(view[start : start + READ_CHUNK])
+                        self._progress(min(READ_CHUNK, view.nbytes - start))
         info = MemberInfo(
             name=name,
             offset=offset,

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from bucketsnap.archive import load_member, verify_member
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
 from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.storage import Storage
 from bucketsnap.values import MapLocation
 
@@ -40,9 +41,12 @@ class Snapshot(Mapping[str, Any]):
         return f"Snapshot(itr={self.info.itr}, url={self.info.url!r}, keys={list(self.info.members)})"
 
     def __getitem__(self, key: str) -> Any:
+        return self._load(key)
+
+    def _load(self, key: str, on_read: Callable[[int], None] | None = None) -> Any:
         member = self._member(key)
         return load_member(
-            self._reader(member),
+            self._reader(member, on_read),
             member,
             where=f"{self.info.url} member {member.name}",
             map_location=self._map_location,
@@ -55,22 +59,29 @@ class Snapshot(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.info.members)
 
-    def load(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
-        """The members ``keys`` (all if None) as a dict, in saved order."""
-        wanted = list(self.info.members) if keys is None else list(keys)
-        for key in wanted:
-            self._member(key)
-        return {key: self[key] for key in wanted}
+    def load(self, keys: Iterable[str] | None = None, *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """The members ``keys`` (all if None) as a dict, in saved order.
 
-    def verify(self) -> SnapshotInfo:
+        ``progress(done, total)`` is called with the stored bytes read so far (see :mod:`bucketsnap.progress`).
+        """
+        wanted = list(self.info.members) if keys is None else list(keys)
+        members = [self._member(key) for key in wanted]
+        if progress is None:
+            return {key: self[key] for key in wanted}
+        counter = ByteCounter(sum(m.stored_size for m in members), progress)
+        return {key: self._load(key, counter.add) for key in wanted}
+
+    def verify(self, *, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Re-read every member and check its CRC, zstd checksum and sizes; check the archive's size."""
         size = self._call_missing(lambda: self._storage.size(self.info.path))
         if size != self.info.size:
             raise CorruptSnapshotError(
                 f"{self.info.url} is {size} bytes but {self.info.size} were committed (truncated or replaced)"
             )
-        for member in self.info.members.values():
-            verify_member(self._reader(member), member, where=f"{self.info.url} member {member.name}")
+        members = list(self.info.members.values())
+        on_read = None if progress is None else ByteCounter(sum(m.stored_size for m in members), progress).add
+        for member in members:
+            verify_member(self._reader(member, on_read), member, where=f"{self.info.url} member {member.name}")
         for ref in self.info.refs:
             self._call_missing(lambda ref=ref: self._storage.size(ref))  # type: ignore[misc]
         return self.info
@@ -83,12 +94,15 @@ class Snapshot(Mapping[str, Any]):
                 f"snapshot itr {self.info.itr} at {self.info.url} has no key {key!r}; it has {list(self.info.members)}"
             ) from None
 
-    def _reader(self, member: MemberInfo) -> Callable[[int, int], bytes]:
-        """Ranged reads of the object that holds ``member``."""
+    def _reader(self, member: MemberInfo, on_read: Callable[[int], None] | None = None) -> Callable[[int, int], bytes]:
+        """Ranged reads of the object that holds ``member``, each size reported to ``on_read``."""
         path = member.path or self.info.path
 
         def read_range(start: int, end: int) -> bytes:
-            return self._call_missing(lambda: self._storage.read(path, start, end))
+            data = self._call_missing(lambda: self._storage.read(path, start, end))
+            if on_read is not None:
+                on_read(len(data))
+            return data
 
         return read_range
 

@@ -32,8 +32,10 @@ from bucketsnap.errors import (
 )
 from bucketsnap.info import Metric, SnapshotInfo, check_metrics
 from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
+from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
+from bucketsnap.transfer import copy_objects
 from bucketsnap.values import EncodedValue, MapLocation, encode
 
 __all__ = ["SnapshotStore", "as_store"]
@@ -117,11 +119,13 @@ class SnapshotStore:
         *,
         metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> SnapshotInfo:
         """Write ``state`` as snapshot ``itr`` and commit it.
 
         Each top-level key becomes one archive member that can be loaded alone. The snapshot is committed
-        (visible to readers) only once the whole archive is stored.
+        (visible to readers) only once the whole archive is stored. ``progress(done, total)`` is called with
+        the uncompressed bytes written so far (see :mod:`bucketsnap.progress`).
 
         Raises:
             SnapshotExistsError: ``itr`` is already committed and ``overwrite`` is False.
@@ -130,7 +134,7 @@ class SnapshotStore:
             Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
         self._raise_background_error()
-        return self._write(_prepare(itr, state, metrics, overwrite=overwrite, copy=False))
+        return self._write(_prepare(itr, state, metrics, overwrite=overwrite, copy=False), progress)
 
     def save_async(
         self,
@@ -139,6 +143,7 @@ class SnapshotStore:
         *,
         metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> Future[SnapshotInfo]:
         """Copy ``state`` to host memory, then write and commit it in a background thread.
 
@@ -148,7 +153,8 @@ class SnapshotStore:
         state's size.
 
         A failure is raised by the returned future's ``result()``, and also by the next ``save``,
-        ``save_async``, :meth:`flush` or :meth:`close` call, so it is never lost.
+        ``save_async``, :meth:`flush` or :meth:`close` call, so it is never lost. ``progress`` is called as
+        in :meth:`save`, from the background thread.
         """
         self._raise_background_error()
         prepared = _prepare(itr, state, metrics, overwrite=overwrite, copy=True)
@@ -156,7 +162,7 @@ class SnapshotStore:
         try:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bucketsnap-save")
-            future = self._executor.submit(self._write, prepared)
+            future = self._executor.submit(self._write, prepared, progress)
         except BaseException:
             self._slots.release()
             raise
@@ -207,15 +213,23 @@ class SnapshotStore:
         if error is not None:
             raise error
 
-    def _write(self, prepared: _Prepared) -> SnapshotInfo:
+    def _write(self, prepared: _Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Write an archive from encoded values and commit it."""
         itr = prepared.itr
         if not prepared.overwrite and self._log.read().find(itr) is not None:
             raise self._exists(itr)
         created = datetime.now(timezone.utc)
         path = f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip"
+        counter = None
+        if progress is not None:
+            counter = ByteCounter(sum(v.raw_size for v in prepared.values.values()), progress)
         with self._storage.write(path) as f:
-            writer = ArchiveWriter(f, level=self.compression_level, threads=self.compression_threads)
+            writer = ArchiveWriter(
+                f,
+                level=self.compression_level,
+                threads=self.compression_threads,
+                progress=None if counter is None else counter.add,
+            )
             for key, encoded in prepared.values.items():
                 writer.add_encoded(key, encoded)
             size = writer.finish(_meta(itr, created, prepared.metrics))
@@ -301,6 +315,7 @@ class SnapshotStore:
         keys: Iterable[str] | None = None,
         map_location: MapLocation = None,
         allow_pickle: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         """Load snapshot ``which`` (only ``keys`` if given) into a dict.
 
@@ -310,19 +325,53 @@ class SnapshotStore:
             map_location: as in ``torch.load``: a device, a ``{saved: target}`` dict, or a callable
                 ``(tensor, saved_device) -> tensor``.
             allow_pickle: allow values that can only be restored by unpickling (code from the snapshot runs).
+            progress: called as ``progress(done, total)`` with the stored bytes read so far.
 
         Raises:
             SnapshotNotFoundError, CorruptSnapshotError, UnsafeLoadError, KeyError (an unknown key).
         """
-        return self.open(which, map_location=map_location, allow_pickle=allow_pickle).load(keys)
+        return self.open(which, map_location=map_location, allow_pickle=allow_pickle).load(keys, progress=progress)
 
-    def verify(self, which: Which = "last") -> SnapshotInfo:
+    def verify(self, which: Which = "last", *, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Re-read every member of snapshot ``which`` and check its checksums and sizes.
 
         Raises:
             CorruptSnapshotError: a member or the archive does not match what was committed.
         """
-        return self.open(which).verify()
+        return self.open(which).verify(progress=progress)
+
+    def copy_from(
+        self,
+        source: str | SnapshotStore,
+        which: Which = "last",
+        *,
+        overwrite: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> SnapshotInfo:
+        """Copy committed snapshot ``which`` of ``source`` (another run, on any backend) into this run.
+
+        The objects are streamed in ranged chunks to new unique names here, every member's CRC-32 checked on
+        the way, then committed with the same protocol as :meth:`save`, under the same itr, metrics and
+        creation time. ``progress(done, total)`` is called with the bytes copied so far.
+
+        Raises:
+            SnapshotExistsError: the itr is already committed here and ``overwrite`` is False.
+            SnapshotNotFoundError: ``source`` has no snapshot ``which``, or one of its objects is missing.
+            CorruptSnapshotError: the source's bytes do not match what it committed; nothing is committed.
+        """
+        src = as_store(source)
+        info = src.info(which)
+        if not overwrite and self._log.read().find(info.itr) is not None:
+            raise self._exists(info.itr)
+        copied, written = copy_objects(src.storage, info, self._storage, progress=progress)
+        try:
+            self._commit_new(copied, overwrite=overwrite)
+        except BaseException:
+            for rel in written:
+                self._storage.delete(rel)
+            raise
+        logger.info("copied itr %d from %s to %s (%d bytes)", info.itr, src.url, self.url, copied.size)
+        return copied
 
     # -- maintenance ---------------------------------------------------------------------------------------
 
