@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,17 +33,39 @@ from bucketsnap.errors import (
 from bucketsnap.info import Metric, SnapshotInfo, check_metrics
 from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
 from bucketsnap.progress import ByteCounter, ProgressCallback
+from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
 from bucketsnap.transfer import copy_objects
 from bucketsnap.values import EncodedValue, MapLocation, encode
 
-__all__ = ["SnapshotStore", "as_store"]
+__all__ = ["ExternalValue", "SnapshotStore", "as_store"]
 
 logger = logging.getLogger("bucketsnap")
 
 #: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
 DATA_DIRS = (SNAPSHOT_DIR, "chunks")
+
+
+@runtime_checkable
+class ExternalValue(Protocol):
+    """A state value stored partly in objects of its own, such as a replay buffer's content-addressed chunks.
+
+    The store calls :meth:`host_copy` in the caller's thread for :meth:`SnapshotStore.save_async`, then
+    :meth:`write_objects` before it writes the archive: the returned value becomes the key's member, and the
+    returned paths (relative to the run) the snapshot's ``refs``, so gc and delete keep those objects while any
+    committed snapshot needs them. Objects are written before the commit and never deleted by a failed save
+    (another snapshot may share them); gc removes them once no committed snapshot refers to them.
+    """
+
+    def host_copy(self) -> ExternalValue:
+        """A copy that stays valid while the caller changes the original (for background saves)."""
+        ...
+
+    def write_objects(self, storage: Storage) -> tuple[Any, list[str]]:
+        """Write the objects that are missing; return the member value and every object path it needs."""
+        ...
+
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
@@ -59,6 +81,8 @@ class SnapshotStore:
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
+        retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
+            Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
 
     Example:
         >>> store = SnapshotStore("memory://doc/run")
@@ -78,6 +102,7 @@ class SnapshotStore:
         compression_threads: int = 0,
         part_size: int = DEFAULT_PART_SIZE,
         max_in_flight: int = 1,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -91,6 +116,9 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._in_flight: set[Future[SnapshotInfo]] = set()
         self._errors: list[BaseException] = []
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise TypeError(f"retention must be a bucketsnap.retention policy such as KeepLast(3), not {retention!r}")
+        self.retention = retention
 
     @property
     def url(self) -> str:
@@ -218,11 +246,20 @@ class SnapshotStore:
         itr = prepared.itr
         if not prepared.overwrite and self._log.read().find(itr) is not None:
             raise self._exists(itr)
+        refs: set[str] = set()
+        values: dict[str, EncodedValue] = {}
+        for key, value in prepared.values.items():
+            if isinstance(value, EncodedValue):
+                values[key] = value
+                continue
+            member, paths = value.write_objects(self._storage)
+            values[key] = encode(member)
+            refs.update(paths)
         created = datetime.now(timezone.utc)
         path = f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip"
         counter = None
         if progress is not None:
-            counter = ByteCounter(sum(v.raw_size for v in prepared.values.values()), progress)
+            counter = ByteCounter(sum(v.raw_size for v in values.values()), progress)
         with self._storage.write(path) as f:
             writer = ArchiveWriter(
                 f,
@@ -230,9 +267,10 @@ class SnapshotStore:
                 threads=self.compression_threads,
                 progress=None if counter is None else counter.add,
             )
-            for key, encoded in prepared.values.items():
+            for key, encoded in values.items():
                 writer.add_encoded(key, encoded)
-            size = writer.finish(_meta(itr, created, prepared.metrics))
+            # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
+            size = writer.finish({**_meta(itr, created, prepared.metrics), **({"refs": sorted(refs)} if refs else {})})
         info = SnapshotInfo(
             itr=itr,
             path=path,
@@ -241,6 +279,7 @@ class SnapshotStore:
             created=created,
             metrics=prepared.metrics,
             members=dict(writer.members),
+            refs=tuple(sorted(refs)),
         )
         self._commit_new(info, overwrite=prepared.overwrite)
         logger.info("committed itr %d to %s (%d bytes)", itr, self.url, size)
@@ -262,6 +301,31 @@ class SnapshotStore:
             self._storage.delete(info.path)  # never committed: do not leave it for gc
             raise
         self._delete_unreferenced(replaced, committed)
+        self._apply_retention(committed)
+
+    def _apply_retention(self, committed: Manifest) -> None:
+        """Commit a generation without the snapshots ``retention`` drops; leave their objects to :meth:`gc`.
+
+        Only the manifest changes, after the new snapshot is committed, so a run never lacks a loadable
+        snapshot, and a reader that resolved a dropped snapshot a moment ago can finish reading it. A failed
+        prune is logged, not raised (the save itself is committed), and redone by the next commit.
+        """
+        policy = self.retention
+        if policy is None or not split(policy, committed.snapshots)[1]:
+            return
+        dropped: list[int] = []
+
+        def prune(current: Manifest) -> list[SnapshotInfo]:
+            kept, gone = split(policy, current.snapshots)
+            dropped[:] = [s.itr for s in gone]
+            return kept
+
+        try:
+            self._log.commit(prune)
+        except BucketsnapError as exc:
+            logger.warning("could not apply %r to %s; the next commit retries: %s", policy, self.url, exc)
+            return
+        logger.info("retention %r dropped itrs %s from %s", policy, dropped, self.url)
 
     def delete(self, itr: int) -> None:
         """Uncommit snapshot ``itr`` and delete its archive.
@@ -463,7 +527,7 @@ class _Prepared:
     """A validated, encoded save, ready to be written by any thread."""
 
     itr: int
-    values: dict[str, EncodedValue]
+    values: dict[str, EncodedValue | ExternalValue]
     metrics: dict[str, Metric]
     overwrite: bool
 
@@ -472,8 +536,14 @@ def _prepare(itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwri
     itr = _check_itr(itr)
     _check_state(state)
     metric_values = check_metrics(dict(metrics or {}))
-    values = {key: encode(value, copy=copy) for key, value in state.items()}
+    values = {key: _prepare_value(value, copy=copy) for key, value in state.items()}
     return _Prepared(itr, values, metric_values, overwrite)
+
+
+def _prepare_value(value: Any, *, copy: bool) -> EncodedValue | ExternalValue:
+    if isinstance(value, ExternalValue):
+        return value.host_copy() if copy else value
+    return encode(value, copy=copy)
 
 
 def _meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,311 @@
+"""Chunked buffer persistence: ring buffers restored exact, incremental saves, streamed restores, gc of chunks."""
+
+from __future__ import annotations
+
+import contextlib
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
+
+from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore
+from bucketsnap.buffers import TransitionStorage, buffer_state, restore_buffer
+from bucketsnap.chunks import CHUNK_DIR
+from conftest import Backend
+
+FRAME_SPACE = gymnasium.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+
+
+@pytest.fixture(scope="module")
+def atari_frames() -> np.ndarray:
+    """Real Pong frames from ale-py, grayscale, resized to 84x84 by index sampling (no OpenCV here)."""
+    import ale_py
+
+    gymnasium.register_envs(ale_py)
+    env = gymnasium.make("ALE/Pong-v5", obs_type="grayscale", frameskip=4, repeat_action_probability=0.0)
+    obs, _ = env.reset(seed=0)
+    rows = (np.arange(84) * 210 // 84)[:, None]
+    cols = (np.arange(84) * 160 // 84)[None, :]
+    frames = []
+    for _ in range(404):
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        frames.append(obs[rows, cols])
+        if terminated or truncated:
+            obs, _ = env.reset()
+    env.close()
+    return np.stack(frames)
+
+
+def fill_replay_buffer(buffer: ReplayBuffer, frames: np.ndarray, n: int, start: int = 0) -> None:
+    """Add n frame-stacked transitions, the way DQN stores them (obs and next_obs of 4 stacked frames)."""
+    for i in range(start, start + n):
+        j = i % (len(frames) - 5)
+        buffer.add(
+            frames[j : j + 4][None],
+            frames[j + 1 : j + 5][None],
+            np.array([[i % 6]]),
+            np.array([float(i % 3)]),
+            np.array([i % 50 == 49]),
+            [{}],
+        )
+
+
+def assert_same_buffer(a: ReplayBuffer, b: ReplayBuffer) -> None:
+    assert (a.pos, a.full) == (b.pos, b.full)
+    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        if isinstance(x, dict):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+        elif x is not None and x.size:
+            np.testing.assert_array_equal(x, y)
+
+
+@contextlib.contextmanager
+def count_writes(store: SnapshotStore) -> Iterator[dict[str, int]]:
+    """Tally the bytes the store writes, object by object."""
+    storage = store.storage
+    real = storage.write
+    written: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def counting(rel: str) -> Iterator[Any]:
+        with real(rel) as f:
+            start = f.tell() if hasattr(f, "tell") else 0
+            yield f
+            written[rel] = f.tell() - start
+
+    storage.write = counting  # type: ignore[method-assign]
+    try:
+        yield written
+    finally:
+        storage.write = real  # type: ignore[method-assign]
+
+
+def test_wrapped_sb3_replay_buffer_restores_exact_on_every_backend(backend: Backend, atari_frames: np.ndarray) -> None:
+    store = backend.store()
+    buffer = ReplayBuffer(120, FRAME_SPACE, gymnasium.spaces.Discrete(6), device="cpu")
+    fill_replay_buffer(buffer, atari_frames, 300)  # wraps around twice
+    assert buffer.full and buffer.pos == 60
+    info = store.save(300, {"replay_buffer": buffer_state(buffer, chunk_rows=32), "step": 300})
+    assert len(info.refs) == 4 and all(r.startswith(f"{CHUNK_DIR}/") for r in info.refs)
+    assert not any(m.pickled for m in info.members.values())
+    fresh = ReplayBuffer(120, FRAME_SPACE, gymnasium.spaces.Discrete(6), device="cpu")
+    restore_buffer(store, fresh)
+    assert_same_buffer(buffer, fresh)
+    store.verify()
+
+
+def test_atari_chunks_compress_hundreds_of_times_and_random_ones_do_not(atari_frames: np.ndarray) -> None:
+    store = SnapshotStore("memory://buffers/ratio")
+    atari = ReplayBuffer(400, FRAME_SPACE, gymnasium.spaces.Discrete(6), device="cpu")
+    fill_replay_buffer(atari, atari_frames, 400)
+    noise = TransitionStorage(200)
+    rng = np.random.default_rng(0)
+    noise.insert_data_slice({"obs": rng.integers(0, 256, (200, 4, 84, 84), dtype=np.uint8)})
+    info = store.save(1, {"atari": buffer_state(atari), "noise": buffer_state(noise)})
+    table = store.load(1)
+    for key, low, high in (("atari", 150, None), ("noise", 0.99, 1.01)):
+        raw = sum(c["raw_size"] for c in table[key]["chunks"])
+        stored = sum(c["stored_size"] for c in table[key]["chunks"])
+        assert raw / stored >= low, f"{key}: ratio {raw / stored:.1f}"
+        if high is not None:
+            assert raw / stored <= high
+    assert len(info.refs) == len(table["atari"]["chunks"]) + len(table["noise"]["chunks"])
+    restored = TransitionStorage(200)
+    restore_buffer(store, restored, key="noise")
+    assert torch.equal(restored.data["obs"], noise.data["obs"])
+
+
+def test_second_save_writes_only_the_changed_chunks(atari_frames: np.ndarray) -> None:
+    store = SnapshotStore("memory://buffers/incremental")
+    rng = np.random.default_rng(1)
+    buffer = TransitionStorage(1000)
+    # Random frames: nothing compresses, so bytes written measure chunks written.
+    buffer.insert_data_slice({"obs": rng.integers(0, 256, (900, 1024), dtype=np.uint8), "done": np.zeros(900, bool)})
+    with count_writes(store) as first:
+        info1 = store.save(1, {"buf": buffer_state(buffer, chunk_rows=100)})
+    for _ in range(150):  # wraps: rows 900-999 and 0-49 change
+        buffer.insert_transition({"obs": rng.integers(0, 256, 1024, dtype=np.uint8), "done": True})
+    with count_writes(store) as second:
+        info2 = store.save(2, {"buf": buffer_state(buffer, chunk_rows=100)})
+    new_chunks = [rel for rel in second if rel.startswith(CHUNK_DIR)]
+    assert len(new_chunks) == 2, new_chunks  # the new chunk 9 and the changed chunk 0
+    assert sum(second.values()) < 0.25 * sum(first.values())
+    assert len(set(info1.refs) & set(info2.refs)) == 8
+    restored = TransitionStorage(1000)
+    restore_buffer(store, restored, key="buf", which=1)
+    assert (restored.pos, restored.full) == (900, False)
+    restore_buffer(store, restored, key="buf")
+    assert (restored.pos, restored.full) == (50, True)
+    for name in buffer.data:
+        assert torch.equal(restored.data[name], buffer.data[name])
+
+
+def test_delete_and_gc_keep_shared_chunks_and_drop_the_rest() -> None:
+    store = SnapshotStore("memory://buffers/gc")
+    buffer = TransitionStorage(40)
+    buffer.insert_data_slice({"x": np.arange(40)})
+    info1 = store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
+    buffer.insert_data_slice({"x": np.arange(5) + 100})
+    info2 = store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})
+    only_first = set(info1.refs) - set(info2.refs)
+    assert len(only_first) == 1
+    store.delete(1)
+    stored = {f"{CHUNK_DIR}/{n}" for n in store.storage.list(CHUNK_DIR)}
+    assert stored == set(info2.refs)
+    assert store.gc(min_age=0) == []
+    restored = TransitionStorage(40)
+    restore_buffer(store, restored, key="buf")
+    assert restored.data["x"].tolist()[:5] == [100, 101, 102, 103, 104]
+    store.delete(2)
+    assert store.storage.list(CHUNK_DIR) == []
+
+
+def test_restore_streams_with_about_one_chunk_of_extra_memory() -> None:
+    store = SnapshotStore("memory://buffers/stream")
+    rng = np.random.default_rng(2)
+    buffer = TransitionStorage(256)
+    buffer.insert_data_slice({"obs": rng.integers(0, 256, (256, 2**16), dtype=np.uint8)})  # 16 MiB, random
+    store.save(1, {"buf": buffer_state(buffer, chunk_rows=16)})  # 1 MiB chunks
+    restored = TransitionStorage(256)
+    restored.insert_transition({"obs": np.zeros(2**16, np.uint8)})  # allocate the destination beforehand
+    tracemalloc.start()
+    try:
+        restore_buffer(store, restored, key="buf")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, f"restore peaked at {peak / 2**20:.1f} MiB for a 16 MiB buffer in 1 MiB chunks"
+    assert torch.equal(restored.data["obs"], buffer.data["obs"])
+
+
+def test_dict_and_memory_optimized_sb3_buffers(atari_frames: np.ndarray) -> None:
+    store = SnapshotStore("memory://buffers/sb3-kinds")
+    space = gymnasium.spaces.Dict(
+        {"img": gymnasium.spaces.Box(0, 255, (84, 84), np.uint8), "vec": gymnasium.spaces.Box(-1, 1, (3,), np.float32)}
+    )
+    action = gymnasium.spaces.Box(-1, 1, (2,), np.float32)
+    dict_buffer = DictReplayBuffer(50, space, action, device="cpu", n_envs=2)
+    for i in range(37):
+        obs = {"img": atari_frames[i : i + 2], "vec": np.full((2, 3), i / 40, np.float32)}
+        nxt = {"img": atari_frames[i + 1 : i + 3], "vec": np.full((2, 3), (i + 1) / 40, np.float32)}
+        dict_buffer.add(obs, nxt, np.ones((2, 2), np.float32) * i / 40, np.ones(2), np.zeros(2), [{}, {}])
+    optimized = ReplayBuffer(
+        64,
+        FRAME_SPACE,
+        gymnasium.spaces.Discrete(6),
+        device="cpu",
+        optimize_memory_usage=True,
+        handle_timeout_termination=False,
+    )
+    fill_replay_buffer(optimized, atari_frames, 20)  # not full: the newest next_obs lives at row pos
+    store.save(1, {"d": buffer_state(dict_buffer, chunk_rows=8), "o": buffer_state(optimized, chunk_rows=8)})
+    dict_fresh = DictReplayBuffer(50, space, action, device="cpu", n_envs=2)
+    restore_buffer(store, dict_fresh, key="d")
+    assert_same_buffer(dict_buffer, dict_fresh)
+    opt_fresh = ReplayBuffer(
+        64,
+        FRAME_SPACE,
+        gymnasium.spaces.Discrete(6),
+        device="cpu",
+        optimize_memory_usage=True,
+        handle_timeout_termination=False,
+    )
+    restore_buffer(store, opt_fresh, key="o")
+    assert_same_buffer(optimized, opt_fresh)
+    np.testing.assert_array_equal(opt_fresh.observations[20], optimized.observations[20])
+    smaller = ReplayBuffer(
+        32,
+        FRAME_SPACE,
+        gymnasium.spaces.Discrete(6),
+        device="cpu",
+        optimize_memory_usage=True,
+        handle_timeout_termination=False,
+    )
+    with pytest.raises(ValueError, match="buffer_size=64") as exc:
+        restore_buffer(store, smaller, key="o")
+    assert store.url in str(exc.value)
+    with pytest.raises(ValueError, match="DictReplayBuffer"):
+        restore_buffer(store, opt_fresh, key="d")
+
+
+class ListStorage:
+    """A pytorchrl-style storage that only has the data interface (append-only lists of rows)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = {}
+        self.slices = 0
+
+    def insert_data_slice(self, new_data: dict[str, Any]) -> None:
+        self.slices += 1
+        for name, value in new_data.items():
+            self.rows.setdefault(name, []).extend(value)
+
+    def get_all_buffer_data(self, data_to_cpu: bool = False) -> dict[str, Any]:
+        return {k: torch.stack(v) if isinstance(v[0], torch.Tensor) else np.stack(v) for k, v in self.rows.items()}
+
+    def reset(self) -> None:
+        self.rows = {}
+
+
+def test_duck_typed_storage_is_restored_slice_by_slice() -> None:
+    store = SnapshotStore("memory://buffers/duck")
+    source = ListStorage()
+    source.insert_data_slice({"obs": torch.randn(50, 3), "act": np.arange(50)})
+    store.save(1, {"storage": buffer_state(source, chunk_rows=8)})
+    target = ListStorage()
+    target.insert_data_slice({"obs": torch.zeros(1, 3), "act": np.zeros(1, int)})  # reset() must clear this
+    restore_buffer(store, target, key="storage")
+    assert target.slices == 1 + 7  # one per chunk, never the whole buffer at once
+    got = target.get_all_buffer_data()
+    assert torch.equal(got["obs"], source.get_all_buffer_data()["obs"])
+    np.testing.assert_array_equal(got["act"], np.arange(50))
+
+
+def test_save_async_copies_the_buffer_before_returning() -> None:
+    store = SnapshotStore("memory://buffers/async")
+    buffer = TransitionStorage(30)
+    buffer.insert_data_slice({"x": np.arange(30)})
+    future = store.save_async(1, {"buf": buffer_state(buffer, chunk_rows=7)})
+    buffer.data["x"][:] = -1  # the step loop goes on writing into the buffer
+    future.result()
+    restored = TransitionStorage(30)
+    restore_buffer(store, restored, key="buf")
+    assert restored.data["x"].tolist() == list(range(30))
+    store.close()
+
+
+def test_missing_or_corrupt_chunks_are_typed_errors_naming_the_chunk() -> None:
+    store = SnapshotStore("memory://buffers/corrupt")
+    buffer = TransitionStorage(20)
+    buffer.insert_data_slice({"x": np.arange(20)})
+    info = store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
+    first, second = info.refs
+    path = store.storage.path(first)
+    good = store.storage.fs.cat_file(path)
+    store.storage.fs.pipe_file(path, good[:-3] + bytes(3))
+    with pytest.raises(CorruptSnapshotError, match=first.split("/")[1][:16]):
+        restore_buffer(store, TransitionStorage(20), key="buf")
+    other = TransitionStorage(20)
+    other.insert_data_slice({"x": np.arange(10) + 7})
+    swapped = store.save(2, {"buf": buffer_state(other, chunk_rows=10)})
+    store.storage.fs.pipe_file(path, store.storage.fs.cat_file(store.storage.path(swapped.refs[0])))
+    with pytest.raises(CorruptSnapshotError, match="sha256"):
+        restore_buffer(store, TransitionStorage(20), key="buf", which=1)
+    store.storage.fs.pipe_file(path, good)
+    store.storage.delete(second)
+    with pytest.raises(SnapshotNotFoundError, match="missing"):
+        restore_buffer(store, TransitionStorage(20), key="buf", which=1)
+
+
+def test_unsupported_buffers_are_refused_clearly() -> None:
+    with pytest.raises(TypeError, match="get_all_buffer_data"):
+        buffer_state([1, 2, 3])
+    with pytest.raises(ValueError, match="insert a transition first"):
+        buffer_state(TransitionStorage(4))
