@@ -22,10 +22,13 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import time
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
@@ -50,6 +53,9 @@ __all__ = [
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 READ_CHUNK = 4 * 2**20
+#: Ranged reads of ``READ_CHUNK`` bytes a member's reader keeps in flight ahead of the decoder, so a restore
+#: from an object store overlaps the requests' latency; it holds at most this many chunks in memory.
+READ_AHEAD = 8
 _WRITE_CHUNK = 2**20
 #: Members whose sample compresses worse than this are written with zstd's fastest level: float weights
 #: barely compress (about 0.93 at level 3) and compressing them would cost more than it saves.
@@ -127,10 +133,9 @@ class ArchiveWriter:
         zinfo.external_attr = 0o644 << 16
         raw_size = encoded.raw_size
         level = _choose_level(encoded, self._level)
-        cctx = zstandard.ZstdCompressor(level=level, threads=self._threads, write_checksum=True)
         with self._zip.open(zinfo, "w", force_zip64=raw_size > 2**31) as member:
             offset = self._out.tell()
-            with cctx.stream_writer(member, size=raw_size, write_size=_WRITE_CHUNK, closefd=False) as zw:
+            with _frame_writer(member, level, raw_size, self._threads) as zw:
                 for chunk in encoded.chunks():
                     if self._progress is None:
                         zw.write(chunk)
@@ -160,14 +165,57 @@ class ArchiveWriter:
         return self._out.tell()
 
 
-def _choose_level(encoded: EncodedValue, level: int) -> int:
-    """Sample the largest buffers; if they do not compress, use zstd's fastest level (raw blocks)."""
+def _choose_level(encoded: EncodedValue, level: int) -> int | None:
+    """Sample the largest buffers; if they do not compress, return None: store them in raw zstd blocks."""
     big = sorted((b for b in encoded.buffers if b.nbytes >= _SAMPLE), key=lambda b: -b.nbytes)[:4]
     if level < 0 or not big:
         return level
     sample = b"".join(bytes(b.cast("B")[(b.nbytes - _SAMPLE) // 2 :][:_SAMPLE]) for b in big)
     ratio = len(zstandard.ZstdCompressor(level=1).compress(sample)) / len(sample)
-    return -1 if ratio > INCOMPRESSIBLE_RATIO else level
+    return None if ratio > INCOMPRESSIBLE_RATIO else level
+
+
+def _frame_writer(member: IO[bytes], level: int | None, raw_size: int, threads: int) -> Any:
+    """A writer of one zstd frame into ``member``: compressed at ``level``, or stored when ``level`` is None."""
+    if level is None:
+        return _StoredFrame(member, raw_size)
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    return cctx.stream_writer(member, size=raw_size, write_size=_WRITE_CHUNK, closefd=False)
+
+
+class _StoredFrame:
+    """A zstd frame of raw (uncompressed) blocks, written straight from the caller's buffers.
+
+    For incompressible members (float weights): even zstd's fastest level copies every byte through its
+    buffers and hashes it, which costs as much as the disk write; a stored frame costs one CRC-32 pass (the
+    zip's, which also covers these bytes) and no copy, and any zstd decoder reads it. Layout (RFC 8878): magic,
+    a header with the 8-byte content size, a 128 KiB window and no content checksum, raw blocks of at most
+    128 KiB, and an empty last block.
+    """
+
+    _HEADER = struct.Struct("<IBBQ")
+    _BLOCK = 128 * 1024
+
+    def __init__(self, member: IO[bytes], raw_size: int) -> None:
+        self._member = member
+        # descriptor 0xC0: 8-byte content size, not single-segment, no checksum; window byte 0x38: 2**17
+        member.write(self._HEADER.pack(0xFD2FB528, 0xC0, 0x38, raw_size))
+
+    def __enter__(self) -> _StoredFrame:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self._member.write(b"\x01\x00\x00")  # last block: raw, empty
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        block = self._BLOCK
+        for start in range(0, view.nbytes, block):
+            piece = view[start : start + block]
+            self._member.write((piece.nbytes << 3).to_bytes(3, "little"))  # raw block, not last
+            self._member.write(piece)
+        return view.nbytes
 
 
 # -- reading -------------------------------------------------------------------------------------------------
@@ -175,12 +223,30 @@ def _choose_level(encoded: EncodedValue, level: int) -> int:
 ReadRange = Callable[[int, int], bytes]
 
 
+_pool_lock = threading.Lock()
+_read_pool: ThreadPoolExecutor | None = None
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    global _read_pool
+    with _pool_lock:
+        if _read_pool is None:
+            _read_pool = ThreadPoolExecutor(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
+        return _read_pool
+
+
 class _RangeReader(io.RawIOBase):
-    """The stored bytes ``[start, start + length)`` of an archive, fetched in chunks, CRC-checked at the end."""
+    """The stored bytes ``[start, start + length)`` of an archive, fetched in chunks, CRC-checked at the end.
+
+    A member larger than one chunk is fetched by up to :data:`READ_AHEAD` concurrent ranged reads ahead of
+    the consumer, never past the member's end (so a restore reads only the members it asks for).
+    """
 
     def __init__(self, read_range: ReadRange, start: int, length: int, crc32: str, where: str) -> None:
         self._read_range = read_range
         self._pos = start
+        self._next = start  # the first byte not yet requested
+        self._pending: deque[Future[bytes]] = deque()
         self._end = start + length
         self._crc = 0
         self._expected = crc32
@@ -195,7 +261,7 @@ class _RangeReader(io.RawIOBase):
             if self._pos >= self._end:
                 return 0
             n = min(READ_CHUNK, self._end - self._pos)
-            data = self._read_range(self._pos, self._pos + n)
+            data = self._fetch(n)
             if len(data) != n:
                 raise CorruptSnapshotError(
                     f"{self._where}: truncated: wanted bytes {self._pos}-{self._pos + n}, got {len(data)}"
@@ -208,6 +274,24 @@ class _RangeReader(io.RawIOBase):
         view[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+    def _fetch(self, n: int) -> bytes:
+        """The next ``n`` bytes, keeping up to READ_AHEAD chunk reads in flight when there is more to come."""
+        if not self._pending and self._pos + n >= self._end:
+            self._next = self._end
+            return self._read_range(self._pos, self._end)  # the last (or only) chunk: no thread needed
+        pool = _prefetch_pool()
+        while len(self._pending) < READ_AHEAD and self._next < self._end:
+            size = min(READ_CHUNK, self._end - self._next)
+            self._pending.append(pool.submit(self._read_range, self._next, self._next + size))
+            self._next += size
+        return self._pending.popleft().result()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        super().close()
 
     def finish(self) -> None:
         """Consume what is left and check the CRC of everything read."""

@@ -40,6 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from bucketsnap.errors import BucketsnapError, StorageError, redact
+from bucketsnap.transport import Retry, S3MultipartWriter, ThreadedWriter, is_throttled, is_transient
 
 __all__ = ["Storage"]
 
@@ -54,6 +55,9 @@ _warned_protocols: set[str] = set()
 #: Part size for streamed uploads to object stores: s3fs and gcsfs upload one part each time this much is
 #: buffered, so it bounds the memory a save needs beyond the state itself.
 DEFAULT_PART_SIZE = 16 * 2**20
+#: Parts uploaded at once by one S3 save: with the part being filled, a save holds at most
+#: ``(DEFAULT_UPLOAD_CONCURRENCY + 1) * part_size`` bytes of upload buffers.
+DEFAULT_UPLOAD_CONCURRENCY = 4
 
 
 class Storage:
@@ -63,6 +67,8 @@ class Storage:
         url: any fsspec URL or a local path.
         storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``...).
         part_size: bytes buffered per uploaded part on object stores.
+        upload_concurrency: parts uploaded at once to S3 (see :mod:`bucketsnap.transport`).
+        retry: the retry policy for transient backend errors on object stores.
     """
 
     def __init__(
@@ -71,7 +77,11 @@ class Storage:
         *,
         storage_options: dict[str, Any] | None = None,
         part_size: int = DEFAULT_PART_SIZE,
+        upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+        retry: Retry | None = None,
     ) -> None:
+        if upload_concurrency < 1:
+            raise ValueError(f"upload_concurrency must be at least 1, not {upload_concurrency}")
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"url must be a string or path, not {type(url).__name__}")
         url = os.fspath(url)
@@ -87,6 +97,8 @@ class Storage:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/") if root not in ("/", "") else root
         self.part_size = part_size
+        self.upload_concurrency = upload_concurrency
+        self.retry = retry or Retry()
         self.is_local = isinstance(fs, LocalFileSystem)
         self.is_memory = isinstance(fs, MemoryFileSystem)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -192,7 +204,9 @@ class Storage:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            self._call(rel, lambda: self._remote_create_exclusive(rel, data))
+            # Retried only when throttled: after a lost response to an applied create, a retry would read
+            # our own commit as another writer's.
+            self._call(rel, lambda: self._remote_create_exclusive(rel, data), retryable=is_throttled)
 
     @contextlib.contextmanager
     def write(self, rel: str) -> Iterator[IO[bytes]]:
@@ -209,18 +223,36 @@ class Storage:
             buffer = io.BytesIO()
             yield buffer
             self.fs.pipe_file(self.path(rel), buffer.getvalue())
+        elif self.protocol in ("s3", "s3a") and hasattr(self.fs, "call_s3"):
+            upload = S3MultipartWriter(
+                self.fs,
+                self.path(rel),
+                part_size=self.part_size,
+                concurrency=self.upload_concurrency,
+                retry=self.retry,
+                where=self.url_of(rel),
+            )
+            try:
+                yield upload  # type: ignore[misc]
+            except BaseException:
+                upload.abort()
+                raise
+            self._call(rel, upload.close, retryable=_never)  # close retries its own requests
         else:
             f = self._call(rel, lambda: self.fs.open(self.path(rel), "wb", block_size=self.part_size))
+            threaded = ThreadedWriter(f, part_size=self.part_size)  # compress the next part while this one uploads
             try:
-                yield f
+                yield threaded  # type: ignore[misc]
+                self._call(rel, threaded.close, retryable=_never)
             except BaseException:
+                threaded.abort()
                 with contextlib.suppress(Exception):
                     f.discard()  # aborts the multipart or resumable upload instead of completing it
                 # Mark it closed: s3fs's discard leaves it open and gcsfs's does nothing before the first
                 # part, so a later close() (even the garbage collector's) would publish the partial object.
                 f.closed = True
                 raise
-            self._call(rel, f.close)
+            self._call(rel, f.close, retryable=_never)  # a close cannot be retried: it may have completed
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -237,14 +269,24 @@ class Storage:
         finally:
             self.fs.invalidate_cache(path)
 
-    def _call(self, rel: str, fn: Callable[[], T], *, writing: bool = False) -> T:
+    def _call(
+        self,
+        rel: str,
+        fn: Callable[[], T],
+        *,
+        writing: bool = False,
+        retryable: Callable[[BaseException], bool] = is_transient,
+    ) -> T:
         """Run ``fn``, translating backend errors into bucketsnap's at this boundary.
 
         "Not found" and "exists" pass through for the protocol to interpret, except when ``writing``: a
-        write that finds no parent directory is a storage failure, not a missing snapshot.
+        write that finds no parent directory is a storage failure, not a missing snapshot. On object stores,
+        failures that ``retryable`` accepts are retried with :attr:`retry`.
         """
         try:
-            return fn()
+            if self.is_local or self.is_memory:
+                return fn()
+            return self.retry.call(fn, what=f"storage operation on {self.url_of(rel)}", retryable=retryable)
         except FileNotFoundError as exc:
             if not writing:
                 raise
@@ -261,6 +303,10 @@ class Storage:
             raise StorageError(
                 f"storage operation on {self.url_of(rel)} failed: {type(exc).__name__}: {_redacted(exc)}"
             ) from exc
+
+
+def _never(exc: BaseException) -> bool:
+    return False
 
 
 def _redacted(exc: BaseException) -> str:
