@@ -14,22 +14,33 @@ from bucketsnap.errors import (
 )
 from bucketsnap.info import MemberInfo, SnapshotInfo
 from bucketsnap.resume import Resumed, resume
+from bucketsnap.retention import KeepAny, KeepBest, KeepEvery, KeepLast, RetentionPolicy
 from bucketsnap.snapshot import Snapshot
+from bucketsnap.snapshotter import Snapshotter
 from bucketsnap.store import SnapshotStore
+from bucketsnap.triggers import IntervalTrigger, PolicySaveTrigger
 
 __all__ = [
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
+    "IntervalTrigger",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "MemberInfo",
     "NotAFileError",
     "NotASnapshotError",
+    "PolicySaveTrigger",
     "Resumed",
+    "RetentionPolicy",
     "Snapshot",
     "SnapshotExistsError",
     "SnapshotInfo",
     "SnapshotNotFoundError",
     "SnapshotStore",
+    "Snapshotter",
     "StorageError",
     "UnsafeLoadError",
     "__version__",

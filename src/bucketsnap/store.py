@@ -33,6 +33,7 @@ from bucketsnap.errors import (
 from bucketsnap.info import Metric, SnapshotInfo, check_metrics
 from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
 from bucketsnap.progress import ByteCounter, ProgressCallback
+from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
 from bucketsnap.transfer import copy_objects
@@ -80,6 +81,8 @@ class SnapshotStore:
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
+        retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
+            Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
 
     Example:
         >>> store = SnapshotStore("memory://doc/run")
@@ -99,6 +102,7 @@ class SnapshotStore:
         compression_threads: int = 0,
         part_size: int = DEFAULT_PART_SIZE,
         max_in_flight: int = 1,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -112,6 +116,9 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._in_flight: set[Future[SnapshotInfo]] = set()
         self._errors: list[BaseException] = []
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise TypeError(f"retention must be a bucketsnap.retention policy such as KeepLast(3), not {retention!r}")
+        self.retention = retention
 
     @property
     def url(self) -> str:
@@ -294,6 +301,31 @@ class SnapshotStore:
             self._storage.delete(info.path)  # never committed: do not leave it for gc
             raise
         self._delete_unreferenced(replaced, committed)
+        self._apply_retention(committed)
+
+    def _apply_retention(self, committed: Manifest) -> None:
+        """Commit a generation without the snapshots ``retention`` drops; leave their objects to :meth:`gc`.
+
+        Only the manifest changes, after the new snapshot is committed, so a run never lacks a loadable
+        snapshot, and a reader that resolved a dropped snapshot a moment ago can finish reading it. A failed
+        prune is logged, not raised (the save itself is committed), and redone by the next commit.
+        """
+        policy = self.retention
+        if policy is None or not split(policy, committed.snapshots)[1]:
+            return
+        dropped: list[int] = []
+
+        def prune(current: Manifest) -> list[SnapshotInfo]:
+            kept, gone = split(policy, current.snapshots)
+            dropped[:] = [s.itr for s in gone]
+            return kept
+
+        try:
+            self._log.commit(prune)
+        except BucketsnapError as exc:
+            logger.warning("could not apply %r to %s; the next commit retries: %s", policy, self.url, exc)
+            return
+        logger.info("retention %r dropped itrs %s from %s", policy, dropped, self.url)
 
     def delete(self, itr: int) -> None:
         """Uncommit snapshot ``itr`` and delete its archive.
