@@ -1,6 +1,7 @@
 """bucketsnap: training-state snapshots in zstd zip archives at any fsspec URL, with an atomic commit log."""
 
 from bucketsnap._version import __version__
+from bucketsnap.distributed import DistributedSaveError, Sharded
 from bucketsnap.errors import (
     BucketsnapError,
     CommitConflictError,
@@ -24,6 +25,7 @@ __all__ = [
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
+    "DistributedSaveError",
     "IntervalTrigger",
     "KeepAny",
     "KeepBest",
@@ -35,6 +37,7 @@ __all__ = [
     "PolicySaveTrigger",
     "Resumed",
     "RetentionPolicy",
+    "Sharded",
     "Snapshot",
     "SnapshotExistsError",
     "SnapshotInfo",

@@ -8,6 +8,7 @@ streams only the requested members' byte ranges.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from bucketsnap.archive import META_NAME, ArchiveWriter, data_offset, read_direc
 from bucketsnap.errors import (
     BucketsnapError,
     CorruptSnapshotError,
+    NotASnapshotError,
     SnapshotExistsError,
 )
 from bucketsnap.info import Metric, SnapshotInfo, check_metrics
@@ -38,6 +40,9 @@ from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
 from bucketsnap.transfer import copy_objects
 from bucketsnap.values import EncodedValue, MapLocation, encode
+
+if TYPE_CHECKING:
+    from bucketsnap.distributed import ProcessGroupArg
 
 __all__ = ["ExternalValue", "SnapshotStore", "as_store"]
 
@@ -148,12 +153,18 @@ class SnapshotStore:
         metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         progress: ProgressCallback | None = None,
+        process_group: ProcessGroupArg = None,
     ) -> SnapshotInfo:
         """Write ``state`` as snapshot ``itr`` and commit it.
 
         Each top-level key becomes one archive member that can be loaded alone. The snapshot is committed
         (visible to readers) only once the whole archive is stored. ``progress(done, total)`` is called with
         the uncompressed bytes written so far (see :mod:`bucketsnap.progress`).
+
+        With ``torch.distributed`` initialised (or a ``process_group`` given) the save is collective: every
+        rank calls it, writes its own members, and one commit makes them visible together; values wrapped in
+        :class:`~bucketsnap.Sharded` are per-rank (see :mod:`bucketsnap.distributed`). Pass
+        ``process_group="local"`` to save from this process alone.
 
         Raises:
             SnapshotExistsError: ``itr`` is already committed and ``overwrite`` is False.
@@ -162,6 +173,11 @@ class SnapshotStore:
             Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
         self._raise_background_error()
+        from bucketsnap.distributed import save_job  # it imports this module
+
+        job = save_job(self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress)
+        if job is not None:
+            return job()
         return self._write(_prepare(itr, state, metrics, overwrite=overwrite, copy=False), progress)
 
     def save_async(
@@ -172,6 +188,7 @@ class SnapshotStore:
         metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         progress: ProgressCallback | None = None,
+        process_group: ProcessGroupArg = None,
     ) -> Future[SnapshotInfo]:
         """Copy ``state`` to host memory, then write and commit it in a background thread.
 
@@ -182,15 +199,23 @@ class SnapshotStore:
 
         A failure is raised by the returned future's ``result()``, and also by the next ``save``,
         ``save_async``, :meth:`flush` or :meth:`close` call, so it is never lost. ``progress`` is called as
-        in :meth:`save`, from the background thread.
+        in :meth:`save`, from the background thread. ``process_group`` is as in :meth:`save`; the collectives
+        run in the background thread too, and every error (even a bad key) is raised by the future, on every rank.
         """
         self._raise_background_error()
-        prepared = _prepare(itr, state, metrics, overwrite=overwrite, copy=True)
+        from bucketsnap.distributed import save_job  # it imports this module
+
+        job = save_job(
+            self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress, copy=True
+        )
+        if job is None:
+            prepared = _prepare(itr, state, metrics, overwrite=overwrite, copy=True)
+            job = functools.partial(self._write, prepared, progress)
         self._slots.acquire()
         try:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bucketsnap-save")
-            future = self._executor.submit(self._write, prepared, progress)
+            future = self._executor.submit(job)
         except BaseException:
             self._slots.release()
             raise
@@ -483,7 +508,7 @@ class SnapshotStore:
         known = {s.itr: s for s in base.snapshots}
         for name in self._storage.list(SNAPSHOT_DIR):
             rel = f"{SNAPSHOT_DIR}/{name}"
-            if not name.endswith(".zip") or name.startswith(".") or any(s.path == rel for s in base.snapshots):
+            if not name.endswith(".zip") or name.startswith(".") or any(rel in s.objects() for s in base.snapshots):
                 continue
             try:
                 info = self._recover_info(rel)
@@ -512,6 +537,8 @@ class SnapshotStore:
         entry = entries[META_NAME]
         start = data_offset(read_range, entry, size, where=where)
         meta = json.loads(read_range(start, start + entry.stored_size))
+        if meta.get("world_size", 1) > 1:  # one rank's part: alone it is not a snapshot
+            raise NotASnapshotError(f"{where} is one rank's part of a distributed save that was never committed")
         info = SnapshotInfo.from_json({**meta, "path": rel, "size": size}, base_url=self._storage.url)
         Snapshot(self._storage, info).verify()
         return info
