@@ -1,0 +1,219 @@
+"""SB3's ``data`` entries (class parameters) encoded without pickle where a safe description exists.
+
+SB3 cloudpickles every ``data`` entry that is not JSON: spaces, schedules, classes, ``deque``s, arrays. Most of
+them have a plain description, and bucketsnap stores that instead, as tagged dicts (``{"$sb3": kind, ...}``):
+
+==================  ==================================================================================
+``class``           a class or function by import name, only from stable_baselines3, sb3_contrib, torch
+                    and gymnasium (importing an installed library runs no code from the snapshot)
+``space``           gymnasium ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``
+``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``
+``train_freq``      ``TrainFreq(frequency, unit)``
+``deque``           a ``deque`` with its ``maxlen``
+==================  ==================================================================================
+
+An entry with anything else inside (a user's lambda schedule, a custom class) is cloudpickled whole and kept as
+bytes; it is unpickled only with ``allow_pickle=True``, unless ``custom_objects`` replaces it (SB3's semantics).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import importlib
+from typing import Any
+
+import cloudpickle
+import gymnasium
+import numpy as np
+
+from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
+
+__all__ = ["decode_entry", "encode_data", "resolve_data"]
+
+_TAG = "$sb3"
+_IMPORTABLE = ("stable_baselines3.", "sb3_contrib.", "torch.", "gymnasium.")
+
+
+class _Unsafe(Exception):
+    """The value has no safe description."""
+
+
+def encode_data(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split SB3's data dict into safely described entries and cloudpickled ones (``{"type", "bytes"}``)."""
+    safe: dict[str, Any] = {}
+    pickled: dict[str, dict[str, Any]] = {}
+    for name, value in data.items():
+        try:
+            safe[name] = _encode(value)
+        except _Unsafe:
+            pickled[name] = {"type": str(type(value)), "bytes": cloudpickle.dumps(value)}
+    return safe, pickled
+
+
+def resolve_data(
+    safe: dict[str, Any],
+    pickled: dict[str, dict[str, Any]],
+    *,
+    custom_objects: dict[str, Any] | None,
+    allow_pickle: bool,
+    where: str,
+) -> dict[str, Any]:
+    """Rebuild SB3's data dict: ``custom_objects`` win, pickled entries need ``allow_pickle``.
+
+    Raises:
+        UnsafeLoadError: a pickled entry is neither replaced by ``custom_objects`` nor allowed to unpickle.
+    """
+    custom = dict(custom_objects or {})
+    out = {name: custom[name] if name in custom else decode_entry(value, where) for name, value in safe.items()}
+    refused = []
+    for name, entry in pickled.items():
+        if name in custom:
+            out[name] = custom[name]
+        elif allow_pickle:
+            out[name] = cloudpickle.loads(entry["bytes"])
+        else:
+            refused.append(f"{name} ({entry.get('type', '?')})")
+    if refused:
+        raise UnsafeLoadError(
+            f"{where}: these SB3 data entries were cloudpickled: {', '.join(refused)}. Unpickling runs code from "
+            "the snapshot: pass custom_objects={name: value} to replace them, or allow_pickle=True if you trust "
+            "where the snapshot came from."
+        )
+    out.update({name: value for name, value in custom.items() if name not in out})
+    return out
+
+
+def _encode(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str, bytes, np.ndarray, np.generic)):
+        return v
+    t = type(v)
+    if t is list:
+        return [_encode(x) for x in v]
+    if t is tuple:
+        return tuple(_encode(x) for x in v)
+    if t is dict:
+        if _TAG in v:
+            raise _Unsafe
+        return {k: _encode(x) for k, x in v.items()}
+    if t is collections.deque:
+        return {_TAG: "deque", "items": [_encode(x) for x in v], "maxlen": v.maxlen}
+    if isinstance(v, gymnasium.spaces.Space):
+        return _encode_space(v)
+    module = getattr(t, "__module__", "")
+    if module.startswith("stable_baselines3."):
+        if t.__name__ == "TrainFreq":
+            return {_TAG: "train_freq", "frequency": int(v.frequency), "unit": v.unit.value}
+        if t.__name__ == "FloatSchedule":
+            return {_TAG: "schedule", "kind": "float", "inner": _encode(v.value_schedule)}
+        if t.__name__ == "ConstantSchedule" and isinstance(v.val, (int, float)):
+            return {_TAG: "schedule", "kind": "constant", "val": v.val}
+        if t.__name__ == "LinearSchedule":
+            return {_TAG: "schedule", "kind": "linear", "start": v.start, "end": v.end, "end_fraction": v.end_fraction}
+    if isinstance(v, type) or (callable(v) and hasattr(v, "__qualname__") and not hasattr(v, "__self__")):
+        name = f"{getattr(v, '__module__', '')}.{v.__qualname__}"
+        if "<" not in name and name.startswith(_IMPORTABLE) and _importable_as(name, v):
+            return {_TAG: "class", "name": name}
+    raise _Unsafe
+
+
+def _encode_space(space: Any) -> dict[str, Any]:
+    s = gymnasium.spaces
+    if type(space) is s.Box:
+        return {_TAG: "space", "kind": "box", "low": space.low, "high": space.high, "dtype": space.dtype.str}
+    if type(space) is s.Discrete:
+        return {_TAG: "space", "kind": "discrete", "n": int(space.n), "start": int(space.start)}
+    if type(space) is s.MultiDiscrete:
+        return {_TAG: "space", "kind": "multi_discrete", "nvec": space.nvec, "start": space.start}
+    if type(space) is s.MultiBinary:
+        return {_TAG: "space", "kind": "multi_binary", "n": _encode(space.n)}
+    if type(space) is s.Dict:
+        return {_TAG: "space", "kind": "dict", "spaces": [[k, _encode_space(x)] for k, x in space.spaces.items()]}
+    if type(space) is s.Tuple:
+        return {_TAG: "space", "kind": "tuple", "spaces": [_encode_space(x) for x in space.spaces]}
+    raise _Unsafe
+
+
+def decode_entry(v: Any, where: str) -> Any:
+    """Rebuild one safely described value (no unpickling, imports limited to the allowed libraries)."""
+    if isinstance(v, list):
+        return [decode_entry(x, where) for x in v]
+    if isinstance(v, tuple):
+        return tuple(decode_entry(x, where) for x in v)
+    if not isinstance(v, dict):
+        return v
+    if _TAG not in v:
+        return {k: decode_entry(x, where) for k, x in v.items()}
+    try:
+        return _decode_tagged(v, where)
+    except (KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+        raise CorruptSnapshotError(f"{where}: cannot rebuild SB3 data entry {str(v)[:80]}: {exc}") from exc
+
+
+def _decode_tagged(v: dict[str, Any], where: str) -> Any:
+    kind = v[_TAG]
+    if kind == "deque":
+        return collections.deque((decode_entry(x, where) for x in v["items"]), maxlen=v["maxlen"])
+    if kind == "class":
+        name = str(v["name"])
+        if not name.startswith(_IMPORTABLE):
+            raise ValueError(f"refusing to import {name!r}: only {', '.join(_IMPORTABLE)} are allowed")
+        return _import(name)
+    if kind == "train_freq":
+        from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+
+        return TrainFreq(int(v["frequency"]), TrainFrequencyUnit(v["unit"]))
+    if kind == "schedule":
+        from stable_baselines3.common import utils
+
+        if v["kind"] == "float":
+            return utils.FloatSchedule(decode_entry(v["inner"], where))
+        if v["kind"] == "constant":
+            return utils.ConstantSchedule(v["val"])
+        if v["kind"] == "linear":
+            return utils.LinearSchedule(v["start"], v["end"], v["end_fraction"])
+    if kind == "space":
+        return _decode_space(v)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _decode_space(v: dict[str, Any]) -> Any:
+    s = gymnasium.spaces
+    kind = v["kind"]
+    if kind == "box":
+        return s.Box(low=v["low"], high=v["high"], dtype=np.dtype(v["dtype"]))
+    if kind == "discrete":
+        return s.Discrete(int(v["n"]), start=int(v["start"]))
+    if kind == "multi_discrete":
+        return s.MultiDiscrete(v["nvec"], start=v["start"])
+    if kind == "multi_binary":
+        n = v["n"]
+        return s.MultiBinary(list(n) if isinstance(n, (list, tuple)) else n)
+    if kind == "dict":
+        return s.Dict({k: _decode_space(x) for k, x in v["spaces"]})
+    if kind == "tuple":
+        return s.Tuple([_decode_space(x) for x in v["spaces"]])
+    raise ValueError(f"unknown space kind {kind!r}")
+
+
+def _importable_as(name: str, obj: Any) -> bool:
+    try:
+        return _import(name) is obj
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def _import(name: str) -> Any:
+    """``a.b.C.d`` -> the object, importing the longest module prefix."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        if isinstance(obj, enum.Enum):
+            raise ValueError(f"{name} is an enum member, not a class")
+        return obj
+    raise ImportError(f"cannot import {name}")
