@@ -35,6 +35,7 @@ from typing import IO, Any, BinaryIO
 
 import zstandard
 
+from bucketsnap import values as _values
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 from bucketsnap.info import MemberInfo
 from bucketsnap.values import EncodedValue, MapLocation, decode, encode
@@ -329,6 +330,11 @@ class _LimitedReader(io.RawIOBase):
 def _member_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Iterator[BinaryIO]:
     if member.codec != "zstd":
         raise CorruptSnapshotError(f"{where}: unknown codec {member.codec!r}; upgrade bucketsnap")
+    if member.raw_size > _values.MAX_MEMBER_SIZE:  # refused before a byte is read: a zip bomb or a lie
+        raise CorruptSnapshotError(
+            f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit "
+            f"bucketsnap.values.MAX_MEMBER_SIZE = {_values.MAX_MEMBER_SIZE}; raise it only for a trusted snapshot"
+        )
     raw = _RangeReader(read_range, member.offset, member.stored_size, member.crc32, where)
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
@@ -357,7 +363,9 @@ def load_member(
             "only if you trust where it came from, or load other keys."
         )
     with _member_stream(read_range, member, where) as stream:
-        value = decode(stream, map_location=map_location, allow_pickle=allow_pickle, where=where)
+        value = decode(
+            stream, map_location=map_location, allow_pickle=allow_pickle, where=where, max_size=member.raw_size
+        )
     return value
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from bucketsnap.archive import FORMAT_VERSION
 from bucketsnap.errors import BucketsnapError, CommitConflictError, CorruptSnapshotError, SnapshotNotFoundError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.storage import Storage
@@ -84,14 +85,20 @@ class Manifest:
                 f"no committed snapshot at {url}: the run is empty. Check the URL, or save one first."
             )
         if which == "last":
-            return self.snapshots[-1]
-        if which == "first":
-            return self.snapshots[0]
-        found = self.find(int(which))
+            found: SnapshotInfo | None = self.snapshots[-1]
+        elif which == "first":
+            found = self.snapshots[0]
+        else:
+            found = self.find(int(which))
         if found is None:
             itrs = self.itrs()
             shown = ", ".join(map(str, itrs)) if len(itrs) <= 10 else f"{itrs[0]} to {itrs[-1]} ({len(itrs)} in all)"
             raise SnapshotNotFoundError(f"no snapshot with itr {which} at {url}; committed itrs: {shown}")
+        if found.format_version != FORMAT_VERSION:
+            raise CorruptSnapshotError(
+                f"snapshot itr {found.itr} at {found.url} has archive format version {found.format_version!r}; "
+                f"this bucketsnap reads format version {FORMAT_VERSION}: upgrade bucketsnap to read it"
+            )
         return found
 
     def to_json(self) -> bytes:
@@ -108,7 +115,7 @@ class Manifest:
     def from_json(cls, data: bytes, *, generation: int, base_url: str, where: str) -> Manifest:
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptSnapshotError(
                 f"manifest {where} is not valid JSON ({exc}); run `bucketsnap repair` or SnapshotStore.repair() "
                 "to commit a new generation rebuilt from the intact snapshots"

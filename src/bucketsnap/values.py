@@ -51,6 +51,10 @@ MAGIC = b"BSNPVAL1"
 _LEN = struct.Struct("<Q")
 #: Headers above this size are refused: a structure this large is a malformed or hostile member.
 MAX_HEADER_SIZE = 256 * 2**20
+#: Members that decompress to more than this many bytes are refused before they are read: a small stored
+#: member that claims a huge decompressed size is a zip bomb. Raise it (``bucketsnap.values.MAX_MEMBER_SIZE =
+#: ...``) to load larger members from a source you trust.
+MAX_MEMBER_SIZE = 64 * 2**30
 
 MapLocation = str | torch.device | dict[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
 
@@ -91,8 +95,12 @@ def decode(
     map_location: MapLocation = None,
     allow_pickle: bool = False,
     where: str = "",
+    max_size: int | None = None,
 ) -> Any:
     """Read one payload written by :func:`encode` from ``stream``.
+
+    No buffer is allocated beyond ``max_size`` bytes in all (default :data:`MAX_MEMBER_SIZE`), whatever the
+    header declares.
 
     Raises:
         CorruptSnapshotError: the payload is malformed.
@@ -102,14 +110,15 @@ def decode(
     if head[: len(MAGIC)] != MAGIC:
         raise CorruptSnapshotError(f"{where}: not a bucketsnap value (bad magic {head[:8]!r})")
     (header_len,) = _LEN.unpack(head[len(MAGIC) :])
-    if header_len > MAX_HEADER_SIZE:
+    budget = MAX_MEMBER_SIZE if max_size is None else max_size
+    if header_len > min(MAX_HEADER_SIZE, budget):
         raise CorruptSnapshotError(f"{where}: header of {header_len} bytes exceeds the {MAX_HEADER_SIZE} limit")
     try:
         header = json.loads(_read_exact(stream, header_len, where))
         tree = header["tree"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptSnapshotError(f"{where}: malformed value header: {exc}") from exc
-    decoder = _Decoder(stream, map_location, allow_pickle, where)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise CorruptSnapshotError(f"{where}: malformed value header: {type(exc).__name__}: {exc}") from exc
+    decoder = _Decoder(stream, map_location, allow_pickle, where, budget - header_len)
     try:
         return decoder.node(tree)
     except BucketsnapError:
@@ -203,11 +212,24 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, stream: BinaryIO, map_location: MapLocation, allow_pickle: bool, where: str) -> None:
+    def __init__(
+        self, stream: BinaryIO, map_location: MapLocation, allow_pickle: bool, where: str, budget: int
+    ) -> None:
         self.stream = stream
         self.map_location = map_location
         self.allow_pickle = allow_pickle
         self.where = where
+        self.budget = budget
+
+    def take(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` of the payload before allocating them: a header cannot make us allocate more."""
+        if nbytes < 0 or nbytes > self.budget:
+            raise CorruptSnapshotError(
+                f"{self.where}: a value of {nbytes} bytes is more than the member's declared size allows "
+                f"({self.budget} bytes left, limit bucketsnap.values.MAX_MEMBER_SIZE = {MAX_MEMBER_SIZE})"
+            )
+        self.budget -= nbytes
+        return nbytes
 
     def node(self, n: Any) -> Any:
         if n is None or isinstance(n, (bool, int, float, str)):
@@ -228,7 +250,7 @@ class _Decoder:
         if "$float" in n:
             return float(n["$float"])
         if "$bytes" in n:
-            return _read_exact(self.stream, int(n["$bytes"]), self.where)
+            return _read_exact(self.stream, self.take(int(n["$bytes"])), self.where)
         if "$tensor" in n:
             return self.tensor(n["$tensor"])
         if "$ndarray" in n:
@@ -248,10 +270,11 @@ class _Decoder:
         if not isinstance(dtype, torch.dtype):
             raise CorruptSnapshotError(f"{self.where}: unknown tensor dtype {spec['dtype']!r}")
         shape = [int(d) for d in spec["shape"]]
-        t = torch.empty(shape, dtype=dtype)
         nbytes = int(spec["nbytes"])
-        if nbytes != t.numel() * t.element_size():
+        if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
             raise CorruptSnapshotError(f"{self.where}: tensor of shape {shape} declares {nbytes} bytes")
+        self.take(nbytes)
+        t = torch.empty(shape, dtype=dtype)
         if nbytes:
             _readinto_exact(self.stream, t.reshape(-1).view(torch.uint8).numpy().data, self.where)
         t = self.place(t, str(spec.get("device", "cpu")))
@@ -285,10 +308,11 @@ class _Decoder:
         if dtype.hasobject:
             raise CorruptSnapshotError(f"{self.where}: object arrays are never decoded without pickle")
         shape = tuple(int(d) for d in spec["shape"])
-        array = np.empty(shape, dtype=dtype)
         nbytes = int(spec["nbytes"])
-        if nbytes != array.nbytes:
+        if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
             raise CorruptSnapshotError(f"{self.where}: array of shape {shape} declares {nbytes} bytes")
+        self.take(nbytes)
+        array = np.empty(shape, dtype=dtype)
         if nbytes:
             _readinto_exact(self.stream, array.reshape(-1).view(np.uint8).data, self.where)
         return array[()] if spec.get("scalar") else array
@@ -300,7 +324,7 @@ class _Decoder:
                 f"{self.where} holds a pickled {spec.get('type', 'object')}; unpickling runs code from the "
                 "snapshot. Pass allow_pickle=True only if you trust where it came from, or load other keys."
             )
-        return cloudpickle.loads(_read_exact(self.stream, nbytes, self.where))
+        return cloudpickle.loads(_read_exact(self.stream, self.take(nbytes), self.where))
 
 
 def _read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
