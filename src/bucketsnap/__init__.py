@@ -14,6 +14,7 @@ from bucketsnap.errors import (
     UnsafeLoadError,
 )
 from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.preemption import PreemptionHandler, on_preemption
 from bucketsnap.resume import Resumed, resume
 from bucketsnap.retention import KeepAny, KeepBest, KeepEvery, KeepLast, RetentionPolicy
 from bucketsnap.snapshot import Snapshot
@@ -35,6 +36,7 @@ __all__ = [
     "NotAFileError",
     "NotASnapshotError",
     "PolicySaveTrigger",
+    "PreemptionHandler",
     "Resumed",
     "RetentionPolicy",
     "Sharded",
@@ -47,5 +49,6 @@ __all__ = [
     "StorageError",
     "UnsafeLoadError",
     "__version__",
+    "on_preemption",
     "resume",
 ]

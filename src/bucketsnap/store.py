@@ -37,7 +37,7 @@ from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, Manife
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
-from bucketsnap.storage import DEFAULT_PART_SIZE, Storage
+from bucketsnap.storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
 from bucketsnap.transfer import copy_objects
 from bucketsnap.values import EncodedValue, MapLocation, encode
 
@@ -85,6 +85,8 @@ class SnapshotStore:
             detected by sampling and written at zstd's fastest level.
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
+        upload_concurrency: parts of one save uploaded at once to S3; a save holds at most
+            ``(upload_concurrency + 1) * part_size`` bytes of upload buffers.
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
         retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
             Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
@@ -106,12 +108,15 @@ class SnapshotStore:
         compression_level: int = 3,
         compression_threads: int = 0,
         part_size: int = DEFAULT_PART_SIZE,
+        upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
         max_in_flight: int = 1,
         retention: RetentionPolicy | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
-        self._storage = Storage(url, storage_options=storage_options, part_size=part_size)
+        self._storage = Storage(
+            url, storage_options=storage_options, part_size=part_size, upload_concurrency=upload_concurrency
+        )
         self._log = ManifestLog(self._storage)
         self.compression_level = compression_level
         self.compression_threads = compression_threads
@@ -224,12 +229,23 @@ class SnapshotStore:
         future.add_done_callback(self._async_done)
         return future
 
-    def flush(self) -> None:
-        """Wait for every :meth:`save_async` in flight; raise the first error not yet raised."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every :meth:`save_async` in flight; raise the first error not yet raised.
+
+        Raises:
+            TimeoutError: saves were still running after ``timeout`` seconds (they go on in the background).
+        """
         with self._lock:
             pending = list(self._in_flight)
-        wait(pending)
+        _, not_done = wait(pending, timeout=timeout)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} save(s) to {self.url} still running after {timeout} s")
         self._raise_background_error()
+
+    def _pending(self) -> list[Future[SnapshotInfo]]:
+        """The :meth:`save_async` futures not yet done (for :mod:`bucketsnap.preemption`)."""
+        with self._lock:
+            return list(self._in_flight)
 
     def close(self) -> None:
         """Wait for in-flight saves and stop the background thread; raise an error not yet raised."""
