@@ -42,10 +42,10 @@ def new_archive_path(itr: int, like: str | None = None) -> str:
     With ``like`` (an existing path), the new name keeps its directory and whatever follows its unique prefix,
     such as a ``-rank1.zip`` suffix.
 
-    >>> new_archive_path(7, "snapshots/000000000007-0123456789abcdef-rank1.zip")[:-10]
-    'snapshots/000000000007-'
-    >>> new_archive_path(7, "snapshots/000000000007-0123456789abcdef-rank1.zip")[-10:]
-    '-rank1.zip'
+    >>> old = "snapshots/000000000007-0123456789abcdef-rank1.zip"
+    >>> new = new_archive_path(7, old)
+    >>> new != old, new[:23], new[-10:], len(new) == len(old)
+    (True, 'snapshots/000000000007-', '-rank1.zip', True)
     """
     token = f"{itr:012d}-{uuid.uuid4().hex[:16]}"
     if like is None:
