@@ -229,3 +229,35 @@ def test_last_mode_is_always_loadable_by_a_concurrent_reader(where: str, tmp_pat
     assert errors == []
     assert seen and seen == sorted(seen)  # never older than what it saw before
     assert snap.store.itrs() == [39]
+
+
+def test_load_resolves_last_again_when_its_archive_vanishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bucketsnap.snapshot import Snapshot
+
+    url = "memory://m/vanishing"
+    snap = Snapshotter(url, "last")
+    snap.save_itr_params(1, {"itr": 1})
+    original = Snapshot.load
+    calls: list[int] = []
+
+    def racing_load(self: Snapshot, *args: object, **kwargs: object) -> object:
+        calls.append(self.info.itr)
+        if len(calls) == 1:  # between resolving "last" and reading it, a new save and a gc remove it
+            snap.save_itr_params(2, {"itr": 2})
+            snap.store.gc(min_age=0)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Snapshot, "load", racing_load)
+    assert snap.load(url) == {"itr": 2}
+    assert calls == [1, 2]
+    with pytest.raises(SnapshotNotFoundError, match="missing"):
+        calls.clear()
+        snap.save_itr_params(3, {"itr": 3})
+
+        def vanish_for_int(self: Snapshot, *args: object, **kwargs: object) -> object:
+            snap.save_itr_params(4, {"itr": 4})
+            snap.store.gc(min_age=0)
+            return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Snapshot, "load", vanish_for_int)
+        snap.load(url, 3)  # an explicit itr is not re-resolved

@@ -25,6 +25,7 @@ import hashlib
 import io
 import re
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,24 +116,23 @@ class ChunkedArrays:
         existing = _stored_chunks(storage)
         chunks: list[dict[str, Any]] = []
         cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
-        for start in range(0, self.rows, self.chunk_rows):
-            end = min(start + self.chunk_rows, self.rows)
-            views = [_row_bytes(self.arrays[f.name], start, end) for f in self.fields]
-            digest = hashlib.sha256()
-            for view in views:
-                digest.update(view)
-            chunk_id = digest.hexdigest()
-            raw_size = sum(v.nbytes for v in views)
-            rel = chunk_path(chunk_id)
-            stored = existing.get(f"{chunk_id}.zst")
-            if stored is None:
-                with storage.write(rel) as f:
-                    counting = _CountingWriter(f)
-                    with cctx.stream_writer(counting, size=raw_size, closefd=False) as zw:  # type: ignore[arg-type]
-                        for view in views:
-                            zw.write(view)
-                stored = existing[f"{chunk_id}.zst"] = counting.count
-            chunks.append({"id": chunk_id, "rows": end - start, "raw_size": raw_size, "stored_size": stored})
+        bounds = [(a, min(a + self.chunk_rows, self.rows)) for a in range(0, self.rows, self.chunk_rows)]
+        with ThreadPoolExecutor(1, thread_name_prefix="bucketsnap-sha256") as pool:
+            # Hashing runs ahead in a second thread (hashlib releases the GIL) while new chunks compress here.
+            digests = [pool.submit(lambda a, b: _digest(self._views(a, b)), a, b) for a, b in bounds]
+            for (start, end), digest in zip(bounds, digests, strict=True):
+                chunk_id = digest.result()
+                raw_size = (end - start) * sum(f.row_bytes for f in self.fields)
+                stored = existing.get(f"{chunk_id}.zst")
+                if stored is None:
+                    chunk_views = self._views(start, end)
+                    with storage.write(chunk_path(chunk_id)) as f:
+                        counting = _CountingWriter(f)
+                        with cctx.stream_writer(counting, size=raw_size, closefd=False) as zw:  # type: ignore[arg-type]
+                            for view in chunk_views:
+                                zw.write(view)
+                    stored = existing[f"{chunk_id}.zst"] = counting.count
+                chunks.append({"id": chunk_id, "rows": end - start, "raw_size": raw_size, "stored_size": stored})
         table = {
             "format": TABLE_FORMAT,
             "kind": self.kind,
@@ -146,6 +146,10 @@ class ChunkedArrays:
             "attrs": self.attrs,
         }
         return table, sorted({chunk_path(c["id"]) for c in chunks})
+
+    def _views(self, start: int, end: int) -> list[memoryview]:
+        """The bytes of rows ``[start, end)`` of every field (views; a copy only for non-contiguous arrays)."""
+        return [_row_bytes(self.arrays[f.name], start, end) for f in self.fields]
 
 
 class _CountingWriter(io.RawIOBase):
@@ -248,45 +252,66 @@ def read_chunks(
     """Stream the chunks of ``table``, one at a time: yield ``(first row, {field: rows})``.
 
     With ``into`` (field -> array with at least ``table.rows`` rows), each chunk is decompressed straight into
-    those arrays and the yielded rows are views of them; otherwise each chunk gets fresh arrays. Either way at
-    most one chunk's compressed bytes (read in 4 MiB ranges) and zstd's window are held besides.
+    those arrays and the yielded rows are views of them; its sha256 is checked in a second thread while the
+    next chunk decompresses, and a mismatch is raised at the latest when the stream ends. Without ``into`` each
+    chunk gets fresh arrays, checked before they are yielded. Either way at most one chunk's compressed bytes
+    (read in 4 MiB ranges) and zstd's window are held besides.
     """
     start = 0
-    for chunk in table.chunks:
-        n = int(chunk["rows"])
-        if into is not None:
-            out = {f.name: into[f.name][start : start + n] for f in table.fields}
-        else:
-            out = {f.name: np.empty((n, *f.row_shape), dtype=f.dtype) for f in table.fields}
-        _read_chunk(storage, chunk, table.fields, out, where)
-        yield start, out
-        start += n
+    with ThreadPoolExecutor(1, thread_name_prefix="bucketsnap-sha256") as pool:
+        pending: Future[None] | None = None
+        for chunk in table.chunks:
+            n = int(chunk["rows"])
+            if into is not None:
+                out = {f.name: into[f.name][start : start + n] for f in table.fields}
+            else:
+                out = {f.name: np.empty((n, *f.row_shape), dtype=f.dtype) for f in table.fields}
+            chunk_where = f"{where} chunk {storage.url_of(chunk_path(chunk['id']))}"
+            views = _decompress_chunk(storage, chunk, [out[f.name] for f in table.fields], chunk_where)
+            if into is None:
+                _check_digest(views, chunk["id"], chunk_where)
+            else:
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(_check_digest, views, chunk["id"], chunk_where)
+            yield start, out
+            start += n
+        if pending is not None:
+            pending.result()
 
 
-def _read_chunk(
-    storage: Storage, chunk: dict[str, Any], fields: list[_Field], out: dict[str, np.ndarray], where: str
-) -> None:
-    rel = chunk_path(chunk["id"])
-    chunk_where = f"{where} chunk {storage.url_of(rel)}"
-    raw = _RangeStream(storage, rel, int(chunk["stored_size"]), chunk_where)
-    digest = hashlib.sha256()
+def _decompress_chunk(
+    storage: Storage, chunk: dict[str, Any], arrays: list[np.ndarray], where: str
+) -> list[memoryview]:
+    """Decompress one chunk object into ``arrays`` (field after field); return their byte views."""
+    raw = _RangeStream(storage, chunk_path(chunk["id"]), int(chunk["stored_size"]), where)
+    views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_SIZE, closefd=False) as z:  # type: ignore[arg-type]
-            for f in fields:
-                view = out[f.name].reshape(-1).view(np.uint8).data
+            for view in views:
                 got = 0
                 while got < view.nbytes:
                     n = z.readinto(view[got:])
                     if not n:
-                        raise CorruptSnapshotError(f"{chunk_where}: decompresses to fewer bytes than its rows need")
+                        raise CorruptSnapshotError(f"{where}: decompresses to fewer bytes than its rows need")
                     got += n
-                digest.update(view)
             if z.read(1):
-                raise CorruptSnapshotError(f"{chunk_where}: decompresses to more bytes than its rows need")
+                raise CorruptSnapshotError(f"{where}: decompresses to more bytes than its rows need")
     except zstandard.ZstdError as exc:
-        raise CorruptSnapshotError(f"{chunk_where}: corrupt zstd data: {exc}") from exc
-    if digest.hexdigest() != chunk["id"]:
-        raise CorruptSnapshotError(f"{chunk_where}: content does not match its sha256 id")
+        raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
+    return views
+
+
+def _digest(views: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for view in views:
+        digest.update(view)
+    return digest.hexdigest()
+
+
+def _check_digest(views: list[memoryview], chunk_id: str, where: str) -> None:
+    if _digest(views) != chunk_id:  # hashlib releases the GIL: overlaps with the next chunk's decompression
+        raise CorruptSnapshotError(f"{where}: content does not match its sha256 id")
 
 
 class _RangeStream(io.RawIOBase):

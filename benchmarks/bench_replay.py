@@ -1,0 +1,303 @@
+"""Replay-buffer persistence: bucketsnap's chunked buffers versus SB3's pickled ``save_replay_buffer``.
+
+The buffer is what SB3's DQN keeps for Atari: a ``ReplayBuffer`` of 100k transitions whose observations are
+4 stacked 84x84 grayscale frames, stored as ``(buffer_size, n_envs, 4, 84, 84)`` uint8 for both
+``observations`` and ``next_observations`` (DQN's default ``optimize_memory_usage=False``): 5.6 GB of arrays.
+Frames are real Pong frames from ale-py (random actions, frameskip 4), grayscale, resized to 84x84 by index
+sampling (OpenCV is not installed here; SB3's AtariWrapper uses INTER_AREA).
+
+Every measurement runs in its own subprocess, so peak RSS is that operation's own: sampled with psutil every
+5 ms during the operation (and cross-checked with ``resource.getrusage``), reported as the peak minus the RSS
+before the operation began; for restores the buffer being filled counts as part of the peak, so its size is
+subtracted too. Both sides write to local disk: SB3 through ``fsspec.open(file://...)``, bucketsnap to a run
+directory. Run::
+
+    python benchmarks/bench_replay.py [--transitions 100000] [--dir /tmp/bench-replay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+STACK = 4
+
+
+def generate_frames(n: int, out: Path) -> None:
+    """Play Pong with random actions; save frames, actions, rewards, dones as .npy files."""
+    import ale_py
+    import gymnasium
+
+    gymnasium.register_envs(ale_py)
+    env = gymnasium.make("ALE/Pong-v5", obs_type="grayscale", frameskip=4, repeat_action_probability=0.0)
+    obs, _ = env.reset(seed=0)
+    rows = (np.arange(84) * 210 // 84)[:, None]
+    cols = (np.arange(84) * 160 // 84)[None, :]
+    total = n + STACK
+    frames = np.lib.format.open_memmap(out / "frames.npy", mode="w+", dtype=np.uint8, shape=(total, 84, 84))
+    actions = np.zeros(total, np.int64)
+    rewards = np.zeros(total, np.float32)
+    dones = np.zeros(total, bool)
+    rng = np.random.default_rng(0)
+    for i in range(total):
+        actions[i] = rng.integers(6)
+        obs, reward, terminated, truncated, _ = env.step(int(actions[i]))
+        frames[i] = obs[rows, cols]
+        rewards[i], dones[i] = reward, terminated or truncated
+        if dones[i]:
+            obs, _ = env.reset()
+    frames.flush()
+    del frames
+    np.save(out / "actions.npy", actions)
+    np.save(out / "rewards.npy", rewards)
+    np.save(out / "dones.npy", dones)
+
+
+def make_buffer(size: int) -> Any:
+    import gymnasium
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    space = gymnasium.spaces.Box(0, 255, (STACK, 84, 84), np.uint8)
+    return ReplayBuffer(size, space, gymnasium.spaces.Discrete(6), device="cpu")
+
+
+def filled_buffer(data: Path, n: int, size: int) -> Any:
+    """A buffer holding transitions 0..n-1 exactly as ``ReplayBuffer.add`` lays them out (written in bulk)."""
+    buffer = make_buffer(size)
+    frames = np.load(data / "frames.npy", mmap_mode="r")
+    windows = np.lib.stride_tricks.sliding_window_view(frames, STACK, axis=0).transpose(0, 3, 1, 2)
+    block = 5000
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        rows = np.arange(start, end) % size
+        buffer.observations[rows, 0] = windows[start:end]
+        buffer.next_observations[rows, 0] = windows[start + 1 : end + 1]
+    buffer.actions[np.arange(n) % size, 0, 0] = np.load(data / "actions.npy")[:n]
+    buffer.rewards[np.arange(n) % size, 0] = np.load(data / "rewards.npy")[:n]
+    buffer.dones[np.arange(n) % size, 0] = np.load(data / "dones.npy")[:n]
+    buffer.pos = n % size
+    buffer.full = n >= size
+    del frames, windows
+    return buffer
+
+
+def add_transitions(buffer: Any, data: Path, start: int, count: int) -> None:
+    """``count`` more transitions through SB3's own ``add``."""
+    frames = np.load(data / "frames.npy", mmap_mode="r")
+    for i in range(start, start + count):
+        j = i % (len(frames) - STACK - 1)
+        buffer.add(
+            frames[j : j + STACK][None],
+            frames[j + 1 : j + 1 + STACK][None],
+            np.array([[i % 6]]),
+            np.array([0.0]),
+            np.array([False]),
+            [{}],
+        )
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Sample this process's RSS every 5 ms; yields a dict filled with ``before`` and ``peak`` on exit."""
+    proc = psutil.Process()
+    result = {"before": float(proc.memory_info().rss), "peak": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak"] = max(result["peak"], float(proc.memory_info().rss))
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak"] = max(result["peak"], float(proc.memory_info().rss))
+        result["ru_maxrss"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
+    with peak_rss() as rss:
+        t = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t
+    return out, seconds, rss
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def dqn_model(buffer_size: int) -> Any:
+    import gymnasium
+    from stable_baselines3 import DQN
+
+    class FrameEnv(gymnasium.Env[np.ndarray, int]):
+        observation_space = gymnasium.spaces.Box(0, 255, (STACK, 84, 84), np.uint8)
+        action_space = gymnasium.spaces.Discrete(6)
+
+    return DQN("CnnPolicy", FrameEnv(), buffer_size=buffer_size, learning_starts=10**9, device="cpu")
+
+
+# -- the phases, each in its own process ----------------------------------------------------------------------
+
+
+def phase_sb3_save(data: Path, work: Path, n: int) -> dict[str, Any]:
+    import fsspec
+
+    model = dqn_model(1)
+    model.replay_buffer = filled_buffer(data, n, n)
+    target = f"file://{work}/sb3_buffer.pkl"
+
+    def save() -> None:
+        # SB3 accepts only io's own file types: wrap fsspec's file (as one must for s3:// or gs://)
+        with fsspec.open(target, "wb") as f, io.BufferedWriter(f, buffer_size=2**20) as buffered:
+            model.save_replay_buffer(buffered)
+
+    _, seconds, rss = timed(save)
+    return {"seconds": seconds, "bytes": os.path.getsize(work / "sb3_buffer.pkl"), **rss}
+
+
+def phase_sb3_load(data: Path, work: Path, n: int) -> dict[str, Any]:
+    import fsspec
+
+    model = dqn_model(1)
+
+    def load() -> None:
+        with fsspec.open(f"file://{work}/sb3_buffer.pkl", "rb") as f, io.BufferedReader(f, 2**20) as buffered:
+            model.load_replay_buffer(buffered)
+
+    _, seconds, rss = timed(load)
+    buffer = model.replay_buffer
+    return {"seconds": seconds, "buffer_bytes": buffer.observations.nbytes * 2, "pos": buffer.pos, **rss}
+
+
+def phase_bs_save(data: Path, work: Path, n: int) -> dict[str, Any]:
+    from bucketsnap import SnapshotStore
+    from bucketsnap.buffers import buffer_state
+
+    store = SnapshotStore(str(work / "run"))
+    buffer = filled_buffer(data, n, n)
+    info, seconds, rss = timed(lambda: store.save(1, {"replay_buffer": buffer_state(buffer)}))
+    stored = dir_size(work / "run")
+    before = {p.name for p in (work / "run" / "chunks").iterdir()}
+    add_transitions(buffer, data, n, 1000)
+    info2, seconds2, rss2 = timed(lambda: store.save(2, {"replay_buffer": buffer_state(buffer)}))
+    new = [p for p in (work / "run" / "chunks").iterdir() if p.name not in before]
+    written2 = sum(p.stat().st_size for p in new) + info2.size
+    return {
+        "seconds": seconds,
+        "bytes": stored,
+        "chunks": len(info.refs),
+        "seconds2": seconds2,
+        "written2": written2,
+        "new_chunks2": len(new),
+        "raw_bytes": buffer.observations.nbytes * 2,
+        **rss,
+        "peak2": rss2["peak"],
+        "before2": rss2["before"],
+    }
+
+
+def phase_bs_load(data: Path, work: Path, n: int) -> dict[str, Any]:
+    from bucketsnap import SnapshotStore
+    from bucketsnap.buffers import restore_buffer
+
+    store = SnapshotStore(str(work / "run"))
+    buffer = make_buffer(n)
+    _, seconds, rss = timed(lambda: restore_buffer(store, buffer, which=1))
+    return {"seconds": seconds, "buffer_bytes": buffer.observations.nbytes * 2, "pos": buffer.pos, **rss}
+
+
+PHASES = {f.__name__.removeprefix("phase_"): f for f in (phase_sb3_save, phase_sb3_load, phase_bs_save, phase_bs_load)}
+
+
+def run_phase(name: str, data: Path, work: Path, n: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--phase", name, "--dir", str(work), "--data", str(data), "--transitions", str(n)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--transitions", type=int, default=100_000)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--phase", choices=sorted(PHASES))
+    parser.add_argument("--data", type=Path)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args.data, args.dir, args.transitions)))
+        return
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-replay-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "frames"
+    data.mkdir(exist_ok=True)
+    n = args.transitions
+    t = time.perf_counter()
+    generate_frames(n, data)
+    print(f"generated {n} Pong frames in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    try:
+        results = {name: run_phase(name, data, work, n) for name in PHASES}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results, n)
+
+
+def print_table(r: dict[str, dict[str, Any]], n: int) -> None:
+    mb = 1e6
+    raw = r["bs_save"]["raw_bytes"]
+    sb3s, sb3l, bss, bsl = r["sb3_save"], r["sb3_load"], r["bs_save"], r["bs_load"]
+    print(f"SB3 DQN ReplayBuffer, {n:,} transitions of 4x84x84 uint8 frames (obs + next_obs: {raw / 1e9:.2f} GB)")
+    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, local disk\n")
+    rows = [
+        ("size on storage", f"{sb3s['bytes'] / mb:,.0f} MB", f"{bss['bytes'] / mb:,.1f} MB ({bss['chunks']} chunks)"),
+        ("save time", f"{sb3s['seconds']:.1f} s", f"{bss['seconds']:.1f} s"),
+        ("load time", f"{sb3l['seconds']:.1f} s", f"{bsl['seconds']:.1f} s"),
+        (
+            "2nd save, +1,000 transitions: bytes written",
+            f"{sb3s['bytes'] / mb:,.0f} MB (all again)",
+            f"{bss['written2'] / mb:,.2f} MB ({bss['new_chunks2']} new chunks)",
+        ),
+        ("2nd save time", "same as save", f"{bss['seconds2']:.1f} s"),
+        (
+            "peak RSS during save, above the buffer",
+            f"{(sb3s['peak'] - sb3s['before']) / mb:,.0f} MB",
+            f"{(bss['peak'] - bss['before']) / mb:,.0f} MB",
+        ),
+        (
+            "peak RSS during load, above the buffer",
+            f"{(sb3l['peak'] - sb3l['before'] - sb3l['buffer_bytes']) / mb:,.0f} MB",
+            f"{(bsl['peak'] - bsl['before'] - bsl['buffer_bytes']) / mb:,.0f} MB",
+        ),
+        ("peak RSS of the load process", f"{sb3l['peak'] / mb:,.0f} MB", f"{bsl['peak'] / mb:,.0f} MB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'':{width}} | SB3 save_replay_buffer (pickle) | bucketsnap chunks |")
+    print(f"|{'-' * (width + 2)}|---|---|")
+    for label, a, b in rows:
+        print(f"| {label:{width}} | {a} | {b} |")
+
+
+if __name__ == "__main__":
+    main()
