@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,15 @@ class Rank:
         return found[0]
 
 
-def run_ranks(scenario: str, world: int, backend: Backend, url: str, tmp_path: Path) -> list[Rank]:
-    """Run ``world`` ranks of ``scenario``; return each rank's exit code and events."""
+def run_ranks(
+    scenario: str,
+    world: int,
+    backend: Backend,
+    url: str,
+    tmp_path: Path,
+    meanwhile: Callable[[list[subprocess.Popen[bytes]], Path], None] | None = None,
+) -> list[Rank]:
+    """Run ``world`` ranks of ``scenario`` (calling ``meanwhile(procs, logs)`` once started); return what they said."""
     init = tmp_path / f"init-{uuid.uuid4().hex}"
     logs = tmp_path / f"logs-{uuid.uuid4().hex[:8]}"
     logs.mkdir()
@@ -61,6 +70,8 @@ def run_ranks(scenario: str, world: int, backend: Backend, url: str, tmp_path: P
             ]
             with open(logs / f"{rank}.out", "wb") as out, open(logs / f"{rank}.err", "wb") as err:
                 procs.append(subprocess.Popen(argv, stdout=out, stderr=err))
+        if meanwhile is not None:
+            meanwhile(procs, logs)
         for proc in procs:
             proc.wait(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
@@ -77,7 +88,8 @@ def run_ranks(scenario: str, world: int, backend: Backend, url: str, tmp_path: P
         ranks.append(Rank(proc.returncode, events, (logs / f"{rank}.err").read_text()))
         crashed = [e for e in events if e["event"] == "crashed"]
         assert not crashed, f"rank {rank} crashed: {crashed[0]['traceback']}"
-        assert proc.returncode in (0, -signal.SIGKILL), f"rank {rank} exited {proc.returncode}: {ranks[-1].stderr}"
+        expected = (0, -signal.SIGKILL, -signal.SIGTERM)
+        assert proc.returncode in expected, f"rank {rank} exited {proc.returncode}: {ranks[-1].stderr}"
     return ranks
 
 
@@ -191,6 +203,26 @@ def test_a_rank_killed_mid_save_commits_nothing_and_nobody_hangs(local_backend: 
     assert all("000000000001-" in path for path in removed if path.startswith("snapshots/")), removed
     assert_no_leftovers(store)
     check_snapshot(store, 0, 4)
+
+
+def test_sigterm_on_one_rank_gives_one_final_snapshot_of_every_rank(local_backend: Backend, tmp_path: Path) -> None:
+    url = local_backend.url("preempt")
+
+    def preempt_rank_1(procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while '"itr": 5' not in (logs / "1.out").read_text():  # a few steps in lockstep first
+            assert time.monotonic() < deadline and procs[1].poll() is None, (logs / "1.err").read_text()
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # one host is preempted, the other is not told
+
+    ranks = run_ranks("preempt", 2, local_backend, url, tmp_path, meanwhile=preempt_rank_1)
+    assert [r.returncode for r in ranks] == [-signal.SIGTERM, -signal.SIGTERM], [r.stderr[-2000:] for r in ranks]
+    store = SnapshotStore(url)
+    final = store.info("last")
+    steps = [max(e["itr"] for e in r.events if e["event"] == "step") for r in ranks]
+    assert store.itrs() == [0, final.itr] and steps == [final.itr, final.itr] and final.itr >= 5
+    check_snapshot(store, final.itr, 2)
+    assert_no_leftovers(store)
 
 
 # -- in one process ----------------------------------------------------------------------------------------------

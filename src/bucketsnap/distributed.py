@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import re
 import threading
@@ -48,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOCAL",
     "DistributedSaveError",
+    "agree_on_preemption",
     "ProcessGroupArg",
     "Sharded",
     "load_rank",
@@ -195,6 +197,46 @@ def _current_rank(process_group: dist.ProcessGroup | None) -> int:
     if process_group is not None:
         return int(dist.get_rank(process_group))
     return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+
+
+class _Preemptible(Protocol):
+    """What :func:`agree_on_preemption` needs of a :class:`~bucketsnap.preemption.PreemptionHandler`."""
+
+    @property
+    def requested(self) -> bool: ...
+
+    signals: tuple[int, ...]
+
+
+def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg = None) -> bool:
+    """Collective, once per step on every rank: if any rank was signalled, make every rank's handler save.
+
+    A preemption signal may reach one rank only (one host of several). Call this inside the handler's
+    ``hold()`` block at the end of each step: it all-reduces "was I signalled" over the group, and on ranks that
+    were not, sends the handler's first signal to this process. Every handler then runs as the ``hold()``
+    block exits, at the same step on every rank, and their final saves form one collective save: one final
+    snapshot of all ranks, or none (never a part of one). Returns whether a preemption is under way.
+
+    Example:
+        >>> import signal, bucketsnap
+        >>> from bucketsnap.preemption import on_preemption
+        >>> store, step = bucketsnap.SnapshotStore("memory://doc/agree"), 0
+        >>> with on_preemption(store, lambda: {"step": step}, itr_fn=lambda: step, signals=[signal.SIGUSR1]) as h:
+        ...     with h.hold():
+        ...         step += 1  # a training step
+        ...         agree_on_preemption(h)
+        False
+    """
+    group = _resolve(process_group)
+    requested = handler.requested
+    if group.pg is None:
+        return requested
+    flag = torch.tensor([int(requested)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group.pg)
+    anywhere = bool(flag.item())
+    if anywhere and not requested:
+        os.kill(os.getpid(), handler.signals[0])  # handled when the hold() block exits
+    return anywhere
 
 
 # -- the collectives ---------------------------------------------------------------------------------------------

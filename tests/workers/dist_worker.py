@@ -11,6 +11,7 @@ Scenarios:
     errors     a rank failing to serialize, a rank failing to write, ranks disagreeing on keys, an itr that
                exists (through save_async): every rank must raise the same error; then a save that works
     kill       save itr 0; rank 1 SIGKILLs itself halfway through writing itr 1; the others report the error
+    preempt    train in lockstep under on_preemption + agree_on_preemption until the test SIGTERMs one rank
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from bucketsnap import Sharded, SnapshotStore
 from bucketsnap.archive import ArchiveWriter
-from bucketsnap.distributed import load_rank, shard_keys
+from bucketsnap.distributed import agree_on_preemption, load_rank, shard_keys
 
 #: Seconds a collective waits for a silent rank; a dead peer's closed socket is noticed at once on gloo.
 GROUP_TIMEOUT = 30
@@ -157,6 +159,25 @@ def kill(store: SnapshotStore, rank: int, world: int) -> None:
         error_event(rank, 1, exc)
 
 
+def preempt(store: SnapshotStore, rank: int, world: int) -> None:
+    from bucketsnap.preemption import on_preemption
+
+    store.save(0, state(0, rank))
+    itr = 0
+    with on_preemption(
+        store, lambda: state(itr, rank), itr_fn=lambda: itr, deadline=60, signals=[signal.SIGTERM]
+    ) as handler:
+        for _ in range(3000):  # the test signals long before; bounded so that nothing runs forever
+            with handler.hold():
+                total = torch.ones(1)
+                dist.all_reduce(total)  # the step's gradient all-reduce keeps the ranks in lockstep
+                itr += 1
+                time.sleep(0.02)
+                emit(rank, "step", itr=itr)
+                agree_on_preemption(handler)
+    emit(rank, "not preempted")
+
+
 def main() -> None:
     scenario, rank, world, init_file, url, options = sys.argv[1], *map(int, sys.argv[2:4]), *sys.argv[4:7]
     print("ready", flush=True)
@@ -165,7 +186,8 @@ def main() -> None:
     )
     store = SnapshotStore(url, storage_options=json.loads(options), max_in_flight=2)
     try:
-        {"roundtrip": roundtrip, "restore": restore, "errors": errors, "kill": kill}[scenario](store, rank, world)
+        scenarios = {"roundtrip": roundtrip, "restore": restore, "errors": errors, "kill": kill, "preempt": preempt}
+        scenarios[scenario](store, rank, world)
     except BaseException as exc:
         emit(rank, "crashed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         sys.stdout.flush()
