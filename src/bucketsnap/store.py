@@ -178,7 +178,7 @@ class SnapshotStore:
             Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
         self._raise_background_error()
-        from bucketsnap.distributed import save_job  # it imports this module
+        from bucketsnap._distributed_save import save_job  # it imports this module
 
         job = save_job(self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress)
         if job is not None:
@@ -208,7 +208,7 @@ class SnapshotStore:
         run in the background thread too, and every error (even a bad key) is raised by the future, on every rank.
         """
         self._raise_background_error()
-        from bucketsnap.distributed import save_job  # it imports this module
+        from bucketsnap._distributed_save import save_job  # it imports this module
 
         job = save_job(
             self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress, copy=True

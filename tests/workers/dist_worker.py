@@ -7,6 +7,7 @@ Scenarios:
 
     roundtrip  save itr 0, then itrs 1 and 2 with save_async while the training loop all-reduces on the
                default group; every rank re-reads its view of each itr with load_rank
+    save       save itr 2 once
     restore    read a snapshot saved at another world size: the policy, and shards rank, rank + WORLD, ...
     errors     a rank failing to serialize, a rank failing to write, ranks disagreeing on keys, an itr that
                exists (through save_async): every rank must raise the same error; then a save that works
@@ -79,6 +80,11 @@ def roundtrip(store: SnapshotStore, rank: int, world: int) -> None:
     for itr in (0, 1, 2):
         check_view(load_rank(store, itr), itr, rank)
     emit(rank, "checked", reduced=float(total.item()), expected=float(world**20))
+
+
+def save(store: SnapshotStore, rank: int, world: int) -> None:
+    info = store.save(2, state(2, rank))
+    emit(rank, "saved", itr=2, objects=sorted(info.objects()))
 
 
 def restore(store: SnapshotStore, rank: int, world: int) -> None:
@@ -186,7 +192,14 @@ def main() -> None:
     )
     store = SnapshotStore(url, storage_options=json.loads(options), max_in_flight=2)
     try:
-        scenarios = {"roundtrip": roundtrip, "restore": restore, "errors": errors, "kill": kill, "preempt": preempt}
+        scenarios = {
+            "roundtrip": roundtrip,
+            "save": save,
+            "restore": restore,
+            "errors": errors,
+            "kill": kill,
+            "preempt": preempt,
+        }
         scenarios[scenario](store, rank, world)
     except BaseException as exc:
         emit(rank, "crashed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
