@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,6 +24,16 @@ import bucketsnap
 
 HIDDEN = 768
 FILLER = 2_000_000  # floats saved beside the model, so that each upload takes a while
+
+
+_print_lock = threading.Lock()
+
+
+def emit(line: str) -> None:
+    """One whole line on stdout: the main thread and the save callbacks must not interleave."""
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def make() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -60,7 +71,7 @@ def main() -> None:
     if done is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
-    print(f"resumed {done if done is not None else 'none'}", flush=True)
+    emit(f"resumed {done if done is not None else 'none'}")
     last = -1 if done is None else done
 
     def snapshot() -> dict[str, Any]:
@@ -68,7 +79,7 @@ def main() -> None:
 
     def report(future: Any) -> None:
         if future.exception() is None:
-            print(f"committed {future.result().itr}", flush=True)
+            emit(f"committed {future.result().itr}")
 
     with bucketsnap.on_preemption(store, snapshot, itr_fn=lambda: last, signals=[15]) as handler:
         for itr in range(last + 1, until + 1):
@@ -76,15 +87,15 @@ def main() -> None:
             with handler.hold():  # the update and its itr change together
                 optimizer.step()
                 last = itr
-            print(f"step {itr}", flush=True)
+            emit(f"step {itr}")
             if itr % save_every == 0:
-                print(f"saving {itr}", flush=True)
+                emit(f"saving {itr}")
                 store.save_async(itr, snapshot()).add_done_callback(report)
             time.sleep(0.005)
     store.flush()
     if until not in store.itrs():
         store.save(until, snapshot())
-    print(f"done {until}", flush=True)
+    emit(f"done {until}")
     store.close()
 
 
