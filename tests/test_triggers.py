@@ -149,7 +149,8 @@ def test_train_step_providers(train_step: Any) -> None:
     trigger = PolicySaveTrigger(store, {"policy": {"w": torch.ones(2)}}, train_step, 10)
     assert trigger.train_step() == 30
     trigger()  # the value defaults to the train step
-    assert store.itrs() == [30]
+    trigger(torch.tensor(45), force_trigger=True)  # an explicit value may be a tensor too
+    assert store.itrs() == [30, 45]
 
 
 def test_state_dict_providers_and_validation() -> None:

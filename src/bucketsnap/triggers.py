@@ -166,12 +166,11 @@ class PolicySaveTrigger(IntervalTrigger):
     def __call__(self, value: int | None = None, force_trigger: bool = False) -> None:
         """Save if ``value`` (default: the current train step) is due; first raise a background save's error."""
         self._raise_background_error()
-        super().__call__(self.train_step() if value is None else value, force_trigger)
+        super().__call__(self.train_step() if value is None else _as_int(value), force_trigger)
 
     def train_step(self) -> int:
         """The current value of ``train_step``."""
-        step = self._train_step() if callable(self._train_step) else self._train_step
-        return int(step.item() if hasattr(step, "item") else step)
+        return _as_int(self._train_step() if callable(self._train_step) else self._train_step)
 
     def flush(self) -> None:
         """Wait for the save in flight, if any; raise its error."""
@@ -222,6 +221,11 @@ class PolicySaveTrigger(IntervalTrigger):
             # The store queued the error too; flush() raises it and removes it from the queue, so it is raised
             # once. (If another user of a shared store already saw it raised, it is not raised again.)
             self._store.flush()
+
+
+def _as_int(step: Any) -> int:
+    """A step counter's value: ints, numpy ints, tensors, anything with ``.item()`` or ``int()``."""
+    return int(step.item() if hasattr(step, "item") else step)
 
 
 def _state_dict(policy: Any) -> Any:
