@@ -3,7 +3,8 @@
 Layout (``unzip -l`` lists it; ``unzip -p snap.zip policy.zst | zstd -d`` recovers one member by hand)::
 
     <key>.zst     one per top-level key of the saved state, zip method STORED, holding one zstd frame
-                  (with zstd's content checksum) of the payload described in :mod:`bucketsnap.values`
+                  of the payload described in :mod:`bucketsnap.values`: compressed with zstd's content
+                  checksum, or, for incompressible members, stored as raw zstd blocks (see ``_StoredFrame``)
     ...
     meta.json     format version, library versions, itr, creation time, metrics, and per member its
                   codec, offset, raw and stored sizes and CRC-32
@@ -58,8 +59,8 @@ READ_CHUNK = 4 * 2**20
 #: from an object store overlaps the requests' latency; it holds at most this many chunks in memory.
 READ_AHEAD = 8
 _WRITE_CHUNK = 2**20
-#: Members whose sample compresses worse than this are written with zstd's fastest level: float weights
-#: barely compress (about 0.93 at level 3) and compressing them would cost more than it saves.
+#: Members whose sample compresses worse than this are stored in raw zstd blocks: float weights barely
+#: compress (about 0.93 at level 3) and compressing them would cost more than it saves.
 INCOMPRESSIBLE_RATIO = 0.9
 _SAMPLE = 256 * 1024
 

@@ -82,7 +82,7 @@ class SnapshotStore:
         url: a local path or fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``...).
         storage_options: passed to fsspec (credentials, ``endpoint_url``, ...); never printed.
         compression_level: zstd level for members that compress; members that do not (float weights) are
-            detected by sampling and written at zstd's fastest level.
+            detected by sampling and stored in raw zstd blocks, at the cost of a CRC pass.
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
         upload_concurrency: parts of one save uploaded at once to S3; a save holds at most
