@@ -226,6 +226,16 @@ def test_hostile_names_never_write_outside_the_run(tmp_path: Path) -> None:
     assert store.itrs() == [1]
 
 
+def test_repair_skips_archives_with_hostile_meta(store: SnapshotStore) -> None:
+    saved(store)
+    for i, meta in enumerate([b"not json", b"[1, 2]", b"[" * 100_000, b'{"itr": 5}', b'{"itr": -1, "members": {}}']):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("meta.json", meta)
+        store.storage.fs.pipe_file(store.storage.path(f"snapshots/{50 + i:012d}-0123456789abcdef.zip"), buf.getvalue())
+    assert store.repair().itrs() == [1]
+
+
 # -- value payloads: bad magic, bad headers, sizes that lie, bombs ----------------------------------------
 
 BAD_PAYLOADS: dict[str, bytes] = {

@@ -297,7 +297,8 @@ class _RangeReader(io.RawIOBase):
 
     def finish(self) -> None:
         """Consume what is left and check the CRC of everything read."""
-        while self.readinto(bytearray(READ_CHUNK)):
+        buffer = bytearray(min(READ_CHUNK, self._end - self._pos + len(self._buf)) or 1)  # once, not per chunk
+        while self.readinto(buffer):
             pass
         if f"{self._crc:08x}" != self._expected:
             raise CorruptSnapshotError(

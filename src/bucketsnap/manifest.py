@@ -168,7 +168,13 @@ class ManifestLog:
             if not generations:
                 return Manifest(0)
             try:
-                return self.read_generation(generations[-1])
+                try:
+                    return self.read_generation(generations[-1])
+                except CorruptSnapshotError as exc:
+                    # A generation is written once and never changes, so a torn or short read heals on a
+                    # second read; a generation that is really corrupt fails again and is reported.
+                    logger.debug("re-reading manifest generation %d: %s", generations[-1], exc)
+                    return self.read_generation(generations[-1])
             except FileNotFoundError:
                 continue  # pruned between the listing and the read: list again
         raise BucketsnapError(f"the manifest at {self.storage.url} kept changing while being read; retry")

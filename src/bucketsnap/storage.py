@@ -133,12 +133,12 @@ class Storage:
         return data
 
     def size(self, rel: str) -> int:
-        """The size in bytes of ``rel``."""
-        return int(self._call(rel, lambda: self.fs.size(self.path(rel))))
+        """The size in bytes of ``rel`` (a fresh request, not a cached listing)."""
+        return int(self._call(rel, lambda: self._fresh(rel, self.fs.size)))
 
     def modified(self, rel: str) -> float | None:
         """The modification time of ``rel`` as a POSIX timestamp, or None where the backend has none."""
-        info = self._call(rel, lambda: self.fs.info(self.path(rel)))
+        info = self._call(rel, lambda: self._fresh(rel, self.fs.info))
         for field in ("mtime", "LastModified", "updated", "created"):
             value = info.get(field)
             if value is None:
@@ -268,6 +268,13 @@ class Storage:
             raise
         finally:
             self.fs.invalidate_cache(path)
+
+    def _fresh(self, rel: str, fn: Callable[[str], T]) -> T:
+        # s3fs and gcsfs answer info() from a cached listing of the parent directory when they have one, so
+        # after list() an object written since by another process reads as missing: drop the cache first.
+        path = self.path(rel)
+        self.fs.invalidate_cache(path)
+        return fn(path)
 
     def _call(
         self,

@@ -31,9 +31,18 @@ from bucketsnap.errors import (
     CorruptSnapshotError,
     NotASnapshotError,
     SnapshotExistsError,
+    StorageError,
 )
 from bucketsnap.info import Metric, SnapshotInfo, check_metrics
-from bucketsnap.manifest import KEEP_GENERATIONS, SNAPSHOT_DIR, Manifest, ManifestLog, Which, generation_name
+from bucketsnap.manifest import (
+    KEEP_GENERATIONS,
+    MANIFEST_DIR,
+    SNAPSHOT_DIR,
+    Manifest,
+    ManifestLog,
+    Which,
+    generation_name,
+)
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
@@ -312,6 +321,13 @@ class SnapshotStore:
                 writer.add_encoded(key, encoded)
             # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
             size = writer.finish({**_meta(itr, created, prepared.metrics), **({"refs": sorted(refs)} if refs else {})})
+        stored = self._storage.size(path)
+        if stored != size:  # an upload that reported success but kept other bytes: never commit it
+            self._storage.delete(path)
+            raise StorageError(
+                f"{self._storage.url_of(path)} holds {stored} bytes after writing {size}; nothing was committed. "
+                "Retry the save."
+            )
         info = SnapshotInfo(
             itr=itr,
             path=path,
@@ -338,9 +354,19 @@ class SnapshotStore:
 
         try:
             committed = self._log.commit(add)
-        except BaseException:
-            self._storage.delete(info.path)  # never committed: do not leave it for gc
-            raise
+        except BaseException as exc:
+            # A lost response can hide a create that succeeded: look before deleting what may be committed.
+            try:
+                current: Manifest | None = self._log.read()
+            except Exception:
+                current = None  # cannot tell: leave the archive to gc
+            landed = current is not None and any(s.path == info.path for s in current.snapshots)
+            if not landed or not isinstance(exc, Exception):
+                if current is not None and not landed:
+                    self._storage.delete(info.path)  # never committed: do not leave it for gc
+                raise
+            logger.warning("itr %d was committed to %s although the commit reported: %s", info.itr, self.url, exc)
+            committed = current  # type: ignore[assignment]
         self._delete_unreferenced(replaced, committed)
         self._apply_retention(committed)
 
@@ -502,6 +528,10 @@ class SnapshotStore:
                     doomed.append(rel)
         generations = self._log.generations()
         doomed += [generation_name(g) for g in generations if g < manifest.generation - KEEP_GENERATIONS]
+        for name in self._storage.list(MANIFEST_DIR):  # temp files of commits interrupted by a crash
+            rel = f"{MANIFEST_DIR}/{name}"
+            if ".tmp-" in name and (min_age <= 0 or now - (self._storage.modified(rel) or now) >= min_age):
+                doomed.append(rel)
         if not dry_run:
             for rel in doomed:
                 self._storage.delete(rel)
@@ -552,7 +582,12 @@ class SnapshotStore:
             raise CorruptSnapshotError(f"{where} has no {META_NAME}")
         entry = entries[META_NAME]
         start = data_offset(read_range, entry, size, where=where)
-        meta = json.loads(read_range(start, start + entry.stored_size))
+        try:
+            meta = json.loads(read_range(start, start + entry.stored_size))
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except (ValueError, RecursionError) as exc:
+            raise CorruptSnapshotError(f"{where}: {META_NAME} is not valid: {exc}") from exc
         if meta.get("world_size", 1) > 1:  # one rank's part: alone it is not a snapshot
             raise NotASnapshotError(f"{where} is one rank's part of a distributed save that was never committed")
         info = SnapshotInfo.from_json({**meta, "path": rel, "size": size}, base_url=self._storage.url)

@@ -1,0 +1,168 @@
+"""The short reliability campaigns (benchmarks/campaigns.py), and regressions for what the long ones found."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bucketsnap import SnapshotStore, StorageError
+from bucketsnap.transport import Retry
+from conftest import Backend
+from faulty_fs import ALL_KINDS, FaultPlan, FaultyFileSystem
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import campaign_concurrent, campaign_crash, campaign_faults, campaign_readers
+from benchmarks.campaigns import PROFILES, table
+
+SHORT = PROFILES["short"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="bucketsnap")  # retries of injected faults are expected
+    warnings.filterwarnings("ignore", message=".*no known atomic exclusive create")
+
+
+def test_crash_campaign(process_backend: Backend) -> None:
+    figures = campaign_crash.run(process_backend, seed=7, max_delay=1.0, **SHORT["crash"][process_backend.name])
+    print(table({"crash": [figures]}))
+    assert figures.commits > 0, "the kills came too early to test anything"
+    assert (figures.corrupt, figures.lost, figures.last_wrong, figures.leftovers_after_gc) == (0, 0, 0, 0)
+
+
+def test_fault_campaign() -> None:
+    figures = campaign_faults.run(seed=3, **SHORT["faults"]["memory"])
+    print(table({"faults": [figures]}))
+    assert figures.faults > 50 and figures.saves_ok > 0 and figures.saves_failed > 0
+    assert figures.silent_corruptions == 0
+    assert figures.unusable_after_failed_save == 0
+    assert figures.lost_commits == 0
+    assert figures.untyped_errors == 0
+
+
+def test_concurrent_writers_campaign(process_backend: Backend) -> None:
+    figures = campaign_concurrent.run(process_backend, **SHORT["concurrent"][process_backend.name])
+    print(table({"concurrent": [figures]}))
+    assert figures.in_manifest == figures.attempted
+    assert figures.writer_errors == figures.corrupt == 0
+
+
+def test_readers_during_writes_campaign(process_backend: Backend) -> None:
+    figures = campaign_readers.run(process_backend, floats=50_000, **SHORT["readers"][process_backend.name])
+    print(table({"readers": [figures]}))
+    assert figures.loads > 0
+    assert figures.other_errors == 0, figures.errors
+    assert figures.mixed_or_partial == 0
+
+
+# -- regressions found by the campaigns ---------------------------------------------------------------------
+
+
+def faulty_store(plan: FaultPlan, memory_backend: Backend) -> SnapshotStore:
+    url = memory_backend.url("faulty").replace("memory://", "faulty://")
+    store = SnapshotStore(url, storage_options={"plan": plan})
+    store.storage.retry = Retry(initial=0.001, max_delay=0.004)  # the faults are simulated: retry at once
+    return store
+
+
+def test_a_lost_response_to_a_commit_never_deletes_the_committed_archive(memory_backend: Backend) -> None:
+    plan = FaultPlan(rate=1.0, kinds=("lost_response",), enabled=False)
+    store = faulty_store(plan, memory_backend)
+    store.save(1, {"x": torch.ones(3)})
+    original = FaultyFileSystem.pipe_file
+
+    def lose_commit_response(
+        self: FaultyFileSystem, path: str, value: bytes, mode: str = "overwrite", **kw: Any
+    ) -> None:
+        plan.enabled = mode == "create"
+        try:
+            original(self, path, value, mode=mode, **kw)
+        finally:
+            plan.enabled = False
+
+    FaultyFileSystem.pipe_file = lose_commit_response  # type: ignore[method-assign]
+    try:
+        info = store.save(2, {"x": torch.zeros(3)})  # the create landed; only its response was lost
+    finally:
+        FaultyFileSystem.pipe_file = original  # type: ignore[method-assign]
+    assert info.itr == 2 and store.itrs() == [1, 2]
+    store.verify(2)
+    assert torch.equal(store.load(2)["x"], torch.zeros(3))
+
+
+def test_an_upload_that_stores_truncated_data_fails_the_save(memory_backend: Backend) -> None:
+    plan = FaultPlan(rate=1.0, kinds=("truncated_write",))
+    store = faulty_store(plan, memory_backend)
+    with pytest.raises(StorageError, match="nothing was committed"):
+        store.save(1, {"x": torch.ones(1000)})
+    plan.enabled = False
+    assert store.itrs() == []
+    assert store.storage.list("snapshots") == []
+
+
+def test_gc_removes_temp_files_of_interrupted_local_commits(tmp_path: Path) -> None:
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"x": 1})
+    leftover = tmp_path / "run" / "manifest" / ".000000000002.json.tmp-0123456789abcdef"
+    leftover.write_bytes(b"{")  # SIGKILL between the temp write and os.link
+    assert store.gc(min_age=3600) == []
+    assert "manifest/.000000000002.json.tmp-0123456789abcdef" in store.gc(min_age=0)
+    assert not leftover.exists() and store.itrs() == [1]
+
+
+def test_a_short_read_of_the_manifest_heals_on_a_second_read(memory_backend: Backend) -> None:
+    plan = FaultPlan(rate=1.0, kinds=("short_read",), enabled=False)
+    store = faulty_store(plan, memory_backend)
+    store.save(1, {"x": 1})
+    original = FaultyFileSystem.cat_file
+    calls = []
+
+    def once(self: FaultyFileSystem, path: str, *args: Any, **kwargs: Any) -> bytes:
+        plan.enabled = "manifest/" in path and not calls
+        calls.append(path)
+        try:
+            return original(self, path, *args, **kwargs)
+        finally:
+            plan.enabled = False
+
+    FaultyFileSystem.cat_file = once  # type: ignore[method-assign]
+    try:
+        assert store.itrs() == [1]
+    finally:
+        FaultyFileSystem.cat_file = original  # type: ignore[method-assign]
+    assert plan.injected["short_read"] == 1
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_fault_kind_ends_in_a_typed_error_or_correct_data(kind: str, memory_backend: Backend) -> None:
+    from bucketsnap import BucketsnapError
+
+    plan = FaultPlan(seed=1, rate=0.5, kinds=(kind,))
+    store = faulty_store(plan, memory_backend)
+    for itr in range(6):
+        with contextlib.suppress(BucketsnapError):
+            store.save(itr, {"x": torch.full((2000,), float(itr))})
+        try:
+            for i in store.itrs():
+                assert torch.equal(store.load(i)["x"], torch.full((2000,), float(i)))
+        except BucketsnapError:
+            pass
+    assert plan.injected[kind] > 0
+
+
+def test_verify_sees_an_archive_written_by_another_process_after_a_listing(s3_backend: Backend) -> None:
+    url = s3_backend.url("listing-cache")
+    reader = SnapshotStore(url, storage_options=s3_backend.options)
+    reader.save(1, {"x": 1})
+    reader.gc()  # lists snapshots/: s3fs caches the listing
+    writer = SnapshotStore(url, storage_options={**s3_backend.options, "skip_instance_cache": True})
+    writer.save(2, {"x": 2})
+    assert reader.verify(2).itr == 2  # was SnapshotNotFoundError: size() answered from the cached listing
