@@ -254,13 +254,16 @@ def main() -> None:
     data = work / "frames"
     data.mkdir(exist_ok=True)
     n = args.transitions
-    t = time.perf_counter()
-    generate_frames(n, data)
-    print(f"generated {n} Pong frames in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    frames = data / "frames.npy"
+    if not frames.exists() or np.load(frames, mmap_mode="r").shape[0] != n + STACK:
+        t = time.perf_counter()
+        generate_frames(n, data)
+        print(f"generated {n} Pong frames in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     try:
         results = {name: run_phase(name, data, work, n) for name in PHASES}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # keep the frames for the next run when --dir was given
+        for path in (work / "run", work / "sb3_buffer.pkl") if args.dir else (work,):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     print_table(results, n)
 
 

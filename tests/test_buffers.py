@@ -96,7 +96,7 @@ def test_wrapped_sb3_replay_buffer_restores_exact_on_every_backend(backend: Back
     assert len(info.refs) == 4 and all(r.startswith(f"{CHUNK_DIR}/") for r in info.refs)
     assert not any(m.pickled for m in info.members.values())
     fresh = ReplayBuffer(120, FRAME_SPACE, gymnasium.spaces.Discrete(6), device="cpu")
-    restore_buffer(store, fresh)
+    restore_buffer(store, fresh, verify=True)
     assert_same_buffer(buffer, fresh)
     store.verify()
 
@@ -296,8 +296,9 @@ def test_missing_or_corrupt_chunks_are_typed_errors_naming_the_chunk() -> None:
     other.insert_data_slice({"x": np.arange(10) + 7})
     swapped = store.save(2, {"buf": buffer_state(other, chunk_rows=10)})
     store.storage.fs.pipe_file(path, store.storage.fs.cat_file(store.storage.path(swapped.refs[0])))
+    restore_buffer(store, TransitionStorage(20), key="buf", which=1)  # a well-formed frame: only sha256 tells
     with pytest.raises(CorruptSnapshotError, match="sha256"):
-        restore_buffer(store, TransitionStorage(20), key="buf", which=1)
+        restore_buffer(store, TransitionStorage(20), key="buf", which=1, verify=True)
     store.storage.fs.pipe_file(path, good)
     store.storage.delete(second)
     with pytest.raises(SnapshotNotFoundError, match="missing"):

@@ -231,7 +231,7 @@ class SnapshotCallback(BaseCallback):  # type: ignore[misc]
         if retention is not None:
             if isinstance(url_or_store, SnapshotStore):
                 raise ValueError("retention applies to a store made from a URL; set it on your SnapshotStore")
-            self.store = SnapshotStore(url_or_store, retention=retention)  # type: ignore[call-arg]
+            self.store = SnapshotStore(url_or_store, retention=retention)
         else:
             self.store = as_store(url_or_store)
         self.save_freq = save_freq
