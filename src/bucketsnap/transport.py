@@ -248,7 +248,7 @@ class S3MultipartWriter:
             return
         try:
             if self._upload_id is None:  # smaller than one part: one request, visible when it returns
-                body = bytes(self._buffer)
+                body = self._buffer
                 self._call("put", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body))
             else:
                 if self._buffer or not self._parts:
@@ -378,7 +378,7 @@ class ThreadedWriter:
         self._dest = dest
         self._part_size = part_size
         self._buffer = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue[bytearray | None] = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bucketsnap-writer", daemon=True)
         self._thread.start()
@@ -392,7 +392,7 @@ class ThreadedWriter:
         view = memoryview(data).cast("B")
         self._buffer += view
         if len(self._buffer) >= self._part_size:
-            self._put(bytes(self._buffer))
+            self._put(self._buffer)  # handed over, not copied: a new buffer follows
             self._buffer = bytearray()
         return view.nbytes
 
@@ -405,7 +405,7 @@ class ThreadedWriter:
             return
         self.closed = True
         if self._buffer:
-            self._put(bytes(self._buffer))
+            self._put(self._buffer)
         self._buffer = bytearray()
         self._put(None)
         self._thread.join()
@@ -423,7 +423,7 @@ class ThreadedWriter:
         self._queue.put(None)
         self._thread.join()
 
-    def _put(self, item: bytes | None) -> None:
+    def _put(self, item: bytearray | None) -> None:
         while True:
             self._check()
             try:
