@@ -1,0 +1,298 @@
+"""Saving and restoring an RL policy with its optimizer: bucketsnap against what users do today.
+
+The state is an MLP policy of about 134 MB of float32 weights (256 -> 4096 -> 4096 -> 3840 -> 16) with its
+Adam state after one step (exp_avg and exp_avg_sq: about 402 MB in all), as ``{"policy": model.state_dict(),
+"optimizer": optimizer.state_dict(), "step": 1}``. Every alternative saves that same object, in the same
+process, to local disk and to S3 (LocalStack, started by this script as a separate process through
+``tests/servers.py``, or the endpoint in ``BUCKETSNAP_TEST_S3_ENDPOINT``):
+
+* ``torch.save`` to a local file, and through ``fsspec.open(url, "wb")`` to S3; locally also followed by
+  ``os.fsync``, which bucketsnap does before committing (on S3 that row repeats ``torch.save``);
+* PyTorch DCP, ``dcp.save(state, storage_writer=FsspecWriter(url), no_dist=True)``;
+* bucketsnap ``SnapshotStore.save`` (blocking), and ``save_async``: the stall is the time until it returns
+  (the training loop's cost), the total the time until the snapshot is committed;
+* restoring the policy alone from S3 (what an inference host does): bucketsnap ``load(keys=["policy"])`` and
+  DCP ``dcp.load({"policy": ...})`` versus ``torch.load`` of the whole object, in seconds and bytes read.
+
+Each figure is the median of ``--runs`` runs; ratios are to the first alternative (``torch.save``, or
+``torch.load`` for restores). Run::
+
+    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bucketsnap import SnapshotStore
+
+MB = 1e6
+
+
+def make_state(small: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    width = 512 if small else 4096
+    model = nn.Sequential(
+        nn.Linear(256, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width - 256),
+        nn.ReLU(),
+        nn.Linear(width - 256, 16),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(32, 256)).square().mean().backward()
+    optimizer.step()
+    return {"policy": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}
+
+
+def nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def median(runs: int, make: Callable[[], Callable[[], Any]], cleanup: Callable[[], None] = lambda: None) -> float:
+    """Median seconds of ``runs`` calls of a fresh ``make()``, cleaning up between runs."""
+    times = []
+    for _ in range(runs):
+        fn = make()
+        times.append(timed(fn)[0])
+        cleanup()
+    return statistics.median(times)
+
+
+class Places:
+    """Fresh destinations on local disk and S3, removed after each run."""
+
+    def __init__(self, local_root: str, s3: tuple[str, dict[str, Any]] | None) -> None:
+        self.local_root = local_root
+        self.s3 = s3
+
+    def url(self, where: str, name: str) -> str:
+        unique = f"{name}-{uuid.uuid4().hex[:8]}"
+        if where == "local":
+            return os.path.join(self.local_root, unique)
+        assert self.s3 is not None
+        return f"{self.s3[0]}/{unique}"
+
+    def options(self, where: str) -> dict[str, Any]:
+        return {} if where == "local" or self.s3 is None else dict(self.s3[1])
+
+    def clear(self, where: str) -> None:
+        if where == "local":
+            for entry in os.listdir(self.local_root):
+                path = os.path.join(self.local_root, entry)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        else:
+            assert self.s3 is not None
+            fs, root = fsspec.core.url_to_fs(self.s3[0], **self.s3[1])
+            for entry in fs.ls(root, detail=False):
+                fs.rm(entry, recursive=True)
+            fs.invalidate_cache()
+
+
+def torch_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
+    url = places.url(where, "torch.pt")
+    if where == "local":
+        return lambda: torch.save(state, url)
+
+    def save() -> None:
+        with fsspec.open(url, "wb", **places.options(where)) as f:
+            torch.save(state, f)
+
+    return save
+
+
+def torch_save_fsync(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
+    """torch.save, then fsync: as durable as bucketsnap's local save (which fsyncs before its rename)."""
+    url = places.url(where, "torch-fsync.pt")
+    if where != "local":
+        return torch_save(places, where, state)
+
+    def save() -> None:
+        with open(url, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return save
+
+
+def dcp_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    url = places.url(where, "dcp")
+    if where != "local":
+        return lambda: dcp.save(state, storage_writer=FsspecWriter(url, **places.options(where)), no_dist=True)
+    return lambda: dcp.save(state, storage_writer=FsspecWriter(url), no_dist=True)
+
+
+def bucketsnap_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
+    store = SnapshotStore(places.url(where, "bsnap"), storage_options=places.options(where))
+    return lambda: store.save(1, state)
+
+
+def bucketsnap_async(places: Places, where: str, state: dict[str, Any], runs: int) -> tuple[float, float]:
+    """Median stall (until save_async returns) and total (until committed) seconds."""
+    stalls, totals = [], []
+    for _ in range(runs):
+        store = SnapshotStore(places.url(where, "bsnap-async"), storage_options=places.options(where))
+        gc.collect()
+        start = time.perf_counter()
+        future = store.save_async(1, state)
+        stalls.append(time.perf_counter() - start)
+        future.result()
+        totals.append(time.perf_counter() - start)
+        store.close()
+        places.clear(where)
+    return statistics.median(stalls), statistics.median(totals)
+
+
+def restores(places: Places, state: dict[str, Any], runs: int) -> list[tuple[str, float, int]]:
+    """Policy-only restores from S3: (name, median seconds, bytes read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    options = places.options("s3")
+    torch_url = places.url("s3", "restore.pt")
+    with fsspec.open(torch_url, "wb", **options) as f:
+        torch.save(state, f)
+    torch_size = fsspec.core.url_to_fs(torch_url, **options)[0].size(torch_url)
+    dcp_url = places.url("s3", "restore-dcp")
+    dcp.save(state, storage_writer=FsspecWriter(dcp_url, **options), no_dist=True)
+    bsnap_url = places.url("s3", "restore-bsnap")
+    SnapshotStore(bsnap_url, storage_options=options).save(1, state)
+
+    def torch_load() -> Any:
+        with fsspec.open(torch_url, "rb", **options) as f:
+            return torch.load(f, weights_only=True)["policy"]
+
+    def dcp_load() -> Any:
+        target = {"policy": {k: torch.empty_like(v) for k, v in state["policy"].items()}}
+        dcp.load(target, storage_reader=FsspecReader(dcp_url, **options), no_dist=True)
+        return target["policy"]
+
+    read: list[int] = []
+
+    def bsnap_load() -> Any:
+        store = SnapshotStore(bsnap_url, storage_options=options)
+        policy = store.load("last", keys=["policy"])["policy"]
+        read.append(store.storage.bytes_read)
+        return policy
+
+    out = []
+    for name, fn, size in [
+        ("torch.load, whole object", torch_load, torch_size),
+        ("DCP dcp.load, policy only", dcp_load, -1),
+        ("bucketsnap load(keys=['policy'])", bsnap_load, 0),
+    ]:
+        times = []
+        for _ in range(runs):
+            seconds, policy = timed(fn)
+            assert all(torch.equal(policy[k], state["policy"][k]) for k in state["policy"])
+            times.append(seconds)
+        out.append((name, statistics.median(times), read[-1] if size == 0 else size))
+    places.clear("s3")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-s3", action="store_true", help="local disk only")
+    parser.add_argument("--small", action="store_true", help="a 4 MB state, to check the script runs")
+    parser.add_argument("--dir", default=None, help="local directory for the local-disk runs")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    state = make_state(args.small)
+    size = nbytes(state)
+    print(f"state: policy {nbytes(state['policy']) / MB:.0f} MB, total {size / MB:.0f} MB; {args.runs} runs each")
+    local_root = tempfile.mkdtemp(prefix="bench-save-", dir=args.dir)
+    server = None
+    s3 = None
+    if not args.skip_s3:
+        import servers
+
+        started = time.perf_counter()
+        server = servers.s3_server()
+        bucket = server.create_bucket()
+        s3 = (f"s3://{bucket}", servers.s3_storage_options(server))
+        print(f"S3: {server.endpoint_url} (ready in {time.perf_counter() - started:.1f} s)")
+    places = Places(local_root, s3)
+    wheres = ["local"] + ([] if args.skip_s3 else ["s3"])
+    try:
+        rows: dict[str, dict[str, float]] = {}
+        for where in wheres:
+            for name, make in [
+                ("torch.save", torch_save),
+                ("torch.save + fsync (local)", torch_save_fsync),
+                ("DCP dcp.save (FsspecWriter)", dcp_save),
+                ("bucketsnap save (blocking)", bucketsnap_save),
+            ]:
+                rows.setdefault(name, {})[where] = median(
+                    args.runs,
+                    lambda make=make, where=where: make(places, where, state),
+                    lambda where=where: places.clear(where),
+                )
+            stall, total = bucketsnap_async(places, where, state, args.runs)
+            rows.setdefault("bucketsnap save_async: stall", {})[where] = stall
+            rows.setdefault("bucketsnap save_async: until committed", {})[where] = total
+        print()
+        print("| save, " + f"{size / MB:.0f} MB | " + " | ".join(f"{w}: s | ratio" for w in wheres) + " |")
+        print("|---|" + "---:|---:|" * len(wheres))
+        for name, by_where in rows.items():
+            cells = []
+            for where in wheres:
+                base = rows["torch.save"][where]
+                cells.append(f"{by_where[where]:.2f} | {by_where[where] / base:.2f}x")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        if s3 is not None:
+            print()
+            print("| restore the policy from S3 | s | ratio | MB read | ratio |")
+            print("|---|---:|---:|---:|---:|")
+            results = restores(places, state, args.runs)
+            base_s, base_b = results[0][1], results[0][2]
+            for name, seconds, read in results:
+                mb = f"{read / MB:.0f} | {read / base_b:.2f}x" if read >= 0 else "not measured | "
+                print(f"| {name} | {seconds:.2f} | {seconds / base_s:.2f}x | {mb} |")
+    finally:
+        shutil.rmtree(local_root, ignore_errors=True)
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
