@@ -286,8 +286,7 @@ def test_a_background_save_is_not_disturbed_by_errors_of_the_caller(memory_backe
     future = store.save_async(1, {"optimizer": Sharded({"lock": lock})})
     with pytest.raises(TypeError):
         future.result()
-    with pytest.raises(TypeError):
-        store.flush()  # the error also surfaces once on the store
+    store.flush()  # seen through the future: the store does not raise it a second time
     assert store.itrs() == []
     assert DistributedSaveError.__mro__[1].__name__ == "BucketsnapError"
     store.close()

@@ -28,9 +28,9 @@ from bucketsnap import (
     UnsafeLoadError,
 )
 from bucketsnap import values as values_mod
+from bucketsnap._saving import Prepared
 from bucketsnap.archive import FORMAT_VERSION, ArchiveWriter, read_directory
 from bucketsnap.manifest import MANIFEST_DIR, generation_name
-from bucketsnap.store import _Prepared
 from bucketsnap.values import MAGIC, EncodedValue
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,7 +60,7 @@ def payload(header: Any, data: bytes = b"", *, raw_header: bytes | None = None) 
 
 def commit_raw(store: SnapshotStore, itr: int, members: dict[str, bytes]) -> None:
     """Write and commit an archive whose members hold exactly these payloads."""
-    store._write(_Prepared(itr, {k: RawPayload(v) for k, v in members.items()}, {}, False))
+    store._write(Prepared(itr, {k: RawPayload(v) for k, v in members.items()}, {}, False))
 
 
 def archive_bytes(store: SnapshotStore, itr: int = 1) -> bytes:

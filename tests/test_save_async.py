@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import wait
 
 import numpy as np
 import pytest
 import torch
-from conftest import Backend
 
 from bucketsnap import SnapshotExistsError, SnapshotStore, StorageError
+from conftest import Backend
 
 
 def test_state_may_change_right_after_save_async(backend: Backend) -> None:
@@ -33,13 +34,13 @@ def test_at_most_max_in_flight_and_flush_waits() -> None:
     lock = threading.Lock()
     original = store._write
 
-    def counting_write(prepared):  # type: ignore[no-untyped-def]
+    def counting_write(prepared, progress=None):  # type: ignore[no-untyped-def]
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
         try:
-            return original(prepared)
+            return original(prepared, progress)
         finally:
             with lock:
                 running -= 1
@@ -59,10 +60,13 @@ def test_background_error_surfaces_on_future_next_save_and_close() -> None:
     future = store.save_async(1, {"v": 2})  # already committed: fails in the background
     with pytest.raises(SnapshotExistsError):
         future.result()
+    store.save(2, {"v": 2})  # the caller saw it through the future: not raised a second time
+    unobserved = store.save_async(1, {"v": 3})
+    wait([unobserved])  # finished, but nobody asked it for its result
     with pytest.raises(SnapshotExistsError):
-        store.save(2, {"v": 2})  # the next save reports it too
-    store.save(2, {"v": 2})  # and only once
-    store.save_async(1, {"v": 3})
+        store.save(3, {"v": 3})  # nobody asked the future: the next save reports it
+    store.save(3, {"v": 3})  # and only once
+    store.save_async(1, {"v": 4})
     with pytest.raises(SnapshotExistsError):
         store.close()
 
@@ -75,3 +79,11 @@ def test_context_manager_waits_and_raises(tmp_path) -> None:  # type: ignore[no-
     blocked.write_text("a file where the run directory should be")
     with pytest.raises(StorageError, match="blocked"), SnapshotStore(str(blocked)) as store:
         store.save_async(1, {"w": torch.ones(10)})
+
+
+def test_an_error_seen_through_exception_is_not_raised_again() -> None:
+    store = SnapshotStore("memory://async/seen")
+    store.save(1, {"v": 1})
+    assert isinstance(store.save_async(1, {"v": 2}).exception(), SnapshotExistsError)
+    store.flush()
+    store.close()

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from bucketsnap._saving import ExternalValue, check_itr, check_state, prepare_value
+from bucketsnap._saving import meta as archive_meta
 from bucketsnap.archive import ArchiveWriter
 from bucketsnap.distributed import DistributedSaveError, ProcessGroupArg, Sharded, _Group, _resolve, shard_key
 from bucketsnap.errors import BucketsnapError
 from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
 from bucketsnap.manifest import SNAPSHOT_DIR
 from bucketsnap.progress import ByteCounter, ProgressCallback
-from bucketsnap.store import ExternalValue, _check_itr, _check_state, _meta, _prepare_value
 from bucketsnap.values import EncodedValue, encode
 
 if TYPE_CHECKING:
@@ -54,17 +55,17 @@ class _Local:
 def _prepare_local(
     group: _Group, itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool
 ) -> _Local:
-    itr = _check_itr(itr)
-    _check_state(state)
+    itr = check_itr(itr)
+    check_state(state)
     metric_values = check_metrics(dict(metrics or {}))
     sizes = {k: _nbytes(v) for k, v in state.items() if not isinstance(v, Sharded)}
     owners = _assign(sizes, group.world)
     values: dict[str, EncodedValue | ExternalValue] = {}
     for key, value in state.items():
         if isinstance(value, Sharded):
-            values[shard_key(key, group.rank)] = _prepare_value(value.value, copy=copy)
+            values[shard_key(key, group.rank)] = prepare_value(value.value, copy=copy)
         elif owners[key] == group.rank:
-            values[key] = _prepare_value(value, copy=copy)
+            values[key] = prepare_value(value, copy=copy)
     layout = [(k, isinstance(v, Sharded)) for k, v in state.items()]
     return _Local(itr, overwrite, metric_values, layout, sizes, values)
 
@@ -288,7 +289,7 @@ def _write_rank(
     if not values and group.rank != 0:
         return {"members": {}, "refs": []}
     counter = None if progress is None else ByteCounter(sum(v.raw_size for v in values.values()), progress)
-    meta = {**_meta(prepared.itr, created, prepared.metrics), "rank": group.rank, "world_size": group.world}
+    meta = {**archive_meta(prepared.itr, created, prepared.metrics), "rank": group.rank, "world_size": group.world}
     with store.storage.write(path) as f:
         writer = ArchiveWriter(
             f,

@@ -62,6 +62,8 @@ class Manifest:
 
     generation: int
     snapshots: tuple[SnapshotInfo, ...] = ()
+    #: When the generation was committed (None for generation 0 and for generations that do not say).
+    written: datetime | None = None
 
     def itrs(self) -> list[int]:
         return [s.itr for s in self.snapshots]
@@ -135,7 +137,15 @@ class Manifest:
         snapshots = sorted((SnapshotInfo.from_json(e, base_url=base_url) for e in entries), key=lambda s: s.itr)
         if len({s.itr for s in snapshots}) != len(snapshots):
             raise CorruptSnapshotError(f"manifest {where} lists an itr twice")
-        return cls(generation, tuple(snapshots))
+        return cls(generation, tuple(snapshots), _timestamp(doc.get("written")))
+
+
+def _timestamp(value: object) -> datetime | None:
+    try:
+        written = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return written if written.tzinfo else written.replace(tzinfo=timezone.utc)
 
 
 def generation_name(generation: int) -> str:

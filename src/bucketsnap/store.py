@@ -9,40 +9,19 @@ streams only the requested members' byte ranges.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import platform
-import re
-import threading
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from bucketsnap._version import __version__
-from bucketsnap.archive import META_NAME, ArchiveWriter, data_offset, read_directory
-from bucketsnap.errors import (
-    BucketsnapError,
-    CorruptSnapshotError,
-    NotASnapshotError,
-    SnapshotExistsError,
-    StorageError,
-)
-from bucketsnap.info import Metric, SnapshotInfo, check_metrics
-from bucketsnap.manifest import (
-    KEEP_GENERATIONS,
-    MANIFEST_DIR,
-    SNAPSHOT_DIR,
-    Manifest,
-    ManifestLog,
-    Which,
-    generation_name,
-)
+from bucketsnap._background import BackgroundSaves, SaveFuture
+from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare
+from bucketsnap.archive import ArchiveWriter
+from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
+from bucketsnap.info import SnapshotInfo
+from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
+from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
@@ -53,35 +32,9 @@ from bucketsnap.values import EncodedValue, MapLocation, encode
 if TYPE_CHECKING:
     from bucketsnap.distributed import ProcessGroupArg
 
-__all__ = ["ExternalValue", "SnapshotStore", "as_store"]
+__all__ = ["DATA_DIRS", "ExternalValue", "SnapshotStore", "as_store"]
 
 logger = logging.getLogger("bucketsnap")
-
-#: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
-DATA_DIRS = (SNAPSHOT_DIR, "chunks")
-
-
-@runtime_checkable
-class ExternalValue(Protocol):
-    """A state value stored partly in objects of its own, such as a replay buffer's content-addressed chunks.
-
-    The store calls :meth:`host_copy` in the caller's thread for :meth:`SnapshotStore.save_async`, then
-    :meth:`write_objects` before it writes the archive: the returned value becomes the key's member, and the
-    returned paths (relative to the run) the snapshot's ``refs``, so gc and delete keep those objects while any
-    committed snapshot needs them. Objects are written before the commit and never deleted by a failed save
-    (another snapshot may share them); gc removes them once no committed snapshot refers to them.
-    """
-
-    def host_copy(self) -> ExternalValue:
-        """A copy that stays valid while the caller changes the original (for background saves)."""
-        ...
-
-    def write_objects(self, storage: Storage) -> tuple[Any, list[str]]:
-        """Write the objects that are missing; return the member value and every object path it needs."""
-        ...
-
-
-_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 
 class SnapshotStore:
@@ -121,8 +74,7 @@ class SnapshotStore:
         max_in_flight: int = 1,
         retention: RetentionPolicy | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self._background: BackgroundSaves[SnapshotInfo] = BackgroundSaves(max_in_flight)
         self._storage = Storage(
             url, storage_options=storage_options, part_size=part_size, upload_concurrency=upload_concurrency
         )
@@ -130,11 +82,6 @@ class SnapshotStore:
         self.compression_level = compression_level
         self.compression_threads = compression_threads
         self.max_in_flight = max_in_flight
-        self._executor: ThreadPoolExecutor | None = None
-        self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._lock = threading.Lock()
-        self._in_flight: set[Future[SnapshotInfo]] = set()
-        self._errors: list[BaseException] = []
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"retention must be a bucketsnap.retention policy such as KeepLast(3), not {retention!r}")
         self.retention = retention
@@ -192,7 +139,7 @@ class SnapshotStore:
         job = save_job(self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress)
         if job is not None:
             return job()
-        return self._write(_prepare(itr, state, metrics, overwrite=overwrite, copy=False), progress)
+        return self._write(prepare(itr, state, metrics, overwrite=overwrite, copy=False), progress)
 
     def save_async(
         self,
@@ -203,7 +150,7 @@ class SnapshotStore:
         overwrite: bool = False,
         progress: ProgressCallback | None = None,
         process_group: ProcessGroupArg = None,
-    ) -> Future[SnapshotInfo]:
+    ) -> SaveFuture[SnapshotInfo]:
         """Copy ``state`` to host memory, then write and commit it in a background thread.
 
         Returns once the copy is made: the caller may change the model and optimizer right away. At most
@@ -211,8 +158,9 @@ class SnapshotStore:
         memory held by in-flight copies is bounded by ``max_in_flight`` (plus the one being copied) times the
         state's size.
 
-        A failure is raised by the returned future's ``result()``, and also by the next ``save``,
-        ``save_async``, :meth:`flush` or :meth:`close` call, so it is never lost. ``progress`` is called as
+        A failure is raised once: by the returned future if the caller asks it (``result()`` or
+        ``exception()``), otherwise by the next ``save``, ``save_async``, :meth:`flush` or :meth:`close` call,
+        so it is never lost. ``progress`` is called as
         in :meth:`save`, from the background thread. ``process_group`` is as in :meth:`save`; the collectives
         run in the background thread too, and every error (even a bad key) is raised by the future, on every rank.
         """
@@ -223,20 +171,9 @@ class SnapshotStore:
             self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress, copy=True
         )
         if job is None:
-            prepared = _prepare(itr, state, metrics, overwrite=overwrite, copy=True)
+            prepared = prepare(itr, state, metrics, overwrite=overwrite, copy=True)
             job = functools.partial(self._write, prepared, progress)
-        self._slots.acquire()
-        try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="bucketsnap-save")
-            future = self._executor.submit(job)
-        except BaseException:
-            self._slots.release()
-            raise
-        with self._lock:
-            self._in_flight.add(future)
-        future.add_done_callback(self._async_done)
-        return future
+        return self._background.submit(job)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every :meth:`save_async` in flight; raise the first error not yet raised.
@@ -244,26 +181,15 @@ class SnapshotStore:
         Raises:
             TimeoutError: saves were still running after ``timeout`` seconds (they go on in the background).
         """
-        with self._lock:
-            pending = list(self._in_flight)
-        _, not_done = wait(pending, timeout=timeout)
-        if not_done:
-            raise TimeoutError(f"{len(not_done)} save(s) to {self.url} still running after {timeout} s")
-        self._raise_background_error()
+        self._background.flush(timeout, where=self.url)
 
-    def _pending(self) -> list[Future[SnapshotInfo]]:
+    def _pending(self) -> list[SaveFuture[SnapshotInfo]]:
         """The :meth:`save_async` futures not yet done (for :mod:`bucketsnap.preemption`)."""
-        with self._lock:
-            return list(self._in_flight)
+        return self._background.pending()
 
     def close(self) -> None:
         """Wait for in-flight saves and stop the background thread; raise an error not yet raised."""
-        try:
-            self.flush()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        self._background.close(where=self.url)
 
     def __enter__(self) -> SnapshotStore:
         return self
@@ -277,21 +203,10 @@ class SnapshotStore:
         except Exception as background:
             logger.error("background save failed while %s was being raised: %s", exc_type, background)
 
-    def _async_done(self, future: Future[SnapshotInfo]) -> None:
-        with self._lock:
-            self._in_flight.discard(future)
-            error = future.exception() if not future.cancelled() else None
-            if error is not None:
-                self._errors.append(error)
-        self._slots.release()
-
     def _raise_background_error(self) -> None:
-        with self._lock:
-            error = self._errors.pop(0) if self._errors else None
-        if error is not None:
-            raise error
+        self._background.raise_failure()
 
-    def _write(self, prepared: _Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
+    def _write(self, prepared: Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Write an archive from encoded values and commit it."""
         itr = prepared.itr
         if not prepared.overwrite and self._log.read().find(itr) is not None:
@@ -320,7 +235,7 @@ class SnapshotStore:
             for key, encoded in values.items():
                 writer.add_encoded(key, encoded)
             # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
-            size = writer.finish({**_meta(itr, created, prepared.metrics), **({"refs": sorted(refs)} if refs else {})})
+            size = writer.finish({**meta(itr, created, prepared.metrics), **({"refs": sorted(refs)} if refs else {})})
         stored = self._storage.size(path)
         if stored != size:  # an upload that reported success but kept other bytes: never commit it
             self._storage.delete(path)
@@ -400,7 +315,7 @@ class SnapshotStore:
         Raises:
             SnapshotNotFoundError: no snapshot ``itr`` is committed.
         """
-        itr = _check_itr(itr)
+        itr = check_itr(itr)
         removed: list[SnapshotInfo] = []
 
         def remove(current: Manifest) -> list[SnapshotInfo]:
@@ -514,28 +429,7 @@ class SnapshotStore:
         but not yet committed, is left alone; and manifest generations older than the newest
         :data:`~bucketsnap.manifest.KEEP_GENERATIONS`. Never removes anything committed.
         """
-        now = datetime.now(timezone.utc).timestamp()
-        manifest = self._log.read()
-        referenced = set().union(*(s.objects() for s in manifest.snapshots))
-        doomed: list[str] = []
-        for directory in DATA_DIRS:
-            for name in self._storage.list(directory):
-                rel = f"{directory}/{name}"
-                if rel in referenced:
-                    continue
-                modified = self._storage.modified(rel)
-                if min_age <= 0 or modified is None or now - modified >= min_age:
-                    doomed.append(rel)
-        generations = self._log.generations()
-        doomed += [generation_name(g) for g in generations if g < manifest.generation - KEEP_GENERATIONS]
-        for name in self._storage.list(MANIFEST_DIR):  # temp files of commits interrupted by a crash
-            rel = f"{MANIFEST_DIR}/{name}"
-            if ".tmp-" in name and (min_age <= 0 or now - (self._storage.modified(rel) or now) >= min_age):
-                doomed.append(rel)
-        if not dry_run:
-            for rel in doomed:
-                self._storage.delete(rel)
-        return doomed
+        return collect_garbage(self._log, min_age=min_age, dry_run=dry_run)
 
     def repair(self) -> Manifest:
         """Commit a new manifest generation rebuilt after a corrupt one.
@@ -544,118 +438,12 @@ class SnapshotStore:
         itr it does not list (read from the archive's own ``meta.json``). Use it when a load reports a corrupt
         manifest; it never deletes anything.
         """
-        base = Manifest(0)
-        for generation in reversed(self._log.generations()):
-            try:
-                base = self._log.read_generation(generation)
-                break
-            except (CorruptSnapshotError, FileNotFoundError) as exc:
-                logger.warning("skipping manifest generation %d: %s", generation, exc)
-        known = {s.itr: s for s in base.snapshots}
-        for name in self._storage.list(SNAPSHOT_DIR):
-            rel = f"{SNAPSHOT_DIR}/{name}"
-            if not name.endswith(".zip") or name.startswith(".") or any(rel in s.objects() for s in base.snapshots):
-                continue
-            try:
-                info = self._recover_info(rel)
-            except (BucketsnapError, FileNotFoundError) as exc:
-                logger.warning("not recovering %s: %s", self._storage.url_of(rel), exc)
-                continue
-            if info.itr not in known or info.created > known[info.itr].created:
-                known[info.itr] = info
-
-        def merged(current: Manifest) -> list[SnapshotInfo]:
-            # Commits made since (by another writer, or another repair) win over what was recovered.
-            return list({**known, **{s.itr: s for s in current.snapshots}}.values())
-
-        return self._log.commit(merged, over_corrupt=True)
-
-    def _recover_info(self, rel: str) -> SnapshotInfo:
-        size = self._storage.size(rel)
-        where = self._storage.url_of(rel)
-
-        def read_range(start: int, end: int) -> bytes:
-            return self._storage.read(rel, start, end)
-
-        entries = read_directory(read_range, size, where=where)
-        if META_NAME not in entries:
-            raise CorruptSnapshotError(f"{where} has no {META_NAME}")
-        entry = entries[META_NAME]
-        start = data_offset(read_range, entry, size, where=where)
-        try:
-            meta = json.loads(read_range(start, start + entry.stored_size))
-            if not isinstance(meta, dict):
-                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-        except (ValueError, RecursionError) as exc:
-            raise CorruptSnapshotError(f"{where}: {META_NAME} is not valid: {exc}") from exc
-        if meta.get("world_size", 1) > 1:  # one rank's part: alone it is not a snapshot
-            raise NotASnapshotError(f"{where} is one rank's part of a distributed save that was never committed")
-        info = SnapshotInfo.from_json({**meta, "path": rel, "size": size}, base_url=self._storage.url)
-        Snapshot(self._storage, info).verify()
-        return info
+        return repair(self._log)
 
     def _exists(self, itr: int) -> SnapshotExistsError:
         return SnapshotExistsError(
             f"itr {itr} is already committed at {self.url}; pass overwrite=True to replace it, or save a new itr"
         )
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A validated, encoded save, ready to be written by any thread."""
-
-    itr: int
-    values: dict[str, EncodedValue | ExternalValue]
-    metrics: dict[str, Metric]
-    overwrite: bool
-
-
-def _prepare(itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool) -> _Prepared:
-    itr = _check_itr(itr)
-    _check_state(state)
-    metric_values = check_metrics(dict(metrics or {}))
-    values = {key: _prepare_value(value, copy=copy) for key, value in state.items()}
-    return _Prepared(itr, values, metric_values, overwrite)
-
-
-def _prepare_value(value: Any, *, copy: bool) -> EncodedValue | ExternalValue:
-    if isinstance(value, ExternalValue):
-        return value.host_copy() if copy else value
-    return encode(value, copy=copy)
-
-
-def _meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format": "bucketsnap",
-        "itr": itr,
-        "created": created.isoformat(),
-        "metrics": metrics,
-        "library": {
-            "bucketsnap": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-    }
-
-
-def _check_itr(itr: Any) -> int:
-    if isinstance(itr, bool) or not isinstance(itr, (int, np.integer)) or itr < 0:
-        raise ValueError(f"itr must be a non-negative int, not {itr!r}")
-    return int(itr)
-
-
-def _check_state(state: Any) -> None:
-    if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a dict of key -> value, not {type(state).__name__}")
-    if not state:
-        raise ValueError("state is empty: pass at least one key, such as {'policy': model.state_dict()}")
-    for key in state:
-        if not isinstance(key, str) or not _KEY.match(key):
-            raise ValueError(
-                f"state key {key!r} is not a valid member name: use 1-200 letters, digits, '_', '-' or '.', "
-                "not starting with '.' or '-'"
-            )
 
 
 def as_store(url_or_store: str | SnapshotStore, *, storage_options: dict[str, Any] | None = None) -> SnapshotStore:

@@ -217,10 +217,7 @@ class PolicySaveTrigger(IntervalTrigger):
         if future is None or not self._settled.is_set():
             return
         self._future = None
-        if future.exception() is not None:
-            # The store queued the error too; flush() raises it and removes it from the queue, so it is raised
-            # once. (If another user of a shared store already saw it raised, it is not raised again.)
-            self._store.flush()
+        future.result()  # raises the background error; seen here, the store does not raise it again
 
 
 def _as_int(step: Any) -> int:

@@ -17,7 +17,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -134,8 +133,7 @@ def errors(store: SnapshotStore, rank: int, world: int) -> None:
         store.save_async(0, state(0, rank)).result(timeout=120)
     except Exception as exc:
         error_event(rank, 0, exc)
-    with contextlib.suppress(Exception):
-        store.flush()  # the store raises a background error once more, on the next call: take it here
+    store.flush()  # the error was seen through the future: the store does not raise it again
     # the group is still usable after errors that lost no rank
     info = store.save(4, state(4, rank))
     emit(rank, "saved", itr=4, objects=sorted(info.objects()))

@@ -1,0 +1,130 @@
+"""Background saves for :meth:`SnapshotStore.save_async`: a bounded pool whose errors are never lost.
+
+At most ``max_in_flight`` jobs run; :meth:`BackgroundSaves.submit` first waits for a free slot, which bounds
+the memory held by in-flight host copies. A job's error is delivered once: by its future, if the caller asks
+the future (``result()`` or ``exception()``), otherwise by the store's next ``save``/``save_async``/``flush``/
+``close``. Trade-off: an error the caller never asks about is raised at a later, unrelated call, which is
+surprising but better than a silent loss of a snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Generic, TypeVar
+
+__all__ = ["BackgroundSaves", "SaveFuture"]
+
+T = TypeVar("T")
+
+
+class SaveFuture(Future[T], Generic[T]):
+    """A future whose error, once the caller has seen it, is not raised again by the store."""
+
+    def __init__(self, owner: BackgroundSaves[T]) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def result(self, timeout: float | None = None) -> T:
+        try:
+            return super().result(timeout)
+        except BaseException:
+            if self.done():
+                self._owner._seen(self)
+            raise
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        self._owner._seen(self)
+        return error
+
+
+class BackgroundSaves(Generic[T]):
+    """Runs jobs on ``max_in_flight`` threads, keeping each failure until it has been raised once."""
+
+    def __init__(self, max_in_flight: int, *, name: str = "bucketsnap-save") -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.max_in_flight = max_in_flight
+        self._name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._lock = threading.Lock()
+        self._in_flight: set[SaveFuture[T]] = set()
+        self._failed: list[SaveFuture[T]] = []
+
+    def submit(self, job: Callable[[], T]) -> SaveFuture[T]:
+        """Run ``job`` in the background once a slot is free (waits for one)."""
+        future: SaveFuture[T] = SaveFuture(self)
+        self._slots.acquire()
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=self._name)
+            with self._lock:
+                self._in_flight.add(future)
+            self._executor.submit(self._run, job, future)
+        except BaseException:
+            with self._lock:
+                self._in_flight.discard(future)
+            self._slots.release()
+            raise
+        return future
+
+    def pending(self) -> list[SaveFuture[T]]:
+        """The futures not yet done."""
+        with self._lock:
+            return list(self._in_flight)
+
+    def flush(self, timeout: float | None = None, *, where: str = "") -> None:
+        """Wait for every job; raise the first failure not yet raised.
+
+        Raises:
+            TimeoutError: jobs were still running after ``timeout`` seconds (they go on in the background).
+        """
+        _, not_done = wait(self.pending(), timeout=timeout)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} save(s) to {where} still running after {timeout} s")
+        self.raise_failure()
+
+    def close(self, *, where: str = "") -> None:
+        """Wait for every job and stop the threads; raise the first failure not yet raised."""
+        try:
+            self.flush(where=where)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def raise_failure(self) -> None:
+        """Raise the oldest failure nobody has seen yet, if any."""
+        with self._lock:
+            future = self._failed.pop(0) if self._failed else None
+        if future is not None:
+            error = Future.exception(future)
+            assert error is not None
+            raise error
+
+    def _run(self, job: Callable[[], T], future: SaveFuture[T]) -> None:
+        if not future.set_running_or_notify_cancel():
+            self._finish(future)
+            return
+        try:
+            result = job()
+        except BaseException as exc:
+            with self._lock:
+                self._failed.append(future)
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        self._finish(future)
+
+    def _finish(self, future: SaveFuture[T]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+        self._slots.release()
+
+    def _seen(self, future: SaveFuture[Any]) -> None:
+        with self._lock:
+            if future in self._failed:
+                self._failed.remove(future)

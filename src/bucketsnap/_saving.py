@@ -1,0 +1,110 @@
+"""What every save does before it writes: validate the request and encode the state.
+
+Kept apart from :mod:`bucketsnap.store` so that single-process and distributed saves
+(:mod:`bucketsnap._distributed_save`) share one definition of a valid itr, key and metric, and of the
+``meta.json`` every archive carries.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from bucketsnap._version import __version__
+from bucketsnap.info import Metric, check_metrics
+from bucketsnap.storage import Storage
+from bucketsnap.values import EncodedValue, encode
+
+__all__ = ["ExternalValue", "Prepared", "check_itr", "check_state", "meta", "prepare", "prepare_value"]
+
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+@runtime_checkable
+class ExternalValue(Protocol):
+    """A state value stored partly in objects of its own, such as a replay buffer's content-addressed chunks.
+
+    The store calls :meth:`host_copy` in the caller's thread for :meth:`SnapshotStore.save_async`, then
+    :meth:`write_objects` before it writes the archive: the returned value becomes the key's member, and the
+    returned paths (relative to the run) the snapshot's ``refs``, so gc and delete keep those objects while any
+    committed snapshot needs them. Objects are written before the commit and never deleted by a failed save
+    (another snapshot may share them); gc removes them once no committed snapshot refers to them.
+    """
+
+    def host_copy(self) -> ExternalValue:
+        """A copy that stays valid while the caller changes the original (for background saves)."""
+        ...
+
+    def write_objects(self, storage: Storage) -> tuple[Any, list[str]]:
+        """Write the objects that are missing; return the member value and every object path it needs."""
+        ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, encoded save, ready to be written by any thread."""
+
+    itr: int
+    values: dict[str, EncodedValue | ExternalValue]
+    metrics: dict[str, Metric]
+    overwrite: bool
+
+
+def prepare(itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool) -> Prepared:
+    """Validate a save request and encode its state (``copy``: into private host memory)."""
+    itr = check_itr(itr)
+    check_state(state)
+    metric_values = check_metrics(dict(metrics or {}))
+    values = {key: prepare_value(value, copy=copy) for key, value in state.items()}
+    return Prepared(itr, values, metric_values, overwrite)
+
+
+def prepare_value(value: Any, *, copy: bool) -> EncodedValue | ExternalValue:
+    """Encode one top-level value, or (for an :class:`ExternalValue`) take it, or its host copy, as it is."""
+    if isinstance(value, ExternalValue):
+        return value.host_copy() if copy else value
+    return encode(value, copy=copy)
+
+
+def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``meta.json`` of an archive, less the member table the archive writer adds."""
+    return {
+        "format": "bucketsnap",
+        "itr": itr,
+        "created": created.isoformat(),
+        "metrics": metrics,
+        "library": {
+            "bucketsnap": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def check_itr(itr: Any) -> int:
+    """``itr`` as an int, or ValueError if it is not a non-negative integer."""
+    if isinstance(itr, bool) or not isinstance(itr, (int, np.integer)) or itr < 0:
+        raise ValueError(f"itr must be a non-negative int, not {itr!r}")
+    return int(itr)
+
+
+def check_state(state: Any) -> None:
+    """ValueError unless ``state`` is a non-empty mapping whose keys are valid member names."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state must be a dict of key -> value, not {type(state).__name__}")
+    if not state:
+        raise ValueError("state is empty: pass at least one key, such as {'policy': model.state_dict()}")
+    for key in state:
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(
+                f"state key {key!r} is not a valid member name: use 1-200 letters, digits, '_', '-' or '.', "
+                "not starting with '.' or '-'"
+            )
