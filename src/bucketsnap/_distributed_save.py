@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bucketsnap._saving import ExternalValue, check_itr, check_state, prepare_value
+from bucketsnap._saving import ExternalValue, check_itr, check_state, prepare_value, write_archive
 from bucketsnap._saving import meta as archive_meta
-from bucketsnap.archive import ArchiveWriter
 from bucketsnap.distributed import DistributedSaveError, ProcessGroupArg, Sharded, _Group, _resolve, shard_key
 from bucketsnap.errors import BucketsnapError
 from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
 from bucketsnap.manifest import SNAPSHOT_DIR
-from bucketsnap.progress import ByteCounter, ProgressCallback
-from bucketsnap.values import EncodedValue, encode
+from bucketsnap.progress import ProgressCallback
+from bucketsnap.values import EncodedValue
 
 if TYPE_CHECKING:
     from bucketsnap.store import SnapshotStore
@@ -277,30 +276,19 @@ def _write_rank(
     progress: ProgressCallback | None,
 ) -> dict[str, Any]:
     """Write this rank's members to ``path``; report what the commit needs. Ranks with nothing to write skip it."""
-    refs: set[str] = set()
-    values: dict[str, EncodedValue] = {}
-    for key, value in prepared.values.items():
-        if isinstance(value, EncodedValue):
-            values[key] = value
-        else:  # a replay buffer's chunks and the like: objects of their own, then a small member
-            member, paths = value.write_objects(store.storage)
-            values[key] = encode(member)
-            refs.update(paths)
-    if not values and group.rank != 0:
+    if not prepared.values and group.rank != 0:
         return {"members": {}, "refs": []}
-    counter = None if progress is None else ByteCounter(sum(v.raw_size for v in values.values()), progress)
-    meta = {**archive_meta(prepared.itr, created, prepared.metrics), "rank": group.rank, "world_size": group.world}
-    with store.storage.write(path) as f:
-        writer = ArchiveWriter(
-            f,
-            level=store.compression_level,
-            threads=store.compression_threads,
-            progress=None if counter is None else counter.add,
-        )
-        for key, encoded in values.items():
-            writer.add_encoded(key, encoded)
-        size = writer.finish({**meta, **({"refs": sorted(refs)} if refs else {})})
-    return {"path": path, "size": size, "members": dict(writer.members), "refs": sorted(refs)}
+    rank_meta = {**archive_meta(prepared.itr, created, prepared.metrics), "rank": group.rank, "world_size": group.world}
+    written = write_archive(
+        store.storage,
+        path,
+        prepared.values,
+        rank_meta,
+        level=store.compression_level,
+        threads=store.compression_threads,
+        progress=progress,
+    )
+    return {"path": path, "size": written.size, "members": written.members, "refs": list(written.refs)}
 
 
 def _commit(

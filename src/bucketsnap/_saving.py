@@ -18,11 +18,24 @@ import numpy as np
 import torch
 
 from bucketsnap._version import __version__
-from bucketsnap.info import Metric, check_metrics
+from bucketsnap.archive import ArchiveWriter
+from bucketsnap.errors import StorageError
+from bucketsnap.info import MemberInfo, Metric, check_metrics
+from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.storage import Storage
 from bucketsnap.values import EncodedValue, encode
 
-__all__ = ["ExternalValue", "Prepared", "check_itr", "check_state", "meta", "prepare", "prepare_value"]
+__all__ = [
+    "ExternalValue",
+    "Prepared",
+    "WrittenArchive",
+    "check_itr",
+    "check_state",
+    "meta",
+    "prepare",
+    "prepare_value",
+    "write_archive",
+]
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
@@ -108,3 +121,54 @@ def check_state(state: Any) -> None:
                 f"state key {key!r} is not a valid member name: use 1-200 letters, digits, '_', '-' or '.', "
                 "not starting with '.' or '-'"
             )
+
+
+@dataclass(frozen=True)
+class WrittenArchive:
+    """An archive stored at ``path`` (not yet committed): what its manifest entry needs."""
+
+    path: str
+    size: int
+    members: dict[str, MemberInfo]
+    refs: tuple[str, ...]
+
+
+def write_archive(
+    storage: Storage,
+    path: str,
+    values: Mapping[str, EncodedValue | ExternalValue],
+    archive_meta: dict[str, Any],
+    *,
+    level: int,
+    threads: int,
+    progress: ProgressCallback | None = None,
+) -> WrittenArchive:
+    """Write ``values`` as the archive ``path``: external values' objects first, then the archive itself.
+
+    Raises:
+        StorageError: the backend failed, or kept other bytes than were written (then nothing is left at
+            ``path``, so it can never be committed).
+    """
+    refs: set[str] = set()
+    encoded: dict[str, EncodedValue] = {}
+    for key, value in values.items():
+        if isinstance(value, EncodedValue):
+            encoded[key] = value
+        else:  # a replay buffer's chunks and the like: objects of their own, then a small member
+            member, paths = value.write_objects(storage)
+            encoded[key] = encode(member)
+            refs.update(paths)
+    counter = None if progress is None else ByteCounter(sum(v.raw_size for v in encoded.values()), progress)
+    with storage.write(path) as f:
+        writer = ArchiveWriter(f, level=level, threads=threads, progress=None if counter is None else counter.add)
+        for key, value in encoded.items():
+            writer.add_encoded(key, value)
+        # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
+        size = writer.finish({**archive_meta, **({"refs": sorted(refs)} if refs else {})})
+    stored = storage.size(path)
+    if stored != size:  # an upload that reported success but kept other bytes: never commit it
+        storage.delete(path)
+        raise StorageError(
+            f"{storage.url_of(path)} holds {stored} bytes after writing {size}; nothing was committed. Retry the save."
+        )
+    return WrittenArchive(path, size, dict(writer.members), tuple(sorted(refs)))

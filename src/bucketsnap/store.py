@@ -16,18 +16,17 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
-from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare
-from bucketsnap.archive import ArchiveWriter
-from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
+from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare, write_archive
+from bucketsnap.errors import BucketsnapError, SnapshotExistsError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
 from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which
-from bucketsnap.progress import ByteCounter, ProgressCallback
+from bucketsnap.progress import ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
 from bucketsnap.transfer import copy_objects
-from bucketsnap.values import EncodedValue, MapLocation, encode
+from bucketsnap.values import MapLocation
 
 if TYPE_CHECKING:
     from bucketsnap.distributed import ProcessGroupArg
@@ -211,50 +210,28 @@ class SnapshotStore:
         itr = prepared.itr
         if not prepared.overwrite and self._log.read().find(itr) is not None:
             raise self._exists(itr)
-        refs: set[str] = set()
-        values: dict[str, EncodedValue] = {}
-        for key, value in prepared.values.items():
-            if isinstance(value, EncodedValue):
-                values[key] = value
-                continue
-            member, paths = value.write_objects(self._storage)
-            values[key] = encode(member)
-            refs.update(paths)
         created = datetime.now(timezone.utc)
-        path = f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip"
-        counter = None
-        if progress is not None:
-            counter = ByteCounter(sum(v.raw_size for v in values.values()), progress)
-        with self._storage.write(path) as f:
-            writer = ArchiveWriter(
-                f,
-                level=self.compression_level,
-                threads=self.compression_threads,
-                progress=None if counter is None else counter.add,
-            )
-            for key, encoded in values.items():
-                writer.add_encoded(key, encoded)
-            # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
-            size = writer.finish({**meta(itr, created, prepared.metrics), **({"refs": sorted(refs)} if refs else {})})
-        stored = self._storage.size(path)
-        if stored != size:  # an upload that reported success but kept other bytes: never commit it
-            self._storage.delete(path)
-            raise StorageError(
-                f"{self._storage.url_of(path)} holds {stored} bytes after writing {size}; nothing was committed. "
-                "Retry the save."
-            )
+        written = write_archive(
+            self._storage,
+            f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip",
+            prepared.values,
+            meta(itr, created, prepared.metrics),
+            level=self.compression_level,
+            threads=self.compression_threads,
+            progress=progress,
+        )
         info = SnapshotInfo(
             itr=itr,
-            path=path,
-            url=self._storage.url_of(path),
-            size=size,
+            path=written.path,
+            url=self._storage.url_of(written.path),
+            size=written.size,
             created=created,
             metrics=prepared.metrics,
-            members=dict(writer.members),
-            refs=tuple(sorted(refs)),
+            members=written.members,
+            refs=written.refs,
         )
         self._commit_new(info, overwrite=prepared.overwrite)
-        logger.info("committed itr %d to %s (%d bytes)", itr, self.url, size)
+        logger.info("committed itr %d to %s (%d bytes)", itr, self.url, written.size)
         return info
 
     def _commit_new(self, info: SnapshotInfo, *, overwrite: bool) -> None:
