@@ -13,9 +13,10 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,14 @@ from benchmarks.campaign_common import Target, local_target, s3_target  # noqa: 
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "short": {
-        "crash": {"local": {"kills": 5}, "s3": {"kills": 3}},
+        "crash": {"local": {"kills": 4}, "s3": {"kills": 3}},
         "faults": {"memory": {"saves": 80}},
         "concurrent": {"local": {"writers": 4, "per_writer": 6}, "s3": {"writers": 3, "per_writer": 4}},
         "readers": {"local": {"readers": 2, "saves": 10}, "s3": {"readers": 2, "saves": 6}},
     },
     "long": {
-        "crash": {"local": {"kills": 300}, "s3": {"kills": 200}},
-        "faults": {"memory": {"saves": 3000}, "s3": {"saves": 300}},
+        "crash": {"local": {"kills": 200, "per_run": 10, "max_delay": 1.0}, "s3": {"kills": 120, "per_run": 10}},
+        "faults": {"memory": {"saves": 1000}, "s3": {"saves": 300}},
         "concurrent": {"local": {"writers": 8, "per_writer": 50}, "s3": {"writers": 8, "per_writer": 50}},
         "readers": {"local": {"readers": 4, "saves": 150}, "s3": {"readers": 4, "saves": 100}},
     },
@@ -91,6 +92,11 @@ def table(results: dict[str, list[Any]]) -> str:
     return "\n".join(out)
 
 
+def _plain(figures: Any) -> dict[str, Any]:
+    """A figures dataclass as JSON-able values (``asdict`` would turn a Counter into a Counter of pairs)."""
+    return {f.name: dict(v) if isinstance(v, dict) else v for f in fields(figures) for v in [getattr(figures, f.name)]}
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.getLogger("bucketsnap").setLevel(logging.ERROR)  # retries of injected faults are expected
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the S3 server and clean up on kill
     backends = args.backends.split(",")
     targets: dict[str, Target] = {"memory": Target("memory", "memory://campaign")}
     server = None
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(targets["local"].base, ignore_errors=True)
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps({k: [asdict(r) for r in v] for k, v in results.items()}, indent=1))
+        args.json.write_text(json.dumps({k: [_plain(r) for r in v] for k, v in results.items()}, indent=1))
     return 0
 
 

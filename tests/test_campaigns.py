@@ -166,3 +166,34 @@ def test_verify_sees_an_archive_written_by_another_process_after_a_listing(s3_ba
     writer = SnapshotStore(url, storage_options={**s3_backend.options, "skip_instance_cache": True})
     writer.save(2, {"x": 2})
     assert reader.verify(2).itr == 2  # was SnapshotNotFoundError: size() answered from the cached listing
+
+
+def test_a_slow_writer_cannot_recreate_a_pruned_generation(memory_backend: Backend) -> None:
+    """Found by the 8-writer campaign on local disk: 397 of 400 commits in the final manifest.
+
+    A writer that read generation N and was descheduled while others committed more than KEEP_GENERATIONS
+    generations found N+1 pruned, created it again, and took its commit for done: a generation below the
+    newest, which no reader ever reads.
+    """
+    from bucketsnap.manifest import KEEP_GENERATIONS
+
+    url = memory_backend.url("slow-writer")
+    slow, fast = SnapshotStore(url), SnapshotStore(url)
+    slow.save(0, {"v": 0})
+    original = slow._log.commit
+    calls = []
+
+    def descheduled(change: Any, **kw: Any) -> Any:
+        def late(current: Any) -> Any:
+            if not calls:
+                for itr in range(1, KEEP_GENERATIONS + 4):  # others commit meanwhile, and prune
+                    fast.save(itr, {"v": itr})
+            calls.append(current.generation)
+            return change(current)
+
+        return original(late, **kw)
+
+    slow._log.commit = descheduled  # type: ignore[method-assign]
+    slow.save(100, {"v": 100})
+    assert 100 in SnapshotStore(url).itrs()
+    assert slow.conflicts >= 1

@@ -31,6 +31,7 @@ import logging
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,6 +65,10 @@ class Manifest:
     snapshots: tuple[SnapshotInfo, ...] = ()
     #: When the generation was committed (None for generation 0 and for generations that do not say).
     written: datetime | None = None
+    #: A random id of this generation, and the id of the generation it was built on ("" if none or unknown):
+    #: a writer tells a generation built on its commit from one built on a pruned predecessor of the same number.
+    token: str = ""
+    parent: str = ""
 
     def itrs(self) -> list[int]:
         return [s.itr for s in self.snapshots]
@@ -110,6 +115,7 @@ class Manifest:
             "generation": self.generation,
             "written": datetime.now(timezone.utc).isoformat(),
             "snapshots": [s.to_json() for s in self.snapshots],
+            **({"id": self.token, "parent": self.parent} if self.token else {}),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -137,7 +143,14 @@ class Manifest:
         snapshots = sorted((SnapshotInfo.from_json(e, base_url=base_url) for e in entries), key=lambda s: s.itr)
         if len({s.itr for s in snapshots}) != len(snapshots):
             raise CorruptSnapshotError(f"manifest {where} lists an itr twice")
-        return cls(generation, tuple(snapshots), _timestamp(doc.get("written")))
+        token, parent = doc.get("id", ""), doc.get("parent", "")
+        return cls(
+            generation,
+            tuple(snapshots),
+            _timestamp(doc.get("written")),
+            token=token if isinstance(token, str) else "",
+            parent=parent if isinstance(parent, str) else "",
+        )
 
 
 def _timestamp(value: object) -> datetime | None:
@@ -203,7 +216,7 @@ class ManifestLog:
                     raise
                 current = Manifest(self.generations()[-1])
             snapshots = sorted(change(current), key=lambda s: s.itr)
-            new = Manifest(current.generation + 1, tuple(snapshots))
+            new = Manifest(current.generation + 1, tuple(snapshots), token=uuid.uuid4().hex, parent=current.token)
             try:
                 self.storage.create_exclusive(generation_name(new.generation), new.to_json())
             except FileExistsError:
@@ -211,12 +224,30 @@ class ManifestLog:
                 logger.debug("generation %d was committed by another writer; retrying", new.generation)
                 time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(attempt, 7))))
                 continue
+            newest = self.generations()
+            if newest and newest[-1] > new.generation and not self._built_upon(new):
+                # While this writer was between its read and its create, others committed more than
+                # KEEP_GENERATIONS generations and pruned this number, so the create succeeded below the newest
+                # generation, where no reader looks. Not a commit: commit again on top of the newest. (If the
+                # generation after it was pruned too, this cannot tell; ``change`` must then accept finding its
+                # own change already applied, as the store's save and delete do.)
+                self.conflicts += 1
+                logger.debug("generation %d was recreated below the newest %d; retrying", new.generation, newest[-1])
+                continue
             self._prune(new.generation)
             return new
         raise CommitConflictError(
             f"could not commit to {self.storage.url} after {MAX_COMMIT_ATTEMPTS} attempts: other writers kept "
             "committing first. The snapshot object was written; retry the save."
         )
+
+    def _built_upon(self, committed: Manifest) -> bool:
+        """Whether the generation after ``committed`` was built on it (rather than on a pruned predecessor)."""
+        try:
+            after = self.read_generation(committed.generation + 1)
+        except (FileNotFoundError, CorruptSnapshotError):
+            return False
+        return bool(committed.token) and after.parent == committed.token
 
     def _prune(self, newest: int) -> None:
         """Best effort: drop generations too old for any reader to still be reading them."""

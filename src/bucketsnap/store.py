@@ -239,6 +239,9 @@ class SnapshotStore:
 
         def add(current: Manifest) -> list[SnapshotInfo]:
             old = current.find(info.itr)
+            if old is not None and old.path == info.path:  # this very commit landed already (a lost response)
+                replaced.clear()
+                return list(current.snapshots)
             if old is not None and not overwrite:
                 raise self._exists(info.itr)
             replaced[:] = [old] if old is not None else []
