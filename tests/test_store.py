@@ -221,3 +221,22 @@ def test_unwritable_location_is_a_storage_error_naming_the_url(tmp_path) -> None
     with pytest.raises(StorageError, match="a-file") as exc:
         store.save(1, {"x": 1})
     assert "Check that the location exists" in str(exc.value) or "Not a directory" in str(exc.value)
+
+
+def test_delete_whose_commit_response_was_lost_still_succeeds(memory_backend: Backend) -> None:
+    store = memory_backend.store()
+    store.save(1, {"v": 1})
+    store.save(2, {"v": 2})
+    real_create = store.storage.create_exclusive
+    calls = []
+
+    def create_then_lose_the_response(rel: str, data: bytes) -> None:
+        calls.append(rel)
+        real_create(rel, data)
+        if len(calls) == 1:  # a transport retry re-sends the create and finds its own object
+            raise FileExistsError(rel)
+
+    store.storage.create_exclusive = create_then_lose_the_response  # type: ignore[method-assign]
+    store.delete(2)
+    assert store.itrs() == [1]
+    assert len(calls) == 2

@@ -299,6 +299,10 @@ class SnapshotStore:
         removed: list[SnapshotInfo] = []
 
         def remove(current: Manifest) -> list[SnapshotInfo]:
+            if removed and current.find(itr) is None:
+                # Found on an earlier attempt, gone now: our create landed although it reported a conflict (a
+                # lost response, retried), or another writer deleted it. Either way it is deleted.
+                return list(current.snapshots)
             removed[:] = [current.resolve(itr, self.url)]
             return [s for s in current.snapshots if s.itr != itr]
 
