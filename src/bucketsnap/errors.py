@@ -10,7 +10,9 @@ subclass inherits it too, so ``except FileNotFoundError`` written for a plain ``
     ├── CommitConflictError     (FileExistsError)      a commit could not be made against concurrent writers
     │   └── SnapshotExistsError                        the itr is already committed and overwrite=False
     ├── UnsafeLoadError         (PermissionError)      a pickled value met without allow_pickle=True
-    └── StorageError            (OSError)              the backend failed (network, permissions, throttling)
+    ├── StorageError            (OSError)              the backend failed (network, permissions, throttling)
+    └── DistributedSaveError                           a rank of a collective save failed or vanished
+                                                       (defined in bucketsnap.distributed)
 
 Messages say what happened, name the URL with credentials redacted, and say what to do next.
 """
