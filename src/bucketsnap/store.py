@@ -53,6 +53,7 @@ class SnapshotStore:
             Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
 
     Example:
+        >>> import torch
         >>> store = SnapshotStore("memory://doc/run")
         >>> info = store.save(10, {"policy": {"w": torch.zeros(2)}, "step": 10}, metrics={"return": 1.5})
         >>> store.itrs()
