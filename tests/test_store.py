@@ -240,3 +240,34 @@ def test_delete_whose_commit_response_was_lost_still_succeeds(memory_backend: Ba
     store.delete(2)
     assert store.itrs() == [1]
     assert len(calls) == 2
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # nothing written after the abort
+def test_local_writeback_thread_commits_and_aborts_cleanly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from bucketsnap import storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "WRITEBACK_EVERY", 2**20)  # start early writebacks after 1 MiB
+    store = SnapshotStore(str(tmp_path / "run"))
+    weights = torch.randn(2_000_000)  # 8 MiB: several writebacks
+    store.save(1, {"w": weights})
+    assert torch.equal(store.load(1)["w"], weights)
+    store.verify(1)
+
+    from bucketsnap.archive import ArchiveWriter
+
+    real_add = ArchiveWriter.add_encoded
+
+    def add_then_fail(self, key, encoded):  # type: ignore[no-untyped-def]
+        if key == "bad":  # after 8 MiB of "w": the writeback thread is running
+            raise RuntimeError("disk went away")
+        return real_add(self, key, encoded)
+
+    monkeypatch.setattr(ArchiveWriter, "add_encoded", add_then_fail)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        store.save(2, {"w": weights, "bad": 1})
+    assert store.itrs() == [1]
+    leftovers = [p.name for p in (tmp_path / "run" / "snapshots").iterdir()]
+    assert len(leftovers) == 1, f"the aborted archive's temp file is removed: {leftovers}"
+    assert not [t for t in threading.enumerate() if t.name == "bucketsnap-writeback"]

@@ -161,10 +161,14 @@ def write_archive(
     counter = None if progress is None else ByteCounter(sum(v.raw_size for v in encoded.values()), progress)
     with storage.write(path) as f:
         writer = ArchiveWriter(f, level=level, threads=threads, progress=None if counter is None else counter.add)
-        for key, value in encoded.items():
-            writer.add_encoded(key, value)
-        # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
-        size = writer.finish({**archive_meta, **({"refs": sorted(refs)} if refs else {})})
+        try:
+            for key, value in encoded.items():
+                writer.add_encoded(key, value)
+            # refs go into meta.json too, so that repair() recovers a snapshot with the chunks it needs
+            size = writer.finish({**archive_meta, **({"refs": sorted(refs)} if refs else {})})
+        except BaseException:
+            writer.abandon()
+            raise
     stored = storage.size(path)
     if stored != size:  # an upload that reported success but kept other bytes: never commit it
         storage.delete(path)

@@ -159,6 +159,11 @@ class ArchiveWriter:
         self.members[key] = info
         return info
 
+    def abandon(self) -> None:
+        """Give up on a failed archive: nothing more is written to the destination, not even by the garbage
+        collector finalising the zip (which would write a central directory into a closed or aborted file)."""
+        self._zip.fp = None  # zipfile's close() returns at once without an fp
+
     def finish(self, meta: dict[str, Any]) -> int:
         """Write ``meta.json`` (with the member table added) and the central directory; return the size."""
         meta = {**meta, "format_version": FORMAT_VERSION, "members": {k: m.to_json() for k, m in self.members.items()}}
