@@ -365,7 +365,7 @@ def test_import_needs_no_cli_dependencies_and_adds_no_log_handler() -> None:
     code = (
         "import logging, sys, bucketsnap; "
         "early = [m for m in ('click', 'safetensors') if m in sys.modules]; "  # not tqdm: torch imports it
-        "import bucketsnap.cli, bucketsnap.progress, bucketsnap.export, bucketsnap.transfer; "
+        "import bucketsnap.cli, bucketsnap.progress, bucketsnap.export, bucketsnap.copying; "
         "log = logging.getLogger('bucketsnap'); "
         "print(early, log.handlers, log.propagate, log.level, logging.getLogger().handlers)"
     )

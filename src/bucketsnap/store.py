@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare, write_archive
+from bucketsnap.copying import copy_objects
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
@@ -25,7 +26,6 @@ from bucketsnap.progress import ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
-from bucketsnap.transfer import copy_objects
 from bucketsnap.values import MapLocation
 
 if TYPE_CHECKING:
