@@ -29,9 +29,10 @@ from bucketsnap import (
 )
 from bucketsnap import values as values_mod
 from bucketsnap._saving import Prepared
-from bucketsnap.archive import FORMAT_VERSION, ArchiveWriter, read_directory
+from bucketsnap.archive import FORMAT_VERSION, ArchiveWriter
 from bucketsnap.manifest import MANIFEST_DIR, generation_name
 from bucketsnap.values import MAGIC, EncodedValue
+from bucketsnap.zipformat import read_directory
 
 pytestmark = pytest.mark.timeout(120)
 

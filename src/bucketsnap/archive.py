@@ -9,11 +9,11 @@ Layout (``unzip -l`` lists it; ``unzip -p snap.zip policy.zst | zstd -d`` recove
     meta.json     format version, library versions, itr, creation time, metrics, and per member its
                   codec, offset, raw and stored sizes and CRC-32
 
-Members are written through a forward-only stream, so every entry uses a zip data descriptor and ZIP64
-sizes where needed; the same bytes come out whether the destination is a local file or a multipart upload.
-Each member's data offset is recorded in ``meta.json`` and in the manifest, so a reader fetches one member with
-one ranged request and never reads the central directory; :func:`read_directory` reads it for tools that only
-have the archive.
+Members are written through a forward-only stream (:mod:`bucketsnap.zipformat`), so every entry uses a zip
+data descriptor and ZIP64 sizes where needed; the same bytes come out whether the destination is a local file
+or a multipart upload. Each member's data offset is recorded in ``meta.json`` and in the manifest, so a reader
+fetches one member with one ranged request and never reads the central directory;
+:func:`bucketsnap.zipformat.read_directory` reads it for tools that only have the archive.
 
 This module reads and writes file objects and byte ranges only; it knows no URLs.
 """
@@ -24,14 +24,10 @@ import io
 import json
 import struct
 import threading
-import time
-import zipfile
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 import zstandard
@@ -40,15 +36,14 @@ from bucketsnap import values as _values
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 from bucketsnap.info import MemberInfo
 from bucketsnap.values import EncodedValue, MapLocation, decode, encode
+from bucketsnap.zipformat import MemberSink, ReadRange, ZipStreamWriter, crc32
 
 __all__ = [
     "FORMAT_VERSION",
     "META_NAME",
     "ArchiveWriter",
-    "ZipEntry",
     "load_member",
     "member_name",
-    "read_directory",
     "verify_member",
 ]
 
@@ -71,40 +66,12 @@ def member_name(key: str) -> str:
     return f"{key}.zst"
 
 
-class _ForwardStream(io.RawIOBase):
-    """Wraps a destination as a non-seekable, position-counting stream, so zipfile writes data descriptors."""
-
-    def __init__(self, dest: IO[bytes]) -> None:
-        self.dest = dest
-        self.pos = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, *_: Any) -> int:
-        raise io.UnsupportedOperation("forward-only stream")
-
-    def write(self, b: Any) -> int:
-        n = memoryview(b).nbytes
-        self.dest.write(b)
-        self.pos += n
-        return n
-
-    def flush(self) -> None:
-        pass
-
-
 class ArchiveWriter:
     """Writes one snapshot archive to a binary stream: :meth:`add` each key, then :meth:`finish`.
 
     Args:
-        dest: a writable binary file object (not closed by the writer).
+        dest: a writable binary file object (not closed by the writer); if it has a ``writev(pieces)`` method,
+            incompressible members go out through it in large batches of pieces (see :mod:`bucketsnap.zipformat`).
         level: zstd level for compressible members.
         threads: zstd worker threads (0: compress in the calling thread; -1: one per core).
         progress: called with each count of uncompressed bytes as it is written.
@@ -118,12 +85,10 @@ class ArchiveWriter:
         threads: int = 0,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        self._out = _ForwardStream(dest)
+        self._zip: ZipStreamWriter | None = ZipStreamWriter(dest)
         self._progress = progress
-        self._zip = zipfile.ZipFile(self._out, "w", zipfile.ZIP_STORED, allowZip64=True)  # type: ignore[arg-type]
         self._level = level
         self._threads = threads
-        self._date_time = time.gmtime()[:6]
         self.members: dict[str, MemberInfo] = {}
 
     def add(self, key: str, value: Any) -> MemberInfo:
@@ -131,47 +96,50 @@ class ArchiveWriter:
         return self.add_encoded(key, encode(value))
 
     def add_encoded(self, key: str, encoded: EncodedValue) -> MemberInfo:
+        zip_ = self._open()
         name = member_name(key)
-        zinfo = zipfile.ZipInfo(name, date_time=self._date_time)  # type: ignore[arg-type]
-        zinfo.compress_type = zipfile.ZIP_STORED
-        zinfo.external_attr = 0o644 << 16
         raw_size = encoded.raw_size
         level = _choose_level(encoded, self._level)
-        with self._zip.open(zinfo, "w", force_zip64=raw_size > 2**31) as member:
-            offset = self._out.tell()
-            with _frame_writer(member, level, raw_size, self._threads) as zw:
-                for chunk in encoded.chunks():
-                    if self._progress is None:
-                        zw.write(chunk)
-                        continue
-                    view = memoryview(chunk).cast("B")
-                    for start in range(0, view.nbytes, READ_CHUNK):  # a tensor is one chunk: report in slices
-                        zw.write(view[start : start + READ_CHUNK])
-                        self._progress(min(READ_CHUNK, view.nbytes - start))
+        member = zip_.open_member(name, zip64=raw_size > 2**31)
+        offset = member.tell()
+        with _frame_writer(member, level, raw_size, self._threads) as zw:
+            for chunk in encoded.chunks():
+                if self._progress is None:
+                    zw.write(chunk)
+                    continue
+                view = memoryview(chunk).cast("B")
+                for start in range(0, view.nbytes, READ_CHUNK):  # a tensor is one chunk: report in slices
+                    zw.write(view[start : start + READ_CHUNK])
+                    self._progress(min(READ_CHUNK, view.nbytes - start))
+        zip_.close_member(member)
         info = MemberInfo(
             name=name,
             offset=offset,
-            stored_size=zinfo.compress_size,
+            stored_size=member.size,
             raw_size=raw_size,
-            crc32=f"{zinfo.CRC:08x}",
+            crc32=f"{member.crc:08x}",
             pickled=encoded.pickled,
         )
         self.members[key] = info
         return info
 
     def abandon(self) -> None:
-        """Give up on a failed archive: nothing more is written to the destination, not even by the garbage
-        collector finalising the zip (which would write a central directory into a closed or aborted file)."""
-        self._zip.fp = None  # zipfile's close() returns at once without an fp
+        """Give up on a failed archive: nothing more is written to the destination."""
+        self._zip = None
 
     def finish(self, meta: dict[str, Any]) -> int:
         """Write ``meta.json`` (with the member table added) and the central directory; return the size."""
+        zip_ = self._open()
         meta = {**meta, "format_version": FORMAT_VERSION, "members": {k: m.to_json() for k, m in self.members.items()}}
-        zinfo = zipfile.ZipInfo(META_NAME, date_time=self._date_time)  # type: ignore[arg-type]
-        zinfo.external_attr = 0o644 << 16
-        self._zip.writestr(zinfo, json.dumps(meta, indent=1, sort_keys=True))
-        self._zip.close()
-        return self._out.tell()
+        zip_.add_bytes(META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())
+        size = zip_.close()
+        self._zip = None
+        return size
+
+    def _open(self) -> ZipStreamWriter:
+        if self._zip is None:
+            raise ValueError("this archive is finished or abandoned")
+        return self._zip
 
 
 def _choose_level(encoded: EncodedValue, level: int) -> int | None:
@@ -184,12 +152,12 @@ def _choose_level(encoded: EncodedValue, level: int) -> int | None:
     return None if ratio > INCOMPRESSIBLE_RATIO else level
 
 
-def _frame_writer(member: IO[bytes], level: int | None, raw_size: int, threads: int) -> Any:
+def _frame_writer(member: MemberSink, level: int | None, raw_size: int, threads: int) -> Any:
     """A writer of one zstd frame into ``member``: compressed at ``level``, or stored when ``level`` is None."""
     if level is None:
         return _StoredFrame(member, raw_size)
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-    return cctx.stream_writer(member, size=raw_size, write_size=_WRITE_CHUNK, closefd=False)
+    return cctx.stream_writer(member, size=raw_size, write_size=_WRITE_CHUNK, closefd=False)  # type: ignore[arg-type]
 
 
 class _StoredFrame:
@@ -199,13 +167,16 @@ class _StoredFrame:
     buffers and hashes it, which costs as much as the disk write; a stored frame costs one CRC-32 pass (the
     zip's, which also covers these bytes) and no copy, and any zstd decoder reads it. Layout (RFC 8878): magic,
     a header with the 8-byte content size, a 128 KiB window and no content checksum, raw blocks of at most
-    128 KiB, and an empty last block.
+    128 KiB, and an empty last block. Each block's 3-byte header and its data are handed to the zip member
+    as separate pieces, :data:`_BATCH` blocks at a time, so a local file gets them in one ``writev`` call.
     """
 
     _HEADER = struct.Struct("<IBBQ")
     _BLOCK = 128 * 1024
+    _FULL_BLOCK = (_BLOCK << 3).to_bytes(3, "little")  # raw block, not last, 128 KiB
+    _BATCH = 128  # blocks per call: 16 MiB, 256 pieces (IOV_MAX is 1024)
 
-    def __init__(self, member: IO[bytes], raw_size: int) -> None:
+    def __init__(self, member: MemberSink, raw_size: int) -> None:
         self._member = member
         # descriptor 0xC0: 8-byte content size, not single-segment, no checksum; window byte 0x38: 2**17
         member.write(self._HEADER.pack(0xFD2FB528, 0xC0, 0x38, raw_size))
@@ -219,18 +190,20 @@ class _StoredFrame:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        block = self._BLOCK
+        block, pieces = self._BLOCK, list[Any]()
         for start in range(0, view.nbytes, block):
             piece = view[start : start + block]
-            self._member.write((piece.nbytes << 3).to_bytes(3, "little"))  # raw block, not last
-            self._member.write(piece)
+            full = piece.nbytes == block
+            pieces += (self._FULL_BLOCK if full else (piece.nbytes << 3).to_bytes(3, "little"), piece)
+            if len(pieces) >= 2 * self._BATCH:
+                self._member.write_pieces(pieces)
+                pieces = []
+        if pieces:
+            self._member.write_pieces(pieces)
         return view.nbytes
 
 
 # -- reading -------------------------------------------------------------------------------------------------
-
-ReadRange = Callable[[int, int], bytes]
-
 
 _pool_lock = threading.Lock()
 _read_pool: ThreadPoolExecutor | None = None
@@ -276,7 +249,7 @@ class _RangeReader(io.RawIOBase):
                     f"{self._where}: truncated: wanted bytes {self._pos}-{self._pos + n}, got {len(data)}"
                 )
             self._pos += n
-            self._crc = zlib.crc32(data, self._crc)
+            self._crc = crc32(data, self._crc)
             self._buf = memoryview(data)
         view = memoryview(b).cast("B")
         n = min(len(view), len(self._buf))
@@ -383,114 +356,3 @@ def verify_member(read_range: ReadRange, member: MemberInfo, *, where: str) -> N
     with _member_stream(read_range, member, where) as stream:
         while stream.read(READ_CHUNK):
             pass
-
-
-# -- the central directory, for readers that only have the archive -------------------------------------------
-
-_EOCD = struct.Struct("<4s4H2LH")
-_EOCD64_LOC = struct.Struct("<4sLQL")
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")
-_CDIR = struct.Struct("<4s6H3L5H2L")
-_LOCAL = struct.Struct("<4s5H3L2H")
-_TAIL = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ZipEntry:
-    """A central directory entry: where a member's local header is and how big its data is."""
-
-    name: str
-    header_offset: int
-    stored_size: int
-    raw_size: int
-    crc32: int
-    method: int
-
-
-def read_directory(read_range: ReadRange, size: int, *, where: str) -> dict[str, ZipEntry]:
-    """Parse the central directory of a zip of ``size`` bytes with ranged reads.
-
-    Raises:
-        CorruptSnapshotError: not a zip, truncated, unsafe or duplicate member names, out-of-range offsets.
-    """
-    if size < _EOCD.size:
-        raise CorruptSnapshotError(f"{where}: {size} bytes is too small to be a zip archive")
-    tail_start = max(0, size - _TAIL - _EOCD.size)
-    tail = read_range(tail_start, size)
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < _EOCD.size:
-        raise CorruptSnapshotError(f"{where}: no zip end-of-central-directory record (truncated or not a zip)")
-    _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-    loc = at - _EOCD64_LOC.size
-    if loc >= 0 and tail[loc : loc + 4] == b"PK\x06\x07":
-        _, _, eocd64_offset, _ = _EOCD64_LOC.unpack_from(tail, loc)
-        rec = _read_checked(read_range, eocd64_offset, _EOCD64.size, size, where)
-        if rec[:4] != b"PK\x06\x06":
-            raise CorruptSnapshotError(f"{where}: bad ZIP64 end-of-central-directory record")
-        _, _, _, _, _, _, _, count, cd_size, cd_offset = _EOCD64.unpack(rec)
-    cdir = _read_checked(read_range, cd_offset, cd_size, size, where)
-    entries: dict[str, ZipEntry] = {}
-    pos = 0
-    for _ in range(count):
-        if cdir[pos : pos + 4] != b"PK\x01\x02" or pos + _CDIR.size > len(cdir):
-            raise CorruptSnapshotError(f"{where}: bad central directory entry at {cd_offset + pos}")
-        fields = _CDIR.unpack_from(cdir, pos)
-        method, crc, csize, usize, nlen, elen, clen = fields[4], fields[7], fields[8], fields[9], *fields[10:13]
-        offset = fields[16]
-        raw_name = cdir[pos + _CDIR.size : pos + _CDIR.size + nlen]
-        extra = cdir[pos + _CDIR.size + nlen : pos + _CDIR.size + nlen + elen]
-        usize, csize, offset = _zip64_values(extra, usize, csize, offset)
-        name = _safe_name(raw_name, where)
-        if name in entries:
-            raise CorruptSnapshotError(f"{where}: duplicate member name {name!r}")
-        if offset + _LOCAL.size + csize > size:
-            raise CorruptSnapshotError(f"{where}: member {name!r} extends past the end of the archive")
-        entries[name] = ZipEntry(name, offset, csize, usize, crc, method)
-        pos += _CDIR.size + nlen + elen + clen
-    return entries
-
-
-def data_offset(read_range: ReadRange, entry: ZipEntry, size: int, *, where: str) -> int:
-    """The offset of an entry's data, read from its local header."""
-    header = _read_checked(read_range, entry.header_offset, _LOCAL.size, size, where)
-    fields = _LOCAL.unpack(header)
-    if fields[0] != b"PK\x03\x04":
-        raise CorruptSnapshotError(f"{where}: bad local header for {entry.name!r}")
-    return entry.header_offset + _LOCAL.size + int(fields[-2]) + int(fields[-1])
-
-
-def _read_checked(read_range: ReadRange, start: int, length: int, size: int, where: str) -> bytes:
-    if start < 0 or length < 0 or start + length > size:
-        raise CorruptSnapshotError(f"{where}: zip structure points outside the archive ({start}+{length} > {size})")
-    data = read_range(start, start + length)
-    if len(data) != length:
-        raise CorruptSnapshotError(f"{where}: truncated archive")
-    return data
-
-
-def _zip64_values(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, length = struct.unpack_from("<2H", extra, pos)
-        if tag == 1:
-            body = extra[pos + 4 : pos + 4 + length]
-            values = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
-            if usize == 0xFFFFFFFF and values:
-                usize = values.pop(0)
-            if csize == 0xFFFFFFFF and values:
-                csize = values.pop(0)
-            if offset == 0xFFFFFFFF and values:
-                offset = values.pop(0)
-        pos += 4 + length
-    return usize, csize, offset
-
-
-def _safe_name(raw: bytes, where: str) -> str:
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptSnapshotError(f"{where}: member name is not UTF-8") from exc
-    parts = name.replace("\\", "/").split("/")
-    if not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-        raise CorruptSnapshotError(f"{where}: unsafe member name {name!r}")
-    return name

@@ -20,7 +20,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from bucketsnap.archive import META_NAME, data_offset, read_directory
+from bucketsnap.archive import META_NAME
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.manifest import (
@@ -32,6 +32,7 @@ from bucketsnap.manifest import (
     generation_name,
 )
 from bucketsnap.snapshot import Snapshot
+from bucketsnap.zipformat import data_offset, read_directory
 
 __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 

@@ -43,12 +43,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("bucketsnap.integrations.sb3 needs stable-baselines3: pip install 'bucketsnap[sb3]'") from exc
 
-from bucketsnap.archive import data_offset, read_directory
 from bucketsnap.buffers import buffer_state, restore_buffer
 from bucketsnap.errors import CorruptSnapshotError, NotASnapshotError, SnapshotNotFoundError, StorageError, redact
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.integrations._sb3_data import encode_data, resolve_data
 from bucketsnap.store import SnapshotStore, as_store
+from bucketsnap.zipformat import data_offset, read_directory
 
 __all__ = ["SB3Zip", "SnapshotCallback", "export_sb3_zip", "load_model", "load_sb3_zip", "save_model"]
 
