@@ -1,10 +1,11 @@
 """Background saves for :meth:`SnapshotStore.save_async`: a bounded pool whose errors are never lost.
 
 At most ``max_in_flight`` jobs run; :meth:`BackgroundSaves.submit` first waits for a free slot, which bounds
-the memory held by in-flight host copies. A job's error is delivered once: by its future, if the caller asks
-the future (``result()`` or ``exception()``), otherwise by the store's next ``save``/``save_async``/``flush``/
-``close``. Trade-off: an error the caller never asks about is raised at a later, unrelated call, which is
-surprising but better than a silent loss of a snapshot.
+the memory held by in-flight host copies. A job's ``on_end`` callback runs once whatever happens to the job
+(done, failed, cancelled, never submitted), so the host buffers it read always go back to their pool. A job's
+error is delivered once: by its future, if the caller asks the future (``result()`` or ``exception()``),
+otherwise by the store's next ``save``/``save_async``/``flush``/``close``. Trade-off: an error the caller never
+asks about is raised at a later, unrelated call, which is surprising but better than a silent loss of a snapshot.
 """
 
 from __future__ import annotations
@@ -54,21 +55,32 @@ class BackgroundSaves(Generic[T]):
         self._in_flight: set[SaveFuture[T]] = set()
         self._failed: list[SaveFuture[T]] = []
 
-    def submit(self, job: Callable[[], T]) -> SaveFuture[T]:
-        """Run ``job`` in the background once a slot is free (waits for one)."""
+    def submit(self, job: Callable[[], T], *, on_end: Callable[[], None] | None = None) -> SaveFuture[T]:
+        """Run ``job`` in the background once a slot is free (waits for one).
+
+        ``on_end`` is called exactly once: after ``job`` returns or raises and before the future is resolved, so
+        a caller woken by the future finds it done; or, if ``job`` never runs (the future was cancelled, or
+        this call raised), when that is known.
+        """
         future: SaveFuture[T] = SaveFuture(self)
-        self._slots.acquire()
+        scheduled = False
         try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=self._name)
-            with self._lock:
-                self._in_flight.add(future)
-            self._executor.submit(self._run, job, future)
-        except BaseException:
-            with self._lock:
-                self._in_flight.discard(future)
-            self._slots.release()
-            raise
+            self._slots.acquire()
+            try:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=self._name)
+                with self._lock:
+                    self._in_flight.add(future)
+                self._executor.submit(self._run, job, future, on_end)
+                scheduled = True
+            except BaseException:
+                with self._lock:
+                    self._in_flight.discard(future)
+                self._slots.release()
+                raise
+        finally:
+            if not scheduled and on_end is not None:
+                on_end()
         return future
 
     def pending(self) -> list[SaveFuture[T]]:
@@ -105,12 +117,20 @@ class BackgroundSaves(Generic[T]):
             assert error is not None
             raise error
 
-    def _run(self, job: Callable[[], T], future: SaveFuture[T]) -> None:
+    def _run(self, job: Callable[[], T], future: SaveFuture[T], on_end: Callable[[], None] | None) -> None:
         if not future.set_running_or_notify_cancel():
-            self._finish(future)
+            try:
+                if on_end is not None:
+                    on_end()
+            finally:
+                self._finish(future)
             return
         try:
-            result = job()
+            try:
+                result = job()
+            finally:
+                if on_end is not None:
+                    on_end()
         except BaseException as exc:
             with self._lock:
                 self._failed.append(future)

@@ -26,7 +26,7 @@ from bucketsnap.errors import BucketsnapError
 from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
 from bucketsnap.manifest import SNAPSHOT_DIR
 from bucketsnap.progress import ProgressCallback
-from bucketsnap.values import EncodedValue
+from bucketsnap.values import EncodedValue, HostBuffer
 
 if TYPE_CHECKING:
     from bucketsnap.store import SnapshotStore
@@ -52,7 +52,14 @@ class _Local:
 
 
 def _prepare_local(
-    group: _Group, itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool
+    group: _Group,
+    itr: Any,
+    state: Any,
+    metrics: Mapping[str, Any] | None,
+    *,
+    overwrite: bool,
+    copy: bool,
+    host_buffer: HostBuffer | None,
 ) -> _Local:
     itr = check_itr(itr)
     check_state(state)
@@ -62,9 +69,9 @@ def _prepare_local(
     values: dict[str, EncodedValue | ExternalValue] = {}
     for key, value in state.items():
         if isinstance(value, Sharded):
-            values[shard_key(key, group.rank)] = prepare_value(value.value, copy=copy)
+            values[shard_key(key, group.rank)] = prepare_value(value.value, copy=copy, host_buffer=host_buffer)
         elif owners[key] == group.rank:
-            values[key] = prepare_value(value, copy=copy)
+            values[key] = prepare_value(value, copy=copy, host_buffer=host_buffer)
     layout = [(k, isinstance(v, Sharded)) for k, v in state.items()]
     return _Local(itr, overwrite, metric_values, layout, sizes, values)
 
@@ -140,12 +147,14 @@ def save_job(
     process_group: ProcessGroupArg,
     progress: ProgressCallback | None = None,
     copy: bool = False,
+    host_buffer: HostBuffer | None = None,
 ) -> Callable[[], SnapshotInfo] | None:
     """A distributed save, prepared in the caller's thread, or None when the plain single-process save applies.
 
     The returned callable runs the collectives and the write (in the caller's thread for ``save``, in the
     background for ``save_async``). Errors met while preparing are not raised here: the other ranks must
-    hear about them, so they are raised by the callable, on every rank.
+    hear about them, so they are raised by the callable, on every rank. ``copy`` and ``host_buffer`` are as
+    in :func:`bucketsnap.values.encode`; buffers taken from ``host_buffer`` are read until the callable returns.
     """
     group = _resolve(process_group)
     sharded = isinstance(state, Mapping) and any(isinstance(v, Sharded) for v in state.values())
@@ -153,7 +162,7 @@ def save_job(
         return None
     prepared: _Local | BaseException
     try:
-        prepared = _prepare_local(group, itr, state, metrics, overwrite=overwrite, copy=copy)
+        prepared = _prepare_local(group, itr, state, metrics, overwrite=overwrite, copy=copy, host_buffer=host_buffer)
     except Exception as exc:
         prepared = exc
     ticket = group.sequencer.take()

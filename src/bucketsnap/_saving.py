@@ -23,7 +23,7 @@ from bucketsnap.errors import StorageError
 from bucketsnap.info import MemberInfo, Metric, check_metrics
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.storage import Storage
-from bucketsnap.values import EncodedValue, encode
+from bucketsnap.values import EncodedValue, HostBuffer, encode
 
 __all__ = [
     "ExternalValue",
@@ -70,20 +70,29 @@ class Prepared:
     overwrite: bool
 
 
-def prepare(itr: Any, state: Any, metrics: Mapping[str, Any] | None, *, overwrite: bool, copy: bool) -> Prepared:
-    """Validate a save request and encode its state (``copy``: into private host memory)."""
+def prepare(
+    itr: Any,
+    state: Any,
+    metrics: Mapping[str, Any] | None,
+    *,
+    overwrite: bool,
+    copy: bool,
+    host_buffer: HostBuffer | None = None,
+) -> Prepared:
+    """Validate a save request and encode its state (``copy``: into private host memory, taken from
+    ``host_buffer`` when given; see :func:`bucketsnap.values.encode`)."""
     itr = check_itr(itr)
     check_state(state)
     metric_values = check_metrics(dict(metrics or {}))
-    values = {key: prepare_value(value, copy=copy) for key, value in state.items()}
+    values = {key: prepare_value(value, copy=copy, host_buffer=host_buffer) for key, value in state.items()}
     return Prepared(itr, values, metric_values, overwrite)
 
 
-def prepare_value(value: Any, *, copy: bool) -> EncodedValue | ExternalValue:
+def prepare_value(value: Any, *, copy: bool, host_buffer: HostBuffer | None = None) -> EncodedValue | ExternalValue:
     """Encode one top-level value, or (for an :class:`ExternalValue`) take it, or its host copy, as it is."""
     if isinstance(value, ExternalValue):
         return value.host_copy() if copy else value
-    return encode(value, copy=copy)
+    return encode(value, copy=copy, host_buffer=host_buffer)
 
 
 def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:

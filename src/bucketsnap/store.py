@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
+from bucketsnap._host_copies import HostCopies
 from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare, write_archive
 from bucketsnap.copying import copy_objects
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError
@@ -75,6 +76,7 @@ class SnapshotStore:
         retention: RetentionPolicy | None = None,
     ) -> None:
         self._background: BackgroundSaves[SnapshotInfo] = BackgroundSaves(max_in_flight)
+        self._host_copies = HostCopies()
         self._storage = Storage(
             url, storage_options=storage_options, part_size=part_size, upload_concurrency=upload_concurrency
         )
@@ -158,6 +160,11 @@ class SnapshotStore:
         memory held by in-flight copies is bounded by ``max_in_flight`` (plus the one being copied) times the
         state's size.
 
+        The host copies of CPU tensors and arrays are kept once their save has ended and reused by the next
+        call that needs buffers of the same sizes: memory already faulted in copies several times faster than
+        fresh memory. The store thus keeps that memory between saves (one copy of the state when each save
+        is awaited before the next; buffers the latest copy did not use are dropped); :meth:`close` releases it.
+
         A failure is raised once: by the returned future if the caller asks it (``result()`` or
         ``exception()``), otherwise by the next ``save``, ``save_async``, :meth:`flush` or :meth:`close` call,
         so it is never lost. ``progress`` is called as
@@ -167,13 +174,27 @@ class SnapshotStore:
         self._raise_background_error()
         from bucketsnap._distributed_save import save_job  # it imports this module
 
-        job = save_job(
-            self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress, copy=True
-        )
-        if job is None:
-            prepared = prepare(itr, state, metrics, overwrite=overwrite, copy=True)
-            job = functools.partial(self._write, prepared, progress)
-        return self._background.submit(job)
+        lease = self._host_copies.lease()
+        try:
+            job = save_job(
+                self,
+                itr,
+                state,
+                metrics,
+                overwrite=overwrite,
+                process_group=process_group,
+                progress=progress,
+                copy=True,
+                host_buffer=lease.take,
+            )
+            if job is None:
+                prepared = prepare(itr, state, metrics, overwrite=overwrite, copy=True, host_buffer=lease.take)
+                job = functools.partial(self._write, prepared, progress)
+        except BaseException:
+            lease.release()
+            raise
+        self._host_copies.drop_free()  # what this copy did not reuse: the pool follows the state's shapes
+        return self._background.submit(job, on_end=lease.release)  # gives the buffers back once the job ends
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every :meth:`save_async` in flight; raise the first error not yet raised.
@@ -188,8 +209,12 @@ class SnapshotStore:
         return self._background.pending()
 
     def close(self) -> None:
-        """Wait for in-flight saves and stop the background thread; raise an error not yet raised."""
-        self._background.close(where=self.url)
+        """Wait for in-flight saves, stop the background thread and free the kept host copies; raise an error
+        not yet raised."""
+        try:
+            self._background.close(where=self.url)
+        finally:
+            self._host_copies.drop_free()
 
     def __enter__(self) -> SnapshotStore:
         return self

@@ -45,7 +45,7 @@ import torch
 
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, UnsafeLoadError
 
-__all__ = ["MapLocation", "EncodedValue", "encode", "decode"]
+__all__ = ["MapLocation", "HostBuffer", "EncodedValue", "encode", "decode"]
 
 MAGIC = b"BSNPVAL1"
 _LEN = struct.Struct("<Q")
@@ -57,6 +57,8 @@ MAX_HEADER_SIZE = 256 * 2**20
 MAX_MEMBER_SIZE = 64 * 2**30
 
 MapLocation = str | torch.device | dict[str, str] | Callable[[torch.Tensor, str], torch.Tensor] | None
+#: ``host_buffer(nbytes)``: a flat ``torch.uint8`` CPU tensor of ``nbytes`` bytes that a host copy may fill.
+HostBuffer = Callable[[int], torch.Tensor]
 
 
 @dataclass
@@ -77,13 +79,15 @@ class EncodedValue:
         yield from self.buffers
 
 
-def encode(value: Any, *, copy: bool = False) -> EncodedValue:
+def encode(value: Any, *, copy: bool = False, host_buffer: HostBuffer | None = None) -> EncodedValue:
     """Split ``value`` into a JSON tree and raw buffers; anything without a safe encoding is cloudpickled.
 
     Buffers are views of the caller's tensors and arrays, unless ``copy`` is set: then each buffer is a private
     host copy (device tensors are copied once, to the host), so the caller may change ``value`` right away.
+    With ``copy`` and ``host_buffer``, CPU tensors and arrays are copied into ``host_buffer(nbytes)`` (reused
+    memory, such as :mod:`bucketsnap._host_copies` hands out) instead of newly allocated memory.
     """
-    encoder = _Encoder(copy=copy)
+    encoder = _Encoder(copy=copy, host_buffer=host_buffer)
     tree = encoder.node(value)
     header = json.dumps({"tree": tree, "data_size": encoder.offset}, separators=(",", ":"), allow_nan=False).encode()
     return EncodedValue(header, encoder.buffers, encoder.pickled)
@@ -128,8 +132,9 @@ def decode(
 
 
 class _Encoder:
-    def __init__(self, *, copy: bool = False) -> None:
+    def __init__(self, *, copy: bool = False, host_buffer: HostBuffer | None = None) -> None:
         self.copy = copy
+        self.host_buffer = host_buffer if copy else None
         self.buffers: list[memoryview] = []
         self.offset = 0
         self.pickled = False
@@ -181,6 +186,12 @@ class _Encoder:
             spec["param"] = True
             spec["requires_grad"] = v.requires_grad
         data = v.detach()
+        if self.host_buffer is not None and data.device.type == "cpu" and data.numel():
+            # copy_ resolves conj and neg bits and any strides itself: one pass, into memory already touched
+            buffer = self.host_buffer(data.numel() * data.element_size())
+            buffer.view(data.dtype).view(data.shape).copy_(data)
+            spec["nbytes"] = self.add(buffer.numpy().data)
+            return {"$tensor": spec}
         if data.device.type != "cpu":
             data = data.cpu()  # a copy already
         data = data.resolve_conj().resolve_neg().contiguous()
@@ -192,7 +203,12 @@ class _Encoder:
     def ndarray(self, v: np.ndarray | np.generic) -> dict[str, Any] | None:
         scalar = isinstance(v, np.generic)
         array = np.asarray(v)
-        if not array.flags.c_contiguous or (self.copy and np.may_share_memory(array, v)):
+        if self.host_buffer is not None and array.nbytes and not array.dtype.hasobject:
+            # the buffer seen as the array's own dtype and shape: copyto writes C order, byte for byte
+            pooled = self.host_buffer(array.nbytes).numpy().view(array.dtype).reshape(array.shape)
+            np.copyto(pooled, array, casting="no")
+            array = pooled
+        elif not array.flags.c_contiguous or (self.copy and np.may_share_memory(array, v)):
             array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
         if array.dtype.hasobject:
             return None
