@@ -3,22 +3,25 @@
 The state is an MLP policy of about 134 MB of float32 weights (256 -> 4096 -> 4096 -> 3840 -> 16) with its
 Adam state after one step (exp_avg and exp_avg_sq: about 402 MB in all), as ``{"policy": model.state_dict(),
 "optimizer": optimizer.state_dict(), "step": 1}``. Every alternative saves that same object, in the same
-process, to local disk and to S3 (LocalStack, started by this script as a separate process through
-``tests/servers.py``, or the endpoint in ``BUCKETSNAP_TEST_S3_ENDPOINT``):
+process, to local disk, to S3 (LocalStack, started by this script as a separate process through
+``tests/servers.py``, or the endpoint in ``BUCKETSNAP_TEST_S3_ENDPOINT``) and, with ``--gcs``, to GCS
+(fake-gcs-server, likewise):
 
-* ``torch.save`` to a local file, and through ``fsspec.open(url, "wb")`` to S3; locally also followed by
-  ``os.fsync``, which bucketsnap does before committing (on S3 that row repeats ``torch.save``);
+* ``torch.save`` to a local file, and through ``fsspec.open(url, "wb")`` to S3 and GCS; locally also
+  followed by ``os.fsync``, which bucketsnap does before committing (remotely that row repeats ``torch.save``);
 * PyTorch DCP, ``dcp.save(state, storage_writer=FsspecWriter(url), no_dist=True)``;
-* bucketsnap ``SnapshotStore.save`` (blocking), and ``save_async``: the stall is the time until it returns
-  (the training loop's cost), the total the time until the snapshot is committed; the first save_async of a
-  store is reported apart (it allocates the host copy, which later saves reuse);
+* bucketsnap ``SnapshotStore.save`` (blocking), also with ``upload_concurrency=1`` (one part uploaded at a
+  time: on GCS, gcsfs's resumable upload instead of a parallel composite upload);
+* bucketsnap ``save_async``: the stall is the time until it returns (the training loop's cost), the total the
+  time until the snapshot is committed; the first save_async of a store is reported apart (it allocates the
+  host copy, which later saves reuse);
 * restoring the policy alone from S3 (what an inference host does): bucketsnap ``load(keys=["policy"])`` and
   DCP ``dcp.load({"policy": ...})`` versus ``torch.load`` of the whole object, in seconds and bytes read.
 
 Each figure is the median of ``--runs`` runs; ratios are to the first alternative (``torch.save``, or
 ``torch.load`` for restores). Run::
 
-    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--small]
+    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--gcs] [--small]
 """
 
 from __future__ import annotations
@@ -94,21 +97,20 @@ def median(runs: int, make: Callable[[], Callable[[], Any]], cleanup: Callable[[
 
 
 class Places:
-    """Fresh destinations on local disk and S3, removed after each run."""
+    """Fresh destinations on local disk and object stores (``remotes``: name -> (root URL, options))."""
 
-    def __init__(self, local_root: str, s3: tuple[str, dict[str, Any]] | None) -> None:
+    def __init__(self, local_root: str, remotes: dict[str, tuple[str, dict[str, Any]]]) -> None:
         self.local_root = local_root
-        self.s3 = s3
+        self.remotes = remotes
 
     def url(self, where: str, name: str) -> str:
         unique = f"{name}-{uuid.uuid4().hex[:8]}"
         if where == "local":
             return os.path.join(self.local_root, unique)
-        assert self.s3 is not None
-        return f"{self.s3[0]}/{unique}"
+        return f"{self.remotes[where][0]}/{unique}"
 
     def options(self, where: str) -> dict[str, Any]:
-        return {} if where == "local" or self.s3 is None else dict(self.s3[1])
+        return {} if where == "local" else dict(self.remotes[where][1])
 
     def clear(self, where: str) -> None:
         if where == "local":
@@ -116,8 +118,8 @@ class Places:
                 path = os.path.join(self.local_root, entry)
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         else:
-            assert self.s3 is not None
-            fs, root = fsspec.core.url_to_fs(self.s3[0], **self.s3[1])
+            fs, root = fsspec.core.url_to_fs(self.remotes[where][0], **self.remotes[where][1])
+            fs.invalidate_cache()
             for entry in fs.ls(root, detail=False):
                 fs.rm(entry, recursive=True)
             fs.invalidate_cache()
@@ -162,6 +164,12 @@ def dcp_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], 
 
 def bucketsnap_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
     store = SnapshotStore(places.url(where, "bsnap"), storage_options=places.options(where))
+    return lambda: store.save(1, state)
+
+
+def bucketsnap_save_one_part_at_a_time(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
+    """As bucketsnap_save, with upload_concurrency=1 (GCS: gcsfs's resumable upload; local: the same save)."""
+    store = SnapshotStore(places.url(where, "bsnap-seq"), storage_options=places.options(where), upload_concurrency=1)
     return lambda: store.save(1, state)
 
 
@@ -238,7 +246,8 @@ def restores(places: Places, state: dict[str, Any], runs: int) -> list[tuple[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--skip-s3", action="store_true", help="local disk only")
+    parser.add_argument("--skip-s3", action="store_true", help="no S3 column (and no restores)")
+    parser.add_argument("--gcs", action="store_true", help="add a GCS column (fake-gcs-server)")
     parser.add_argument("--small", action="store_true", help="a 4 MB state, to check the script runs")
     parser.add_argument("--dir", default=None, help="local directory for the local-disk runs")
     args = parser.parse_args()
@@ -248,18 +257,23 @@ def main() -> None:
     size = nbytes(state)
     print(f"state: policy {nbytes(state['policy']) / MB:.0f} MB, total {size / MB:.0f} MB; {args.runs} runs each")
     local_root = tempfile.mkdtemp(prefix="bench-save-", dir=args.dir)
-    server = None
-    s3 = None
-    if not args.skip_s3:
-        import servers
+    started_servers: list[Any] = []
+    remotes: dict[str, tuple[str, dict[str, Any]]] = {}
+    import servers
 
+    if not args.skip_s3:
         started = time.perf_counter()
         server = servers.s3_server()
-        bucket = server.create_bucket()
-        s3 = (f"s3://{bucket}", servers.s3_storage_options(server))
+        started_servers.append(server)
+        remotes["s3"] = (f"s3://{server.create_bucket()}", servers.s3_storage_options(server))
         print(f"S3: {server.endpoint_url} (ready in {time.perf_counter() - started:.1f} s)")
-    places = Places(local_root, s3)
-    wheres = ["local"] + ([] if args.skip_s3 else ["s3"])
+    if args.gcs:
+        gcs = servers.gcs_server()
+        started_servers.append(gcs)
+        remotes["gcs"] = (f"gs://{gcs.create_bucket()}", servers.gcs_storage_options(gcs))
+        print(f"GCS: {gcs.endpoint_url}")
+    places = Places(local_root, remotes)
+    wheres = ["local", *remotes]
     try:
         rows: dict[str, dict[str, float]] = {}
         for where in wheres:
@@ -268,6 +282,7 @@ def main() -> None:
                 ("torch.save + fsync (local)", torch_save_fsync),
                 ("DCP dcp.save (FsspecWriter)", dcp_save),
                 ("bucketsnap save (blocking)", bucketsnap_save),
+                ("bucketsnap save, upload_concurrency=1", bucketsnap_save_one_part_at_a_time),
             ]:
                 rows.setdefault(name, {})[where] = median(
                     args.runs,
@@ -287,7 +302,7 @@ def main() -> None:
                 base = rows["torch.save"][where]
                 cells.append(f"{by_where[where]:.2f} | {by_where[where] / base:.2f}x")
             print(f"| {name} | " + " | ".join(cells) + " |")
-        if s3 is not None:
+        if "s3" in remotes:
             print()
             print("| restore the policy from S3 | s | ratio | MB read | ratio |")
             print("|---|---:|---:|---:|---:|")
@@ -298,8 +313,8 @@ def main() -> None:
                 print(f"| {name} | {seconds:.2f} | {seconds / base_s:.2f}x | {mb} |")
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
-        if server is not None:
-            server.stop()
+        for started_server in started_servers:
+            started_server.stop()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import zstandard
 
 from bucketsnap import SnapshotStore, StorageError
 from bucketsnap.archive import READ_AHEAD, READ_CHUNK, load_member
-from bucketsnap.transport import Retry, S3MultipartWriter, ThreadedWriter, is_throttled, is_transient
+from bucketsnap.transport import Retry, ThreadedWriter, is_throttled, is_transient
+from bucketsnap.uploads import S3MultipartWriter
 from conftest import Backend
 
 FAST = Retry(attempts=3, initial=0.001, max_delay=0.01)

@@ -10,10 +10,13 @@ How each backend gets its guarantees:
   ``os.replace``-d into place; exclusive creates ``os.link`` a fsynced temp file to the final name, which fails
   if the name exists. fsspec's local transactions are not used: they stage in ``$TMPDIR`` and move across
   devices.
-* **S3 and GCS.** An upload (single PUT or multipart) becomes visible only when it completes, so a crash
-  leaves nothing or an invisible incomplete upload. Exclusive creates use fsspec's ``pipe_file(mode="create")``
-  which s3fs sends as ``If-None-Match: *`` and gcsfs as ``ifGenerationMatch=0``; a failed write is aborted
-  with ``discard()`` rather than closed, because closing would complete the upload with partial data.
+* **S3 and GCS.** An upload (single PUT, S3 multipart upload, or GCS compose of part objects; see
+  :mod:`bucketsnap.uploads`) becomes visible only when it completes, so a crash leaves nothing, an invisible
+  incomplete upload, or GCS part objects that gc removes. Exclusive creates use fsspec's
+  ``pipe_file(mode="create")`` which s3fs sends as ``If-None-Match: *`` and gcsfs as ``ifGenerationMatch=0``.
+  Other object stores (and GCS with ``upload_concurrency=1``) stream through the fsspec writer; a failed write
+  is aborted with ``discard()`` rather than closed, because closing would complete the upload with partial
+  data.
 * **Memory.** One process; a lock makes the check-then-write of an exclusive create atomic, and objects are
   buffered and stored in one assignment.
 * **Anything else.** fsspec's generic ``mode="create"`` is check-then-write. bucketsnap warns once and uses it:
@@ -40,7 +43,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from bucketsnap.errors import BucketsnapError, StorageError, redact
-from bucketsnap.transport import Retry, S3MultipartWriter, ThreadedWriter, is_throttled, is_transient
+from bucketsnap.transport import Retry, ThreadedWriter, is_throttled, is_transient
+from bucketsnap.uploads import GcsComposeWriter, PartUploader, S3MultipartWriter
 
 __all__ = ["Storage"]
 
@@ -55,7 +59,7 @@ _warned_protocols: set[str] = set()
 #: Part size for streamed uploads to object stores: s3fs and gcsfs upload one part each time this much is
 #: buffered, so it bounds the memory a save needs beyond the state itself.
 DEFAULT_PART_SIZE = 16 * 2**20
-#: Parts uploaded at once by one S3 save: with the part being filled, a save holds at most
+#: Parts uploaded at once by one S3 or GCS save: with the part being filled, a save holds at most
 #: ``(DEFAULT_UPLOAD_CONCURRENCY + 1) * part_size`` bytes of upload buffers.
 DEFAULT_UPLOAD_CONCURRENCY = 4
 
@@ -67,7 +71,7 @@ class Storage:
         url: any fsspec URL or a local path.
         storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``...).
         part_size: bytes buffered per uploaded part on object stores.
-        upload_concurrency: parts uploaded at once to S3 (see :mod:`bucketsnap.transport`).
+        upload_concurrency: parts uploaded at once to S3 or GCS (see :mod:`bucketsnap.uploads`).
         retry: the retry policy for transient backend errors on object stores.
     """
 
@@ -223,21 +227,13 @@ class Storage:
             buffer = io.BytesIO()
             yield buffer
             self.fs.pipe_file(self.path(rel), buffer.getvalue())
-        elif self.protocol in ("s3", "s3a") and hasattr(self.fs, "call_s3"):
-            upload = S3MultipartWriter(
-                self.fs,
-                self.path(rel),
-                part_size=self.part_size,
-                concurrency=self.upload_concurrency,
-                retry=self.retry,
-                where=self.url_of(rel),
-            )
+        elif (uploader := self._part_uploader(rel)) is not None:
             try:
-                yield upload  # type: ignore[misc]
+                yield uploader  # type: ignore[misc]
             except BaseException:
-                upload.abort()
+                uploader.abort()
                 raise
-            self._call(rel, upload.close, retryable=_never)  # close retries its own requests
+            self._call(rel, uploader.close, retryable=_never)  # close retries its own requests
         else:
             f = self._call(rel, lambda: self.fs.open(self.path(rel), "wb", block_size=self.part_size))
             threaded = ThreadedWriter(f, part_size=self.part_size)  # compress the next part while this one uploads
@@ -255,6 +251,24 @@ class Storage:
             self._call(rel, f.close, retryable=_never)  # a close cannot be retried: it may have completed
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    def _part_uploader(self, rel: str) -> PartUploader[Any] | None:
+        """A concurrent part uploader for ``rel`` where the backend has one (S3; GCS unless concurrency is 1)."""
+        kind: type[PartUploader[Any]]
+        if self.protocol in ("s3", "s3a") and hasattr(self.fs, "call_s3"):
+            kind = S3MultipartWriter
+        elif self.protocol in ("gs", "gcs") and hasattr(self.fs, "merge") and self.upload_concurrency > 1:
+            kind = GcsComposeWriter
+        else:
+            return None
+        return kind(
+            self.fs,  # type: ignore[call-arg]
+            self.path(rel),
+            part_size=self.part_size,
+            concurrency=self.upload_concurrency,
+            retry=self.retry,
+            where=self.url_of(rel),
+        )
 
     def _remote_create_exclusive(self, rel: str, data: bytes) -> None:
         path = self.path(rel)

@@ -47,8 +47,9 @@ class SnapshotStore:
             detected by sampling and stored in raw zstd blocks, at the cost of a CRC pass.
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
-        upload_concurrency: parts of one save uploaded at once to S3; a save holds at most
-            ``(upload_concurrency + 1) * part_size`` bytes of upload buffers.
+        upload_concurrency: parts of one save uploaded at once to S3 or GCS; a save holds at most
+            ``(upload_concurrency + 1) * part_size`` bytes of upload buffers. On GCS, 1 uses gcsfs's
+            resumable upload instead of a parallel composite upload (see :mod:`bucketsnap.uploads`).
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
         retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
             Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.

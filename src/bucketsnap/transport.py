@@ -1,6 +1,6 @@
-"""Moving bytes to and from object stores: retries with backoff, concurrent multipart uploads, pipelined writes.
+"""Moving bytes to and from object stores: retries with backoff, and pipelined writes.
 
-Three pieces, used by :mod:`bucketsnap.storage`:
+Two pieces, used by :mod:`bucketsnap.storage` and :mod:`bucketsnap.uploads`:
 
 * :class:`Retry` runs a callable again after a *transient* failure (throttling such as S3's ``SlowDown`` or
   HTTP 429, 5xx responses, a reset or refused connection, a timeout), sleeping with capped exponential backoff
@@ -9,19 +9,10 @@ Three pieces, used by :mod:`bucketsnap.storage`:
   500 into ``OSError(EREMOTEIO)``, botocore and aiohttp have their own connection error classes, gcsfs raises
   ``HttpError`` with a ``code``. The clients below already retry a few times on their own; this layer adds
   patience for longer bursts and a single, clear error at the end.
-* :class:`S3MultipartWriter` streams an object to S3 as a multipart upload whose parts are uploaded by a
-  thread pool, ``concurrency`` at a time, while the caller goes on producing the next part. The producer
-  blocks when ``concurrency`` parts are in flight, so a writer holds at most ``concurrency + 1`` parts in
-  memory, whatever the object's size. The object becomes visible only when ``complete_multipart_upload``
-  succeeds; :meth:`~S3MultipartWriter.abort` (any failure, or the caller raising) aborts the upload, so
-  nothing partial is ever published. An object smaller than one part is sent as one ``put_object``.
-  s3fs's own writer (``fs.open(path, "wb")``) uploads each part synchronously, in the writing thread, one at a
-  time; that is why bucketsnap drives the multipart upload itself through s3fs's ``call_s3``.
 * :class:`ThreadedWriter` puts a background thread in front of any other file object (gcsfs's resumable
   upload, whose chunks must be sent in order), so that compressing the next part overlaps uploading this one.
 
-Trade-off: parts are copied once into their buffer (a part must be one contiguous body), so a remote save costs
-one extra pass over its bytes in memory; local saves do not go through this module.
+Concurrent part uploads (S3 multipart, GCS composite) are in :mod:`bucketsnap.uploads`.
 """
 
 from __future__ import annotations
@@ -33,21 +24,16 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from bucketsnap.errors import StorageError, redact
 
-__all__ = ["Retry", "S3MultipartWriter", "ThreadedWriter", "is_transient"]
+__all__ = ["Retry", "ThreadedWriter", "is_throttled", "is_transient"]
 
 logger = logging.getLogger("bucketsnap")
 
 T = TypeVar("T")
-
-#: S3 refuses parts smaller than this (except the last one).
-S3_MIN_PART_SIZE = 5 * 2**20
-_S3_MAX_PARTS = 10_000
 
 _TRANSIENT_ERRNOS = {
     errno.EBUSY,  # s3fs: SlowDown, 503
@@ -187,180 +173,6 @@ class Retry:
                 logger.warning("%s: transient %s, retrying in %.2fs: %s", what, type(exc).__name__, sleep, exc)
                 time.sleep(sleep)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-class S3MultipartWriter:
-    """A write-only file object streaming to one S3 key with concurrent part uploads.
-
-    Args:
-        fs: an ``s3fs.S3FileSystem``.
-        path: ``bucket/key``.
-        part_size: bytes per part (at least 5 MiB, S3's minimum).
-        concurrency: parts uploaded at once.
-        retry: the retry policy for each request.
-        where: the redacted URL, for messages.
-    """
-
-    def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int, retry: Retry, where: str) -> None:
-        if concurrency < 1:
-            raise ValueError(f"upload concurrency must be at least 1, not {concurrency}")
-        self._fs = fs
-        self._bucket, self._key, _ = fs.split_path(path)
-        self._part_size = max(part_size, S3_MIN_PART_SIZE)
-        self._retry = retry
-        self._where = where
-        self._buffer = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list[Future[dict[str, Any]]] = []
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._pool: ThreadPoolExecutor | None = None
-        self._concurrency = concurrency
-        self._failed: BaseException | None = None
-        self.closed = False
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        """Buffer ``data``; hand each full part to the upload pool (blocks while all uploaders are busy)."""
-        if self.closed:
-            raise ValueError(f"write to a closed upload of {self._where}")
-        self._check_failed()
-        view = memoryview(data).cast("B")
-        n = view.nbytes
-        self.size += n
-        while view.nbytes:
-            take = min(self._part_size - len(self._buffer), view.nbytes)
-            self._buffer += view[:take]
-            view = view[take:]
-            if len(self._buffer) >= self._part_size:
-                self._submit(self._buffer)
-                self._buffer = bytearray()
-        return n
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        """Upload what is buffered and complete the upload: the object appears whole, now."""
-        if self.closed:
-            return
-        try:
-            if self._upload_id is None:  # smaller than one part: one request, visible when it returns
-                body = self._buffer
-                self._call("put", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body))
-            else:
-                if self._buffer or not self._parts:
-                    self._submit(self._buffer)
-                self._buffer = bytearray()
-                parts = [f.result() for f in self._parts]  # raises the first failed part's error
-                upload_id = self._upload_id
-                self._call(
-                    "complete",
-                    lambda: self._fs.call_s3(
-                        "complete_multipart_upload",
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                    ),
-                )
-                self._upload_id = None
-        except BaseException:
-            self.abort()
-            raise
-        self.closed = True
-        self._shutdown()
-        self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
-
-    def abort(self) -> None:
-        """Abort the upload (nothing is published) and drop the buffers; never raises."""
-        self.closed = True
-        self._buffer = bytearray()
-        for future in self._parts:
-            future.cancel()
-        self._shutdown()
-        upload_id, self._upload_id = self._upload_id, None
-        if upload_id is None:
-            return
-        try:
-            self._call(
-                "abort",
-                lambda: self._fs.call_s3(
-                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
-                ),
-            )
-        except Exception as exc:  # an unaborted upload is invisible; a bucket lifecycle rule removes it
-            logger.warning("could not abort the multipart upload of %s: %s", self._where, exc)
-
-    def _submit(self, part: bytearray) -> None:
-        if self._upload_id is None:
-            created = self._call(
-                "create", lambda: self._fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
-            )
-            self._upload_id = str(created["UploadId"])
-            self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="bucketsnap-upload")
-        number = len(self._parts) + 1
-        if number > _S3_MAX_PARTS:
-            raise StorageError(
-                f"{self._where} needs more than {_S3_MAX_PARTS} parts of {self._part_size} bytes; "
-                "pass a larger part_size"
-            )
-        self._slots.acquire()  # at most `concurrency` parts in flight: bounds memory
-        self._check_failed(release=True)
-        assert self._pool is not None
-        try:
-            future = self._pool.submit(self._upload_part, number, part)
-        except BaseException:
-            self._slots.release()
-            raise
-        self._parts.append(future)
-
-    def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
-        upload_id = self._upload_id
-        try:
-            out = self._call(
-                f"part {number}",
-                lambda: self._fs.call_s3(
-                    "upload_part",
-                    Bucket=self._bucket,
-                    Key=self._key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,  # bytearray is accepted as is: no copy
-                ),
-            )
-        except BaseException as exc:
-            self._failed = self._failed or exc
-            raise
-        finally:
-            self._slots.release()
-        part = {"PartNumber": number, "ETag": out["ETag"]}
-        if "ChecksumSHA256" in out:
-            part["ChecksumSHA256"] = out["ChecksumSHA256"]
-        return part
-
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return self._retry.call(fn, what=f"upload of {self._where} ({what})")
-
-    def _check_failed(self, *, release: bool = False) -> None:
-        failed = self._failed
-        if failed is None:
-            return
-        if release:
-            self._slots.release()
-        if isinstance(failed, StorageError):
-            raise failed
-        raise StorageError(
-            f"upload of {self._where} failed: {type(failed).__name__}: {redact(str(failed))[:300]}. Nothing was "
-            "committed; committed snapshots are intact."
-        ) from failed
-
-    def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
 
 
 class ThreadedWriter:
