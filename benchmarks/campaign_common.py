@@ -75,6 +75,12 @@ def s3_target(server: Any) -> Target:
     return Target("s3", f"s3://{server.create_bucket()}", servers.s3_storage_options(server))
 
 
+def gcs_target(server: Any) -> Target:
+    import servers
+
+    return Target("gcs", f"gs://{server.create_bucket()}", servers.gcs_storage_options(server))
+
+
 _CONTEXT: BaseContext | None = None
 
 

@@ -4,7 +4,8 @@
     python -m benchmarks.campaigns --long             # hundreds of kills; the figures in docs/reliability.md
     python -m benchmarks.campaigns --long --backends local --only crash,faults --json out.json
 
-S3 runs against LocalStack started by tests/servers.py (or BUCKETSNAP_TEST_S3_ENDPOINT).
+S3 runs against LocalStack started by tests/servers.py (or BUCKETSNAP_TEST_S3_ENDPOINT), GCS (--backends gcs)
+against fake-gcs-server (or BUCKETSNAP_TEST_GCS_ENDPOINT).
 """
 
 from __future__ import annotations
@@ -25,20 +26,40 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import campaign_concurrent, campaign_crash, campaign_faults, campaign_readers  # noqa: E402
-from benchmarks.campaign_common import Target, local_target, s3_target  # noqa: E402
+from benchmarks.campaign_common import Target, gcs_target, local_target, s3_target  # noqa: E402
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "short": {
-        "crash": {"local": {"kills": 4}, "s3": {"kills": 3}},
+        "crash": {"local": {"kills": 4}, "s3": {"kills": 3}, "gcs": {"kills": 3}},
         "faults": {"memory": {"saves": 80}},
-        "concurrent": {"local": {"writers": 4, "per_writer": 6}, "s3": {"writers": 3, "per_writer": 4}},
-        "readers": {"local": {"readers": 2, "saves": 10}, "s3": {"readers": 2, "saves": 6}},
+        "concurrent": {
+            "local": {"writers": 4, "per_writer": 6},
+            "s3": {"writers": 3, "per_writer": 4},
+            "gcs": {"writers": 3, "per_writer": 4},
+        },
+        "readers": {
+            "local": {"readers": 2, "saves": 10},
+            "s3": {"readers": 2, "saves": 6},
+            "gcs": {"readers": 2, "saves": 6},
+        },
     },
     "long": {
-        "crash": {"local": {"kills": 200, "per_run": 10, "max_delay": 1.0}, "s3": {"kills": 120, "per_run": 10}},
+        "crash": {
+            "local": {"kills": 200, "per_run": 10, "max_delay": 1.0},
+            "s3": {"kills": 120, "per_run": 10},
+            "gcs": {"kills": 120, "per_run": 10},
+        },
         "faults": {"memory": {"saves": 1000}, "s3": {"saves": 300}},
-        "concurrent": {"local": {"writers": 8, "per_writer": 50}, "s3": {"writers": 8, "per_writer": 50}},
-        "readers": {"local": {"readers": 4, "saves": 150}, "s3": {"readers": 4, "saves": 100}},
+        "concurrent": {
+            "local": {"writers": 8, "per_writer": 50},
+            "s3": {"writers": 8, "per_writer": 50},
+            "gcs": {"writers": 8, "per_writer": 50},
+        },
+        "readers": {
+            "local": {"readers": 4, "saves": 150},
+            "s3": {"readers": 4, "saves": 100},
+            "gcs": {"readers": 4, "saves": 100},
+        },
     },
 }
 CAMPAIGNS = ("crash", "faults", "concurrent", "readers")
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--short", dest="profile", action="store_const", const="short")
     size.add_argument("--long", dest="profile", action="store_const", const="long")
-    parser.add_argument("--backends", default="local,memory,s3", help="comma-separated: local, memory, s3")
+    parser.add_argument("--backends", default="local,memory,s3", help="comma-separated: local, memory, s3, gcs")
     parser.add_argument("--only", default=",".join(CAMPAIGNS), help="comma-separated campaigns")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -119,19 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the S3 server and clean up on kill
     backends = args.backends.split(",")
     targets: dict[str, Target] = {"memory": Target("memory", "memory://campaign")}
-    server = None
+    started: list[Any] = []
     if "local" in backends:
         targets["local"] = local_target()
-    if "s3" in backends:
+    if "s3" in backends or "gcs" in backends:
         import servers
 
-        server = servers.s3_server()
-        targets["s3"] = s3_target(server)
+        if "s3" in backends:
+            started.append(servers.s3_server())
+            targets["s3"] = s3_target(started[-1])
+        if "gcs" in backends:
+            started.append(servers.gcs_server())
+            targets["gcs"] = gcs_target(started[-1])
     targets = {k: v for k, v in targets.items() if k in backends}
     try:
         results = run_all(args.profile or "short", targets, only=tuple(args.only.split(",")), seed=args.seed)
     finally:
-        if server is not None:
+        for server in started:
             server.stop()
         if "local" in targets:
             shutil.rmtree(targets["local"].base, ignore_errors=True)

@@ -96,9 +96,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return request.getfixturevalue(f"{name}_backend")  # type: ignore[no-any-return]
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs"])
 def process_backend(request: pytest.FixtureRequest) -> Backend:
     """Backends that several processes can share (memory cannot)."""
+    if request.param in ("s3", "gcs"):
+        request.applymarker(getattr(pytest.mark, request.param))
     return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
 
 
