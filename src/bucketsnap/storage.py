@@ -56,8 +56,8 @@ _MEMORY_LOCK = threading.Lock()
 _ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
 _warned_protocols: set[str] = set()
 
-#: Part size for streamed uploads to object stores: s3fs and gcsfs upload one part each time this much is
-#: buffered, so it bounds the memory a save needs beyond the state itself.
+#: Part size for streamed uploads to object stores: a part is uploaded each time this much is buffered, so it
+#: bounds the memory a save needs beyond the state itself.
 DEFAULT_PART_SIZE = 16 * 2**20
 #: Parts uploaded at once by one S3 or GCS save: with the part being filled, a save holds at most
 #: ``(DEFAULT_UPLOAD_CONCURRENCY + 1) * part_size`` bytes of upload buffers.
@@ -254,7 +254,7 @@ class Storage:
 
     def _part_uploader(self, rel: str) -> PartUploader[Any] | None:
         """A concurrent part uploader for ``rel`` where the backend has one (S3; GCS unless concurrency is 1)."""
-        kind: type[PartUploader[Any]]
+        kind: Callable[..., PartUploader[Any]]
         if self.protocol in ("s3", "s3a") and hasattr(self.fs, "call_s3"):
             kind = S3MultipartWriter
         elif self.protocol in ("gs", "gcs") and hasattr(self.fs, "merge") and self.upload_concurrency > 1:
@@ -262,7 +262,7 @@ class Storage:
         else:
             return None
         return kind(
-            self.fs,  # type: ignore[call-arg]
+            self.fs,
             self.path(rel),
             part_size=self.part_size,
             concurrency=self.upload_concurrency,
