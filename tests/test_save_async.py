@@ -304,6 +304,17 @@ def test_close_releases_the_kept_host_copies() -> None:
     assert (_pool(store).free_bytes, _pool(store).busy_bytes) == (0, 0)
 
 
+def test_keep_host_copies_false_frees_each_copy_when_its_save_ends() -> None:
+    store = SnapshotStore("memory://async/nokeep", keep_host_copies=False)
+    for itr in range(3):
+        weights = torch.full((1000,), float(itr))
+        store.save_async(itr, {"w": weights}).result()
+        assert (_pool(store).free_bytes, _pool(store).busy_bytes) == (0, 0)
+        assert torch.equal(store.load(itr)["w"], weights)
+    assert (_pool(store).allocated, _pool(store).reused) == (3, 0)
+    store.close()
+
+
 def test_a_save_inside_inference_mode_leaves_buffers_a_later_save_can_write() -> None:
     store = SnapshotStore("memory://async/inference")
     with torch.inference_mode():

@@ -13,7 +13,8 @@ dropped, so the pool follows the state's current shapes and never holds more tha
 already needed: at most ``max_in_flight + 1`` times the state's size.
 
 Trade-off: that memory stays allocated between saves, where a copy used to be freed as soon as its write
-ended; :meth:`SnapshotStore.close` releases it.
+ended; :meth:`SnapshotStore.close` releases it, and ``SnapshotStore(keep_host_copies=False)`` never keeps it
+(every save then pays for fresh memory).
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ __all__ = ["HostCopies", "HostLease"]
 
 
 class HostCopies:
-    """A thread-safe pool of flat ``uint8`` CPU buffers, handed out by exact byte size."""
+    """A thread-safe pool of flat ``uint8`` CPU buffers, handed out by exact byte size.
 
-    def __init__(self) -> None:
+    Args:
+        keep: keep buffers given back for the next save; False frees them as soon as their save ends.
+    """
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self.keep = keep
         self._lock = threading.Lock()
         self._free: dict[int, list[torch.Tensor]] = {}
         self._busy_bytes = 0
@@ -81,7 +87,8 @@ class HostCopies:
     def _give_back(self, buffers: list[torch.Tensor]) -> None:
         with self._lock:
             for buffer in buffers:
-                self._free.setdefault(buffer.numel(), []).append(buffer)
+                if self.keep:
+                    self._free.setdefault(buffer.numel(), []).append(buffer)
                 self._busy_bytes -= buffer.numel()
 
 

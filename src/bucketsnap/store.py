@@ -51,6 +51,8 @@ class SnapshotStore:
             ``(upload_concurrency + 1) * part_size`` bytes of upload buffers. On GCS, 1 uses gcsfs's
             resumable upload instead of a parallel composite upload (see :mod:`bucketsnap.uploads`).
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
+        keep_host_copies: keep :meth:`save_async`'s host copy of the state after its save, for the next save
+            to copy into (several times faster than fresh memory); False frees it when the save ends.
         retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
             Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
 
@@ -75,9 +77,10 @@ class SnapshotStore:
         upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
         max_in_flight: int = 1,
         retention: RetentionPolicy | None = None,
+        keep_host_copies: bool = True,
     ) -> None:
         self._background: BackgroundSaves[SnapshotInfo] = BackgroundSaves(max_in_flight)
-        self._host_copies = HostCopies()
+        self._host_copies = HostCopies(keep=keep_host_copies)
         self._storage = Storage(
             url, storage_options=storage_options, part_size=part_size, upload_concurrency=upload_concurrency
         )
@@ -164,7 +167,8 @@ class SnapshotStore:
         The host copies of CPU tensors and arrays are kept once their save has ended and reused by the next
         call that needs buffers of the same sizes: memory already faulted in copies several times faster than
         fresh memory. The store thus keeps that memory between saves (one copy of the state when each save
-        is awaited before the next; buffers the latest copy did not use are dropped); :meth:`close` releases it.
+        is awaited before the next; buffers the latest copy did not use are dropped); :meth:`close` releases it,
+        and ``keep_host_copies=False`` frees each copy when its save ends.
 
         A failure is raised once: by the returned future if the caller asks it (``result()`` or
         ``exception()``), otherwise by the next ``save``, ``save_async``, :meth:`flush` or :meth:`close` call,
