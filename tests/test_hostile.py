@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -237,6 +238,26 @@ def test_repair_skips_archives_with_hostile_meta(store: SnapshotStore) -> None:
     assert store.repair().itrs() == [1]
 
 
+def test_repair_skips_an_archive_whose_meta_json_was_altered(store: SnapshotStore) -> None:
+    """A flipped byte in a metric passes json.loads and verify(): only the zip CRC-32 of meta.json catches it."""
+    saved(store)
+    info = store.save(2, {"w": torch.ones(3)}, metrics={"return": 123.0})
+    path = store.storage.path(info.path)
+    data = bytearray(store.storage.fs.cat_file(path))
+    at = data.index(b"123.0", data.index(b'"metrics"'))
+    data[at] = ord("9")  # "923.0": still valid JSON, wrong metric
+    store.delete(2)
+    store.storage.fs.pipe_file(path, bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert store.repair().itrs() == [1]
+    data[at] = ord("1")  # the archive as written is recovered
+    store.storage.fs.pipe_file(path, bytes(data))
+    repaired = store.repair()
+    assert repaired.itrs() == [1, 2]
+    assert store.info(2).metrics == {"return": 123.0}
+
+
 # -- value payloads: bad magic, bad headers, sizes that lie, bombs ----------------------------------------
 
 BAD_PAYLOADS: dict[str, bytes] = {
@@ -410,12 +431,19 @@ def test_unknown_archive_format_version_names_it(store: SnapshotStore) -> None:
     expect_typed(lambda: store.verify(), match=f"format version {FORMAT_VERSION + 41}")
 
 
-def test_repair_keeps_a_newer_format_archive_but_loading_names_the_version(store: SnapshotStore) -> None:
+def test_repair_keeps_a_newer_format_archive_but_loading_names_the_version(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bucketsnap import archive
+
+    monkeypatch.setattr(archive, "FORMAT_VERSION", 9)  # as a newer bucketsnap writes it
     buf = io.BytesIO()
     writer = ArchiveWriter(buf)
     writer.add("x", 1)
     writer.finish({"format": "bucketsnap", "itr": 3, "created": "2026-01-01T00:00:00+00:00", "metrics": {}})
-    data = buf.getvalue().replace(b'"format_version": 1', b'"format_version": 9')
+    monkeypatch.undo()
+    data = buf.getvalue()
+    assert b'"format_version": 9' in data
     store.storage.fs.pipe_file(store.storage.path("snapshots/000000000003-0123456789abcdef.zip"), data)
     assert store.repair().itrs() == [3]  # a newer bucketsnap can read it: repair never drops data
     expect_typed(lambda: store.load(3), match="format version 9.*upgrade bucketsnap")

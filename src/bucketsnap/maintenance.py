@@ -32,7 +32,7 @@ from bucketsnap.manifest import (
     generation_name,
 )
 from bucketsnap.snapshot import Snapshot
-from bucketsnap.zipformat import data_offset, read_directory
+from bucketsnap.zipformat import crc32, data_offset, read_directory
 
 __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 
@@ -133,8 +133,11 @@ def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:
         raise CorruptSnapshotError(f"{where} has no {META_NAME}")
     entry = entries[META_NAME]
     start = data_offset(read_range, entry, size, where=where)
+    raw = read_range(start, start + entry.stored_size)
+    if entry.method != 0 or crc32(raw) != entry.crc32:  # a flipped byte in a metric would otherwise pass
+        raise CorruptSnapshotError(f"{where}: {META_NAME} does not match the CRC-32 in the zip directory")
     try:
-        meta = json.loads(read_range(start, start + entry.stored_size))
+        meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ValueError(f"a JSON {type(meta).__name__}, not an object")
     except (ValueError, RecursionError) as exc:
