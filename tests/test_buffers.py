@@ -158,13 +158,46 @@ def test_delete_and_gc_keep_shared_chunks_and_drop_the_rest() -> None:
     assert len(only_first) == 1
     store.delete(1)
     stored = {f"{CHUNK_DIR}/{n}" for n in store.storage.list(CHUNK_DIR)}
+    assert stored == set(info1.refs) | set(info2.refs), "delete leaves chunks to gc"
+    assert store.gc() == [], "within min_age of the delete, gc keeps them too"
+    assert store.gc(min_age=0) == sorted(only_first)
+    stored = {f"{CHUNK_DIR}/{n}" for n in store.storage.list(CHUNK_DIR)}
     assert stored == set(info2.refs)
-    assert store.gc(min_age=0) == []
     restored = TransitionStorage(40)
     restore_buffer(store, restored, key="buf")
     assert restored.data["x"].tolist()[:5] == [100, 101, 102, 103, 104]
     store.delete(2)
+    assert store.gc(min_age=0) == sorted(info2.refs)
     assert store.storage.list(CHUNK_DIR) == []
+
+
+def test_a_delete_by_another_process_during_a_save_never_drops_a_chunk_the_save_reuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bucketsnap import chunks
+
+    store = SnapshotStore("memory://buffers/race")
+    other = SnapshotStore(store.url)  # another process's store on the same run
+    buffer = TransitionStorage(40)
+    buffer.insert_data_slice({"x": np.arange(40)})
+    store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
+    listed = chunks._stored_chunks
+
+    def list_then_delete(storage: Any) -> dict[str, int]:
+        stored = listed(storage)  # the save has found snapshot 1's chunks stored: it will not upload them
+        other.delete(1)
+        return stored
+
+    monkeypatch.setattr(chunks, "_stored_chunks", list_then_delete)
+    buffer.insert_data_slice({"x": np.arange(5) + 100})
+    store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})
+    monkeypatch.undo()
+    assert store.itrs() == [2]
+    restored = TransitionStorage(40)
+    restore_buffer(store, restored, key="buf")
+    assert restored.data["x"].tolist() == [100, 101, 102, 103, 104, *range(5, 40)]
+    store.gc()
+    restore_buffer(store, TransitionStorage(40), key="buf")
 
 
 def test_restore_streams_with_about_one_chunk_of_extra_memory() -> None:

@@ -321,7 +321,7 @@ class SnapshotStore:
         logger.info("retention %r dropped itrs %s from %s", policy, dropped, self.url)
 
     def delete(self, itr: int) -> None:
-        """Uncommit snapshot ``itr`` and delete its archive.
+        """Uncommit snapshot ``itr`` and delete its archive; the chunks it shared by content go with :meth:`gc`.
 
         Raises:
             SnapshotNotFoundError: no snapshot ``itr`` is committed.
@@ -341,9 +341,15 @@ class SnapshotStore:
         self._delete_unreferenced(removed, committed)
 
     def _delete_unreferenced(self, dropped: list[SnapshotInfo], manifest: Manifest) -> None:
-        """Delete the objects of ``dropped`` snapshots that no snapshot in ``manifest`` still needs."""
+        """Delete the archives of ``dropped`` snapshots that no snapshot in ``manifest`` still needs.
+
+        Objects shared by content (``refs``: replay-buffer chunks) are left to :meth:`gc`: a save in another
+        process may have found them stored a moment ago and be about to commit a snapshot that uses them, and
+        gc keeps them for ``min_age`` after this commit dropped them.
+        """
         still_needed = set().union(*(s.objects() for s in manifest.snapshots))
-        for rel in sorted(set().union(*(s.objects() for s in dropped)) - still_needed):
+        archives = {rel for s in dropped for rel in s.objects() if rel not in s.refs}
+        for rel in sorted(archives - still_needed):
             self._storage.delete(rel)
 
     # -- reading -------------------------------------------------------------------------------------------
