@@ -200,6 +200,28 @@ def test_a_delete_by_another_process_during_a_save_never_drops_a_chunk_the_save_
     restore_buffer(store, TransitionStorage(40), key="buf")
 
 
+def test_gc_keeps_old_chunks_while_commits_come_faster_than_min_age(tmp_path: Any) -> None:
+    """More than 8 commits since a delete: when it dropped a chunk is unknown, and a save in another process
+    may be about to reuse it, so gc keeps chunks until the kept generations reach back min_age."""
+    import os
+    import time
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    buffer = TransitionStorage(40)
+    buffer.insert_data_slice({"x": np.arange(40)})
+    info = store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
+    old = time.time() - 7200
+    for rel in info.refs:  # chunks written two hours ago
+        os.utime(store.storage.path(rel), (old, old))
+    store.delete(1)
+    for itr in range(2, 12):  # ten commits: the generation that dropped the chunks is no longer kept
+        store.save(itr, {"v": itr})
+    assert store.gc() == []
+    assert len(store.storage.list(CHUNK_DIR)) == len(info.refs)
+    time.sleep(1.2)  # now every kept generation is older than min_age=1: the drop happened before too
+    assert store.gc(min_age=1) == sorted(info.refs)
+
+
 def test_restore_streams_with_about_one_chunk_of_extra_memory() -> None:
     store = SnapshotStore("memory://buffers/stream")
     rng = np.random.default_rng(2)

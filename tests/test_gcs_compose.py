@@ -117,3 +117,24 @@ def test_parts_double_in_size_every_256_parts_up_to_1024() -> None:
     assert sum(writer._next_part_size(n) for n in range(1, 1025)) == 60 * 2**30
     with pytest.raises(StorageError, match="more than 1024 parts"):
         writer._next_part_size(1025)
+
+
+def test_two_writers_of_one_object_never_touch_each_others_parts(gcs_backend: Backend) -> None:
+    """Replay-buffer chunks are named by content, so two saves may upload the same object at once."""
+    from bucketsnap.transport import Retry
+
+    fs, root = fsspec.core.url_to_fs(gcs_backend.url(), **gcs_backend.options)
+    path = f"{root}/chunks/0123abcd.zst"
+    writers = [
+        GcsComposeWriter(fs, path, part_size=64 * KiB, concurrency=2, retry=Retry(), where=f"gs://{path}")
+        for _ in range(2)
+    ]
+    first, second = b"A" * (200 * KiB), b"B" * (200 * KiB)  # 4 parts each
+    writers[0].write(first)
+    writers[1].write(second)
+    writers[0].close()  # composes and deletes its own parts only
+    assert fs.cat_file(path) == first
+    writers[1].close()
+    fs.invalidate_cache()
+    assert fs.cat_file(path) == second
+    assert fs.find(f"{root}/chunks") == [path]

@@ -315,6 +315,29 @@ def test_keep_host_copies_false_frees_each_copy_when_its_save_ends() -> None:
     store.close()
 
 
+def test_host_copies_stay_on_the_cpu_whatever_the_default_device() -> None:
+    store = SnapshotStore("memory://async/default-device")
+    state = {"w": torch.randn(100), "rng": np.random.default_rng(0).integers(0, 9, 10)}
+    for itr in range(2):
+        with torch.device("meta"):  # as torch.set_default_device("cuda") would, on a GPU host
+            store.save_async(itr, state).result()
+        assert all(b.device.type == "cpu" for buffers in _pool(store)._free.values() for b in buffers)
+        restored = store.load(itr)
+        assert torch.equal(restored["w"], state["w"]) and (restored["rng"] == state["rng"]).all()
+    store.close()
+
+
+def test_structured_arrays_never_carry_stale_bytes_in_their_padding() -> None:
+    store = SnapshotStore("memory://async/structured")
+    aligned = np.dtype([("a", np.uint8), ("b", np.float64)], align=True)  # 7 padding bytes per row
+    rows = np.zeros(64, dtype=aligned)
+    rows["a"], rows["b"] = 1, 2.5
+    store.save_async(1, {"frames": np.full(64 * 16, 0xAB, np.uint8)}).result()  # leaves 0xAB in a kept buffer
+    store.save_async(2, {"rows": rows}).result()
+    assert store.load(2)["rows"].tobytes() == rows.tobytes()  # padding zeros, as np.zeros made them
+    store.close()
+
+
 def test_a_save_inside_inference_mode_leaves_buffers_a_later_save_can_write() -> None:
     store = SnapshotStore("memory://async/inference")
     with torch.inference_mode():

@@ -78,7 +78,7 @@ class HostCopies:
             # outside the lock, so that background returns need not wait; a normal tensor even under
             # inference_mode, since torch refuses in-place writes to an inference tensor outside it
             with torch.inference_mode(False):
-                return torch.empty(nbytes, dtype=torch.uint8)
+                return torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # whatever the default device
         except BaseException:
             with self._lock:
                 self._busy_bytes -= nbytes
@@ -104,7 +104,7 @@ class HostLease:
     def take(self, nbytes: int) -> torch.Tensor:
         """A flat ``uint8`` CPU tensor of ``nbytes`` bytes, reused if the pool has one; contents undefined."""
         if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
+            return torch.empty(0, dtype=torch.uint8, device="cpu")
         buffer = self._pool._take(nbytes)
         with self._lock:
             if not self._released:

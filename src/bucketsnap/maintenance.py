@@ -8,7 +8,12 @@ of readers and writers that the newest manifest does not show:
 * a reader that resolved a snapshot a moment before retention or ``delete`` dropped it: objects referenced by
   a retained manifest generation are kept until ``min_age`` after the generation that dropped them was
   written. Only the newest :data:`~bucketsnap.manifest.KEEP_GENERATIONS` generations are kept, so the grace
-  covers readers that are fewer than that many commits behind.
+  covers readers that are fewer than that many commits behind;
+* a save in another process that found a replay-buffer chunk stored and is about to commit a snapshot that
+  reuses it (chunks are named by their content, so a chunk dropped long ago can be needed again): while the
+  retained generations do not reach back ``min_age`` (commits come faster than that), when an unlisted chunk
+  was dropped is unknown, and gc keeps every chunk. A busy run thus keeps about ``min_age`` worth of dropped
+  chunks until its commits slow down or ``gc(min_age=0)`` runs while no other process saves.
 
 **repair** commits a new generation after a corrupt one: the newest generation that parses, plus every intact
 archive it does not list, read from the archive's own ``meta.json``.
@@ -21,6 +26,7 @@ import logging
 from datetime import datetime, timezone
 
 from bucketsnap.archive import META_NAME
+from bucketsnap.chunks import CHUNK_DIR
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.manifest import (
@@ -39,7 +45,7 @@ __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 logger = logging.getLogger("bucketsnap")
 
 #: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
-DATA_DIRS = (SNAPSHOT_DIR, "chunks")
+DATA_DIRS = (SNAPSHOT_DIR, CHUNK_DIR)
 
 
 def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool) -> list[str]:
@@ -47,9 +53,15 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool) -> list[
     storage = log.storage
     now = datetime.now(timezone.utc).timestamp()
     newest = log.read()
-    keep = _objects(newest) | _recently_dropped(log, newest, now - min_age)
+    dropped, drops_known = _recently_dropped(log, newest, now - min_age)
+    keep = _objects(newest) | dropped
     doomed: list[str] = []
     for directory in DATA_DIRS:
+        if directory == CHUNK_DIR and not drops_known and min_age > 0:
+            # A chunk no retained generation lists may still have been dropped within min_age, and a save in
+            # another process may be about to commit a snapshot that reuses it (chunks are named by content,
+            # so an old chunk can be needed again): keep them until commits slow down.
+            continue
         for name in storage.list(directory):
             rel = f"{directory}/{name}"
             if rel in keep:
@@ -72,20 +84,24 @@ def _objects(manifest: Manifest) -> set[str]:
     return set().union(*(s.objects() for s in manifest.snapshots))
 
 
-def _recently_dropped(log: ManifestLog, newest: Manifest, since: float) -> set[str]:
-    """Objects of retained generations whose successor was written after ``since`` (a reader may hold them)."""
+def _recently_dropped(log: ManifestLog, newest: Manifest, since: float) -> tuple[set[str], bool]:
+    """Objects of retained generations whose successor was written after ``since`` (a reader may hold them),
+    and whether the retained generations reach back to ``since``: if not, an object none of them lists may
+    have been dropped after ``since`` too, by a generation already pruned."""
     kept: set[str] = set()
     successor_written = newest.written
     for generation in range(newest.generation - 1, max(0, newest.generation - KEEP_GENERATIONS - 1), -1):
         if successor_written is not None and successor_written.timestamp() < since:
-            break
+            return kept, True
         try:
             older = log.read_generation(generation)
         except (BucketsnapError, FileNotFoundError):
-            break  # pruned or unreadable: nothing older is retained either
+            return kept, False  # pruned or unreadable: what it dropped, and when, is unknown
         kept |= _objects(older)
         successor_written = older.written
-    return kept
+    if newest.generation <= KEEP_GENERATIONS:  # back to the first generation: nothing was dropped earlier
+        return kept, True
+    return kept, successor_written is not None and successor_written.timestamp() < since
 
 
 def repair(log: ManifestLog) -> Manifest:
@@ -134,7 +150,9 @@ def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:
     entry = entries[META_NAME]
     start = data_offset(read_range, entry, size, where=where)
     raw = read_range(start, start + entry.stored_size)
-    if entry.method != 0 or crc32(raw) != entry.crc32:  # a flipped byte in a metric would otherwise pass
+    if entry.method != 0:
+        raise CorruptSnapshotError(f"{where}: {META_NAME} is compressed (zip method {entry.method}), not stored")
+    if crc32(raw) != entry.crc32:  # a flipped byte in a metric would otherwise pass
         raise CorruptSnapshotError(f"{where}: {META_NAME} does not match the CRC-32 in the zip directory")
     try:
         meta = json.loads(raw)

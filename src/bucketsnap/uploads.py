@@ -10,13 +10,15 @@ object's size. The object becomes visible whole, or never: any failure, or the c
   (``fs.open(path, "wb")``) uploads each part synchronously, one at a time. The object appears when
   ``complete_multipart_upload`` succeeds; an aborted upload leaves nothing.
 * :class:`GcsComposeWriter` is GCS's parallel composite upload (what ``gcloud storage cp`` does for large
-  files): each part is uploaded as an object of its own beside the destination (``<name>.part00001``, ...),
-  and one ``compose`` request (a tree of them past 32 parts) joins them into the destination, which appears
-  whole when it succeeds; the part objects are then deleted. gcsfs's writer is a resumable upload, whose
-  chunks must be sent in order, one at a time. Trade-offs: a composite object has a CRC32C but no MD5 hash,
-  and deleting its parts right away incurs early-deletion charges in Nearline, Coldline and Archive buckets
-  or is refused under a retention policy; pass ``upload_concurrency=1`` to such a bucket's store to keep the
-  resumable upload. Part objects left by a crashed save sit in ``snapshots/``, where ``gc`` removes them.
+  files): each part is uploaded as an object of its own beside the destination (``<name>.<token>.part00001``,
+  ..., the token unique to the writer), and one ``compose`` request (a tree of them past 32 parts) joins them
+  into the destination, which appears whole when it succeeds; the part objects are then deleted. gcsfs's
+  writer is a resumable upload, whose chunks must be sent in order, one at a time. Trade-offs: a composite
+  object has a CRC32C but no MD5 hash, and deleting its parts right away incurs early-deletion charges in
+  Nearline, Coldline and Archive buckets or is refused under a retention policy; pass
+  ``upload_concurrency=1`` to such a bucket's store to keep the resumable upload. Part objects left by a
+  crashed save sit beside the object (in ``snapshots/`` or ``chunks/``), where ``gc`` removes them. Parts
+  double in size every 256 parts, so an object over 4 GiB (with 16 MiB parts) holds larger part buffers.
 
 Trade-off: parts are copied once into their buffer (a part must be one contiguous body), so a remote save costs
 one extra pass over its bytes in memory; local saves do not go through this module.
@@ -24,8 +26,10 @@ one extra pass over its bytes in memory; local saves do not go through this modu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -307,6 +311,9 @@ class GcsComposeWriter(PartUploader[str]):
         super().__init__(part_size=part_size, concurrency=concurrency, retry=retry, where=where)
         self._fs = fs
         self._path = path
+        # Part names unique to this writer: two saves may write the same object at once (a replay-buffer chunk
+        # is named by its content), and must never compose or delete each other's parts.
+        self._prefix = f"{path}.{uuid.uuid4().hex[:12]}"
         self._temporary: list[str] = []  # part and intermediate objects, deleted once composed or aborted
         self._lock = threading.Lock()
 
@@ -316,11 +323,11 @@ class GcsComposeWriter(PartUploader[str]):
         return self._part_size << ((number - 1) // _GCS_PARTS_PER_SIZE)
 
     def _put_whole(self, body: bytearray) -> None:
-        self._call("put", lambda: self._fs.pipe_file(self._path, bytes(body)))
+        self._call("put", lambda: self._fs.pipe_file(self._path, body))
 
     def _upload_part(self, number: int, body: bytearray) -> str:
-        name = f"{self._path}.part{number:05d}"
-        self._call(f"part {number}", lambda: self._fs.pipe_file(name, bytes(body)))
+        name = f"{self._prefix}.part{number:05d}"
+        self._call(f"part {number}", lambda: self._fs.pipe_file(name, body))  # the bytearray as is: no copy
         with self._lock:  # a part whose upload failed may exist anyway: gc removes it
             self._temporary.append(name)
         return name
@@ -330,7 +337,7 @@ class GcsComposeWriter(PartUploader[str]):
         while len(parts) > GCS_COMPOSE_LIMIT:  # a tree: compose groups of 32 into intermediate objects
             level += 1
             groups = [parts[i : i + GCS_COMPOSE_LIMIT] for i in range(0, len(parts), GCS_COMPOSE_LIMIT)]
-            parts = [f"{self._path}.compose{level}-{i:03d}" for i in range(len(groups))]
+            parts = [f"{self._prefix}.compose{level}-{i:03d}" for i in range(len(groups))]
             with self._lock:
                 self._temporary += parts
             for target, group in zip(parts, groups, strict=True):
@@ -339,7 +346,7 @@ class GcsComposeWriter(PartUploader[str]):
         try:
             self._delete_temporary()
         except Exception as exc:  # the object is published: leftovers are gc's to remove
-            logger.warning("could not delete the part objects of %s (gc removes them): %s", self._where, exc)
+            logger.warning("could not delete the part objects of %s (gc removes them): %.300s", self._where, exc)
 
     def _compose(self, target: str, sources: list[str]) -> None:
         self._call(f"compose of {len(sources)} parts", lambda: self._fs.merge(target, sources))
@@ -351,5 +358,6 @@ class GcsComposeWriter(PartUploader[str]):
         with self._lock:
             doomed, self._temporary = self._temporary, []
         if doomed:
-            self._call("delete parts", lambda: self._fs.rm(doomed))
+            with contextlib.suppress(FileNotFoundError):  # a retry after a lost response to a delete that went through
+                self._call(f"delete {len(doomed)} part objects", lambda: self._fs.rm(doomed))
         self._fs.invalidate_cache(self._path)

@@ -203,13 +203,18 @@ class _Encoder:
     def ndarray(self, v: np.ndarray | np.generic) -> dict[str, Any] | None:
         scalar = isinstance(v, np.generic)
         array = np.asarray(v)
-        if self.host_buffer is not None and array.nbytes and not array.dtype.hasobject:
-            # the buffer seen as the array's own dtype and shape: copyto writes C order, byte for byte
+        if self.host_buffer is not None and array.nbytes and array.dtype.fields is None and not array.dtype.hasobject:
+            # the buffer seen as the array's own dtype and shape: copyto writes C order, byte for byte (not for
+            # structured dtypes: copyto copies their fields, leaving padding bytes as the reused buffer had them)
             pooled = self.host_buffer(array.nbytes).numpy().view(array.dtype).reshape(array.shape)
             np.copyto(pooled, array, casting="no")
             array = pooled
         elif not array.flags.c_contiguous or (self.copy and np.may_share_memory(array, v)):
-            array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
+            if array.dtype.fields is not None:  # numpy copies a structured array's fields, not its padding
+                padded, array = array, np.zeros(array.shape, array.dtype)
+                np.copyto(array, padded)  # so the padding saved is zeros, not stale memory
+            else:
+                array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
         if array.dtype.hasobject:
             return None
         spec = {
