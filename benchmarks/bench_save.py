@@ -27,6 +27,7 @@ Each figure is the median of ``--runs`` runs; ratios are to the first alternativ
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import shutil
@@ -162,14 +163,9 @@ def dcp_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], 
     return lambda: dcp.save(state, storage_writer=FsspecWriter(url), no_dist=True)
 
 
-def bucketsnap_save(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
-    store = SnapshotStore(places.url(where, "bsnap"), storage_options=places.options(where))
-    return lambda: store.save(1, state)
-
-
-def bucketsnap_save_one_part_at_a_time(places: Places, where: str, state: dict[str, Any]) -> Callable[[], Any]:
-    """As bucketsnap_save, with upload_concurrency=1 (GCS: gcsfs's resumable upload; local: the same save)."""
-    store = SnapshotStore(places.url(where, "bsnap-seq"), storage_options=places.options(where), upload_concurrency=1)
+def bucketsnap_save(places: Places, where: str, state: dict[str, Any], **options: Any) -> Callable[[], Any]:
+    """A blocking save; ``options`` go to the store (``upload_concurrency=1``: on GCS, gcsfs's resumable upload)."""
+    store = SnapshotStore(places.url(where, "bsnap"), storage_options=places.options(where), **options)
     return lambda: store.save(1, state)
 
 
@@ -282,7 +278,7 @@ def main() -> None:
                 ("torch.save + fsync (local)", torch_save_fsync),
                 ("DCP dcp.save (FsspecWriter)", dcp_save),
                 ("bucketsnap save (blocking)", bucketsnap_save),
-                ("bucketsnap save, upload_concurrency=1", bucketsnap_save_one_part_at_a_time),
+                ("bucketsnap save, upload_concurrency=1", functools.partial(bucketsnap_save, upload_concurrency=1)),
             ]:
                 rows.setdefault(name, {})[where] = median(
                     args.runs,
