@@ -13,7 +13,7 @@ import pytest
 import torch
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 
-from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore
+from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore, StorageError
 from bucketsnap.buffers import TransitionStorage, buffer_state, restore_buffer
 from bucketsnap.chunks import CHUNK_DIR
 from conftest import Backend
@@ -171,9 +171,13 @@ def test_delete_and_gc_keep_shared_chunks_and_drop_the_rest() -> None:
     assert store.storage.list(CHUNK_DIR) == []
 
 
+@pytest.mark.parametrize("gc_between", [False, True])
 def test_a_delete_by_another_process_during_a_save_never_drops_a_chunk_the_save_reuses(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, gc_between: bool
 ) -> None:
+    """Another process deletes the snapshot whose chunks a save is reusing (and, with ``gc_between``, gc deletes
+    those chunks) after the save found them: the save either commits a snapshot that restores, or fails with
+    StorageError and commits nothing."""
     from bucketsnap import chunks
 
     store = SnapshotStore("memory://buffers/race")
@@ -181,45 +185,51 @@ def test_a_delete_by_another_process_during_a_save_never_drops_a_chunk_the_save_
     buffer = TransitionStorage(40)
     buffer.insert_data_slice({"x": np.arange(40)})
     store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
-    listed = chunks._stored_chunks
+    found = chunks._reusable_chunks
 
-    def list_then_delete(storage: Any) -> dict[str, int]:
-        stored = listed(storage)  # the save has found snapshot 1's chunks stored: it will not upload them
+    def find_then_delete(storage: Any, committed: Any) -> dict[str, tuple[str, int]]:
+        reusable = found(storage, committed)  # the save has found snapshot 1's chunks: it will not upload them
+        assert len(reusable) == 4
         other.delete(1)
-        return stored
+        if gc_between:
+            assert len(other.gc(min_age=0)) == 4  # condemned and swept at once: the reused chunks are gone
+        return reusable
 
-    monkeypatch.setattr(chunks, "_stored_chunks", list_then_delete)
+    monkeypatch.setattr(chunks, "_reusable_chunks", find_then_delete)
     buffer.insert_data_slice({"x": np.arange(5) + 100})
-    store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})
-    monkeypatch.undo()
+    if gc_between:
+        with pytest.raises(StorageError, match="gc deleted or may have deleted"):
+            store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})
+        monkeypatch.undo()
+        assert store.itrs() == []
+        store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})  # saving again works
+    else:
+        store.save(2, {"buf": buffer_state(buffer, chunk_rows=10)})
+        monkeypatch.undo()
     assert store.itrs() == [2]
+    store.verify(2)
     restored = TransitionStorage(40)
     restore_buffer(store, restored, key="buf")
     assert restored.data["x"].tolist() == [100, 101, 102, 103, 104, *range(5, 40)]
-    store.gc()
+    store.gc(min_age=0)
+    store.verify(2)
     restore_buffer(store, TransitionStorage(40), key="buf")
 
 
-def test_gc_keeps_old_chunks_while_commits_come_faster_than_min_age(tmp_path: Any) -> None:
-    """More than 8 commits since a delete: when it dropped a chunk is unknown, and a save in another process
-    may be about to reuse it, so gc keeps chunks until the kept generations reach back min_age."""
-    import os
-    import time
-
+def test_chunks_dropped_long_ago_are_removed_however_fast_commits_come(tmp_path: Any) -> None:
+    """The condemnation is recorded in the log, so it survives any number of later commits: a busy run's dropped
+    chunks are removed once they stayed condemned for min_age."""
     store = SnapshotStore(str(tmp_path / "run"))
     buffer = TransitionStorage(40)
     buffer.insert_data_slice({"x": np.arange(40)})
     info = store.save(1, {"buf": buffer_state(buffer, chunk_rows=10)})
-    old = time.time() - 7200
-    for rel in info.refs:  # chunks written two hours ago
-        os.utime(store.storage.path(rel), (old, old))
     store.delete(1)
-    for itr in range(2, 12):  # ten commits: the generation that dropped the chunks is no longer kept
+    assert store.gc() == []  # condemned now
+    for itr in range(2, 22):  # twenty commits: the generation that condemned them is long pruned
         store.save(itr, {"v": itr})
-    assert store.gc() == []
-    assert len(store.storage.list(CHUNK_DIR)) == len(info.refs)
-    time.sleep(1.2)  # now every kept generation is older than min_age=1: the drop happened before too
-    assert store.gc(min_age=1) == sorted(info.refs)
+    assert set(info.refs) <= set(store._log.read().condemned)
+    assert store.gc(min_age=0) == sorted(info.refs)
+    assert store.storage.list(CHUNK_DIR) == []
 
 
 def test_restore_streams_with_about_one_chunk_of_extra_memory() -> None:
@@ -351,8 +361,8 @@ def test_missing_or_corrupt_chunks_are_typed_errors_naming_the_chunk() -> None:
     other.insert_data_slice({"x": np.arange(10) + 7})
     swapped = store.save(2, {"buf": buffer_state(other, chunk_rows=10)})
     store.storage.fs.pipe_file(path, store.storage.fs.cat_file(store.storage.path(swapped.refs[0])))
-    restore_buffer(store, TransitionStorage(20), key="buf", which=1)  # a well-formed frame: only sha256 tells
-    with pytest.raises(CorruptSnapshotError, match="sha256"):
+    restore_buffer(store, TransitionStorage(20), key="buf", which=1)  # a well-formed frame: only a checksum tells
+    with pytest.raises(CorruptSnapshotError, match="CRC-32 in its name"):
         restore_buffer(store, TransitionStorage(20), key="buf", which=1, verify=True)
     store.storage.fs.pipe_file(path, good)
     store.storage.delete(second)

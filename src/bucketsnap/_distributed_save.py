@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bucketsnap._saving import ExternalValue, check_itr, check_state, prepare_value, write_archive
+from bucketsnap._saving import ExternalValue, StoredObjects, check_itr, check_state, prepare_value, write_archive
 from bucketsnap._saving import meta as archive_meta
+from bucketsnap.chunks import CHUNK_DIR
 from bucketsnap.distributed import DistributedSaveError, ProcessGroupArg, Sharded, _Group, _resolve, shard_key
 from bucketsnap.errors import BucketsnapError
 from bucketsnap.info import MemberInfo, SnapshotInfo, check_metrics
-from bucketsnap.manifest import SNAPSHOT_DIR
+from bucketsnap.manifest import SNAPSHOT_DIR, Manifest
 from bucketsnap.progress import ProgressCallback
 from bucketsnap.values import EncodedValue, HostBuffer
 
@@ -108,6 +109,8 @@ class _Failure:
     kind: str
     message: str
     pickled: bytes | None
+    #: Raised by rank 0's commit: it may have landed, so no rank deletes its archive (gc removes it if not).
+    committing: bool = False
 
     @classmethod
     def of(cls, rank: int, exc: BaseException) -> _Failure:
@@ -179,6 +182,7 @@ def _run(
 ) -> SnapshotInfo:
     own = prepared if isinstance(prepared, BaseException) else None
     plan: dict[str, Any]
+    base = Manifest(0)  # rank 0: the generation read before any rank writes, that the commit is checked against
     if isinstance(prepared, BaseException):
         plan = {"failure": _Failure.of(group.rank, prepared)}
     else:
@@ -186,8 +190,11 @@ def _run(
         if group.rank == 0:
             plan.update(token=uuid.uuid4().hex[:16], created=datetime.now(timezone.utc))
             try:
-                if not prepared.overwrite and store._log.read().find(prepared.itr) is not None:
+                base = store._log.read()
+                if not prepared.overwrite and base.find(prepared.itr) is not None:
                     raise store._exists(prepared.itr)
+                # Chunks the ranks may reuse: only those a committed snapshot refers to (see StoredObjects).
+                plan["committed"] = sorted(rel for rel in base.referenced() if rel.startswith(f"{CHUNK_DIR}/"))
             except Exception as exc:
                 own = exc
                 plan = {"failure": _Failure.of(0, exc)}
@@ -204,7 +211,8 @@ def _run(
     path = _object_path(itr, leader["token"], group.rank)
     report: dict[str, Any]
     try:
-        report = _write_rank(store, group, prepared, path, leader["created"], progress)
+        objects = StoredObjects(frozenset(leader["committed"]), f"{leader['token']}{group.rank:04x}")
+        report = _write_rank(store, group, prepared, path, leader["created"], objects, progress)
     except Exception as exc:
         own = exc
         report = {"failure": _Failure.of(group.rank, exc)}
@@ -220,7 +228,7 @@ def _run(
         raise _lost(store, group, "gathering", exc, itr=itr, token=leader["token"]) from exc
     outcome: SnapshotInfo | _Failure | None = None
     if group.rank == 0:
-        outcome, commit_error = _commit(store, group, prepared, leader, reports)
+        outcome, commit_error = _commit(store, group, prepared, leader, reports, base)
         own = commit_error or own
     try:
         outcome = group.broadcast(outcome)
@@ -238,7 +246,7 @@ def _run(
     if isinstance(outcome, SnapshotInfo):
         return outcome
     assert isinstance(outcome, _Failure)
-    if written and group.rank != 0:  # rank 0 already deleted its own
+    if written and group.rank != 0 and not outcome.committing:  # rank 0 already deleted its own
         _delete(store, path)
     raise outcome.exception(group, own)
 
@@ -282,6 +290,7 @@ def _write_rank(
     prepared: _Local,
     path: str,
     created: datetime,
+    objects: StoredObjects,
     progress: ProgressCallback | None,
 ) -> dict[str, Any]:
     """Write this rank's members to ``path``; report what the commit needs. Ranks with nothing to write skip it."""
@@ -295,15 +304,26 @@ def _write_rank(
         rank_meta,
         level=store.compression_level,
         threads=store.compression_threads,
+        objects=objects,
         progress=progress,
     )
     return {"path": path, "size": written.size, "members": written.members, "refs": list(written.refs)}
 
 
 def _commit(
-    store: SnapshotStore, group: _Group, prepared: _Local, leader: dict[str, Any], reports: list[dict[str, Any]]
+    store: SnapshotStore,
+    group: _Group,
+    prepared: _Local,
+    leader: dict[str, Any],
+    reports: list[dict[str, Any]],
+    base: Manifest,
 ) -> tuple[SnapshotInfo | _Failure, BaseException | None]:
-    """On rank 0: commit every rank's members as one snapshot, or report why not (deleting rank 0's object)."""
+    """On rank 0: commit every rank's members as one snapshot, or report why not.
+
+    Before the commit, rank 0 deletes its own object and each other rank its own. Once the commit is tried,
+    only a commit refused for sure deletes them (rank 0, all of them); one whose outcome is unknown leaves
+    them to gc, so that no rank deletes an archive of a snapshot that did commit.
+    """
     failures = [r["failure"] for r in reports if "failure" in r]
     if failures:
         if "path" in reports[0]:
@@ -328,10 +348,11 @@ def _commit(
         members={name: members[name] for name in order},
         refs=tuple(sorted({ref for report in reports for ref in report["refs"]})),
     )
+    written = [r["path"] for r in reports if "path" in r]
     try:
-        store._commit_new(info, overwrite=prepared.overwrite)  # deletes rank 0's object if it fails
+        store._commit_new(info, base, overwrite=prepared.overwrite, written=written)
     except Exception as exc:
-        return _Failure.of(0, exc), exc
+        return replace(_Failure.of(0, exc), committing=True), exc
     logger.info("committed itr %d from %d ranks to %s", info.itr, group.world, store.url)
     return info, None
 

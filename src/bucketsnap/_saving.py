@@ -28,6 +28,7 @@ from bucketsnap.values import EncodedValue, HostBuffer, encode
 __all__ = [
     "ExternalValue",
     "Prepared",
+    "StoredObjects",
     "WrittenArchive",
     "check_itr",
     "check_state",
@@ -40,6 +41,23 @@ __all__ = [
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 
+@dataclass(frozen=True)
+class StoredObjects:
+    """What a save may reuse of the objects already stored, and how it names the objects it writes.
+
+    gc deletes only objects no committed snapshot needs, and orders its deletions against commits through the
+    manifest log, so a save may reuse an object only if the generation it started from references it, and
+    must give each object it writes a name no other save uses (see :mod:`bucketsnap.maintenance`).
+
+    Attributes:
+        committed: the objects (relative paths) that the generation the save started from references.
+        token: a random string unique to this save, part of the name of every object it writes.
+    """
+
+    committed: frozenset[str]
+    token: str
+
+
 @runtime_checkable
 class ExternalValue(Protocol):
     """A state value stored partly in objects of its own, such as a replay buffer's content-addressed chunks.
@@ -48,14 +66,15 @@ class ExternalValue(Protocol):
     :meth:`write_objects` before it writes the archive: the returned value becomes the key's member, and the
     returned paths (relative to the run) the snapshot's ``refs``, so gc and delete keep those objects while any
     committed snapshot needs them. Objects are written before the commit and never deleted by a failed save
-    (another snapshot may share them); gc removes them once no committed snapshot refers to them.
+    (another snapshot may share them); gc removes them once no committed snapshot refers to them. Only objects
+    in ``objects.committed`` may be reused; new ones are named with ``objects.token`` (:class:`StoredObjects`).
     """
 
     def host_copy(self) -> ExternalValue:
         """A copy that stays valid while the caller changes the original (for background saves)."""
         ...
 
-    def write_objects(self, storage: Storage) -> tuple[Any, list[str]]:
+    def write_objects(self, storage: Storage, objects: StoredObjects) -> tuple[Any, list[str]]:
         """Write the objects that are missing; return the member value and every object path it needs."""
         ...
 
@@ -134,12 +153,17 @@ def check_state(state: Any) -> None:
 
 @dataclass(frozen=True)
 class WrittenArchive:
-    """An archive stored at ``path`` (not yet committed): what its manifest entry needs."""
+    """An archive stored at ``path`` (not yet committed): what its manifest entry needs.
+
+    ``checksum`` is the CRC-32 of every byte of the archive, ``"crc32:<8 hex>"``, computed as it was written:
+    the entry records it as ``SnapshotInfo.checksums[path]``.
+    """
 
     path: str
     size: int
     members: dict[str, MemberInfo]
     refs: tuple[str, ...]
+    checksum: str
 
 
 def write_archive(
@@ -150,6 +174,7 @@ def write_archive(
     *,
     level: int,
     threads: int,
+    objects: StoredObjects,
     progress: ProgressCallback | None = None,
 ) -> WrittenArchive:
     """Write ``values`` as the archive ``path``: external values' objects first, then the archive itself.
@@ -164,7 +189,7 @@ def write_archive(
         if isinstance(value, EncodedValue):
             encoded[key] = value
         else:  # a replay buffer's chunks and the like: objects of their own, then a small member
-            member, paths = value.write_objects(storage)
+            member, paths = value.write_objects(storage, objects)
             encoded[key] = encode(member)
             refs.update(paths)
     counter = None if progress is None else ByteCounter(sum(v.raw_size for v in encoded.values()), progress)
@@ -184,4 +209,5 @@ def write_archive(
         raise StorageError(
             f"{storage.url_of(path)} holds {stored} bytes after writing {size}; nothing was committed. Retry the save."
         )
-    return WrittenArchive(path, size, dict(writer.members), tuple(sorted(refs)))
+    assert writer.checksum is not None  # set by finish()
+    return WrittenArchive(path, size, dict(writer.members), tuple(sorted(refs)), writer.checksum)

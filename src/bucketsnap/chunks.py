@@ -4,14 +4,22 @@ A replay buffer is mostly a few big arrays whose rows are transitions. Saving it
 gigabytes for every thousand new transitions; instead its rows are cut into chunks of a fixed number of rows,
 and each chunk is stored once, as its own object::
 
-    chunks/<sha256 of the chunk's raw bytes>.zst    one zstd frame (content size and checksum included) of
-                                                    the chunk's rows of every field, field after field
+    chunks/<sha256 of the raw bytes>-<CRC-32 of the object>-<save token>.zst
+        one zstd frame (content size and checksum included) of the chunk's rows of every field, field after
+        field; the name says what it holds (sha256), checks every stored byte (CRC-32) and which save wrote it
 
-The snapshot's member for the buffer holds only the chunk table (ids, row counts, sizes) and the buffer's
-counters; the snapshot's ``refs`` list the chunk objects, so gc and delete keep a chunk while any committed
-snapshot refers to it. A save hashes every chunk (sha256, about 1.5 GB/s per core, on up to 4 threads) and
-compresses and uploads only the chunks whose id is not stored yet: the chunks that changed since the last
-save, usually one or two per thousand transitions.
+The snapshot's member for the buffer holds only the chunk table (ids, object names, row counts, sizes) and the
+buffer's counters; the snapshot's ``refs`` list the chunk objects, so gc and delete keep a chunk while any
+committed snapshot refers to it. A save hashes every chunk (sha256, about 1.5 GB/s per core, on up to 4 threads)
+and compresses and uploads only the chunks that no snapshot of the generation it started from holds: the
+chunks that changed since the last save, usually one or two per thousand transitions.
+
+A chunk is reused only if a committed snapshot refers to it, never on the strength of a listing: an
+unreferenced chunk (an orphan of a killed save, or one that retention dropped) may be condemned and deleted by
+gc at any moment, and gc's deletions are ordered only against commits (see :mod:`bucketsnap.maintenance`). A
+chunk that is written is named with the save's token, so two saves never write, or gc never deletes, one
+another's objects. Runs written before names carried a CRC (``chunks/<sha256>.zst``) stay readable, and their
+chunks are reused.
 
 Trade-off: a chunk is addressed by its content, so nothing needs to track which rows changed (SB3's buffers
 cannot tell), at the price of reading the whole buffer once per save to hash it. A restore streams one chunk
@@ -25,18 +33,30 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zstandard
 
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError, StorageError, redact
 from bucketsnap.storage import Storage
+from bucketsnap.zipformat import crc32
 
-__all__ = ["CHUNK_DIR", "DEFAULT_CHUNK_BYTES", "TABLE_FORMAT", "ChunkedArrays", "chunk_path", "read_chunks"]
+if TYPE_CHECKING:
+    from bucketsnap._saving import StoredObjects
+
+__all__ = [
+    "CHUNK_DIR",
+    "DEFAULT_CHUNK_BYTES",
+    "TABLE_FORMAT",
+    "ChunkedArrays",
+    "chunk_object",
+    "read_chunks",
+    "verify_chunk_object",
+]
 
 CHUNK_DIR = "chunks"
 #: Threads hashing a buffer's chunks on save, one per core up to 4: a save of a large buffer whose chunks are
@@ -49,11 +69,18 @@ TABLE_FORMAT = "bucketsnap.chunked/1"
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 _READ_SIZE = 4 * 2**20
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+_CHUNK_OBJECT = re.compile(rf"{CHUNK_DIR}/([0-9a-f]{{64}})(?:-([0-9a-f]{{8}})-[0-9a-f]{{8,32}})?\.zst")
 
 
-def chunk_path(chunk_id: str) -> str:
-    """The object path, relative to the run, of chunk ``chunk_id``."""
-    return f"{CHUNK_DIR}/{chunk_id}.zst"
+def chunk_object(chunk: Mapping[str, Any]) -> str:
+    """The object path, relative to the run, of a chunk table entry (``chunks/<id>.zst`` for old runs)."""
+    return str(chunk.get("path") or f"{CHUNK_DIR}/{chunk['id']}.zst")
+
+
+def object_crc(rel: str) -> int | None:
+    """The CRC-32 of the stored bytes that the chunk object's name records, or None (an old chunk name)."""
+    match = _CHUNK_OBJECT.fullmatch(rel)
+    return int(match.group(2), 16) if match and match.group(2) else None
 
 
 @dataclass(frozen=True)
@@ -115,9 +142,10 @@ class ChunkedArrays:
             copies, self.rows, kind=self.kind, attrs=self.attrs, chunk_rows=self.chunk_rows, level=self.level
         )
 
-    def write_objects(self, storage: Storage) -> tuple[dict[str, Any], list[str]]:
-        """Write the chunks not stored yet; return the chunk table and the chunk paths."""
-        existing = _stored_chunks(storage)
+    def write_objects(self, storage: Storage, objects: StoredObjects) -> tuple[dict[str, Any], list[str]]:
+        """Write the chunks that no snapshot of ``objects.committed`` holds; return the chunk table and the
+        chunk paths."""
+        existing = _reusable_chunks(storage, objects.committed)
         chunks: list[dict[str, Any]] = []
         cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
         bounds = [(a, min(a + self.chunk_rows, self.rows)) for a in range(0, self.rows, self.chunk_rows)]
@@ -127,16 +155,23 @@ class ChunkedArrays:
             for (start, end), digest in zip(bounds, digests, strict=True):
                 chunk_id = digest.result()
                 raw_size = (end - start) * sum(f.row_bytes for f in self.fields)
-                stored = existing.get(f"{chunk_id}.zst")
-                if stored is None:
-                    chunk_views = self._views(start, end)
-                    with storage.write(chunk_path(chunk_id)) as f:
-                        counting = _CountingWriter(f)
-                        with cctx.stream_writer(counting, size=raw_size, closefd=False) as zw:  # type: ignore[arg-type]
-                            for view in chunk_views:
-                                zw.write(view)
-                    stored = existing[f"{chunk_id}.zst"] = counting.count
-                chunks.append({"id": chunk_id, "rows": end - start, "raw_size": raw_size, "stored_size": stored})
+                found = existing.get(chunk_id)
+                if found is None:
+                    # Compressed in memory first (one chunk's worth), so that its name can carry its CRC-32.
+                    data = io.BytesIO()
+                    with cctx.stream_writer(data, size=raw_size, closefd=False) as zw:
+                        for view in self._views(start, end):
+                            zw.write(view)
+                    compressed = data.getbuffer()
+                    rel = f"{CHUNK_DIR}/{chunk_id}-{crc32(compressed):08x}-{objects.token}.zst"
+                    with storage.write(rel) as f:
+                        f.write(compressed)
+                    del compressed
+                    found = existing[chunk_id] = (rel, data.tell())
+                rel, stored = found
+                chunks.append(
+                    {"id": chunk_id, "path": rel, "rows": end - start, "raw_size": raw_size, "stored_size": stored}
+                )
         table = {
             "format": TABLE_FORMAT,
             "kind": self.kind,
@@ -149,30 +184,22 @@ class ChunkedArrays:
             "chunks": chunks,
             "attrs": self.attrs,
         }
-        return table, sorted({chunk_path(c["id"]) for c in chunks})
+        return table, sorted({c["path"] for c in chunks})
 
     def _views(self, start: int, end: int) -> list[memoryview]:
         """The bytes of rows ``[start, end)`` of every field (views; a copy only for non-contiguous arrays)."""
         return [_row_bytes(self.arrays[f.name], start, end) for f in self.fields]
 
 
-class _CountingWriter(io.RawIOBase):
-    def __init__(self, dest: Any) -> None:
-        self.dest = dest
-        self.count = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        n = memoryview(b).nbytes
-        self.dest.write(b)
-        self.count += n
-        return n
-
-
-def _stored_chunks(storage: Storage) -> dict[str, int]:
-    """Name -> size of every stored chunk, in one listing (not one request per chunk)."""
+def _reusable_chunks(storage: Storage, committed: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """Chunk id -> (object, size) of the stored chunks that committed snapshots refer to, in one listing."""
+    wanted: dict[str, str] = {}
+    for rel in committed:
+        match = _CHUNK_OBJECT.fullmatch(rel)
+        if match:
+            wanted[rel.rsplit("/", 1)[-1]] = match.group(1)
+    if not wanted:
+        return {}
     path = storage.path(CHUNK_DIR)
     try:
         storage.fs.invalidate_cache(path)
@@ -182,11 +209,11 @@ def _stored_chunks(storage: Storage) -> dict[str, int]:
     except Exception as exc:
         detail = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
         raise StorageError(f"listing {storage.url_of(CHUNK_DIR)} failed: {detail}") from exc
-    out: dict[str, int] = {}
+    out: dict[str, tuple[str, int]] = {}
     for e in entries:
         name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if e.get("type") == "file" and name.endswith(".zst") and not name.startswith("."):
-            out[name] = int(e["size"])
+        if e.get("type") == "file" and name in wanted:  # one deleted by hand is written again
+            out[wanted[name]] = (f"{CHUNK_DIR}/{name}", int(e["size"]))
     return out
 
 
@@ -245,6 +272,9 @@ class ChunkTable:
                     raise ValueError(f"chunk {c['id']} declares {c['raw_size']} bytes for {c['rows']} rows")
                 if not (isinstance(c["id"], str) and _CHUNK_ID.fullmatch(c["id"])):
                     raise ValueError(f"bad chunk id {c['id']!r}")
+                match = _CHUNK_OBJECT.fullmatch(chunk_object(c)) if isinstance(c.get("path", ""), str) else None
+                if match is None or match.group(1) != c["id"]:
+                    raise ValueError(f"chunk {c['id']} names object {c.get('path')!r}, not one of its own")
             return cls(str(table["kind"]), rows, int(table["chunk_rows"]), fields, chunks, dict(table["attrs"]))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CorruptSnapshotError(f"{where}: not a valid chunk table: {exc}") from exc
@@ -278,8 +308,8 @@ def read_chunks(
                 out = {f.name: into[f.name][start : start + n] for f in table.fields}
             else:
                 out = {f.name: np.empty((n, *f.row_shape), dtype=f.dtype) for f in table.fields}
-            chunk_where = f"{where} chunk {storage.url_of(chunk_path(chunk['id']))}"
-            views = _decompress_chunk(storage, chunk, [out[f.name] for f in table.fields], chunk_where)
+            chunk_where = f"{where} chunk {storage.url_of(chunk_object(chunk))}"
+            views = _decompress_chunk(storage, chunk, [out[f.name] for f in table.fields], chunk_where, verify)
             if verify and into is None:
                 _check_digest(views, chunk["id"], chunk_where)
             elif verify:
@@ -293,10 +323,14 @@ def read_chunks(
 
 
 def _decompress_chunk(
-    storage: Storage, chunk: dict[str, Any], arrays: list[np.ndarray], where: str
+    storage: Storage, chunk: dict[str, Any], arrays: list[np.ndarray], where: str, verify: bool = False
 ) -> list[memoryview]:
-    """Decompress one chunk object into ``arrays`` (field after field); return their byte views."""
-    raw = _RangeStream(storage, chunk_path(chunk["id"]), int(chunk["stored_size"]), where)
+    """Decompress one chunk object into ``arrays`` (field after field); return their byte views.
+
+    With ``verify``, every stored byte is also checked against the CRC-32 its name records.
+    """
+    rel = chunk_object(chunk)
+    raw = _RangeStream(storage, rel, int(chunk["stored_size"]), where)
     views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_SIZE, closefd=False) as z:  # type: ignore[arg-type]
@@ -311,7 +345,18 @@ def _decompress_chunk(
                 raise CorruptSnapshotError(f"{where}: decompresses to more bytes than its rows need")
     except zstandard.ZstdError as exc:
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
+    if verify:
+        raw.check_crc(object_crc(rel))
     return views
+
+
+def verify_chunk_object(storage: Storage, rel: str, *, where: str) -> None:
+    """Read chunk object ``rel`` whole and check it against the CRC-32 its name records (if it has one)."""
+    expected = object_crc(rel)
+    if expected is None:
+        return
+    stream = _RangeStream(storage, rel, storage.size(rel), f"{where} chunk {storage.url_of(rel)}")
+    stream.check_crc(expected)
 
 
 def _digest(views: list[memoryview]) -> str:
@@ -335,9 +380,19 @@ class _RangeStream(io.RawIOBase):
         self._pos = 0
         self._size = size
         self._where = where
+        self._crc = 0
 
     def readable(self) -> bool:
         return True
+
+    def check_crc(self, expected: int | None) -> None:
+        """Read what is left, then raise CorruptSnapshotError unless the bytes read match ``expected``."""
+        while self.read(_READ_SIZE):
+            pass
+        if expected is not None and self._crc != expected:
+            raise CorruptSnapshotError(
+                f"{self._where}: its bytes do not match the CRC-32 in its name ({self._crc:08x}, not {expected:08x})"
+            )
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
@@ -353,5 +408,6 @@ class _RangeStream(io.RawIOBase):
         if len(data) != end - self._pos:
             raise CorruptSnapshotError(f"{self._where}: truncated at byte {self._pos + len(data)} of {self._size}")
         view[: len(data)] = data
+        self._crc = crc32(data, self._crc)
         self._pos = end
         return len(data)

@@ -1,19 +1,22 @@
 """Maintenance of a run: garbage collection and repair. Neither ever removes or rewrites a committed snapshot.
 
-**gc** removes objects that no committed snapshot needs, with a grace period ``min_age`` that protects two kinds
-of readers and writers that the newest manifest does not show:
+**gc** removes objects that no committed snapshot needs, in two steps ordered against commits through the
+manifest log rather than by clocks:
 
-* an archive another writer has written but not yet committed: objects no generation ever referenced are
-  kept until they are ``min_age`` old;
-* a reader that resolved a snapshot a moment before retention or ``delete`` dropped it: objects referenced by
-  a retained manifest generation are kept until ``min_age`` after the generation that dropped them was
-  written. Only the newest :data:`~bucketsnap.manifest.KEEP_GENERATIONS` generations are kept, so the grace
-  covers readers that are fewer than that many commits behind;
-* a save in another process that found a replay-buffer chunk stored and is about to commit a snapshot that
-  reuses it (chunks are named by their content, so a chunk dropped long ago can be needed again): while the
-  retained generations do not reach back ``min_age`` (commits come faster than that), when an unlisted chunk
-  was dropped is unknown, and gc keeps every chunk. A busy run thus keeps about ``min_age`` worth of dropped
-  chunks until its commits slow down or ``gc(min_age=0)`` runs while no other process saves.
+1. *condemn*: commit a generation that records, with the time on gc's clock, every object under
+   ``snapshots/`` and ``chunks/`` that no snapshot of the newest generation needs (orphans of crashed saves,
+   snapshots dropped by retention, and the objects of saves still being written);
+2. *sweep*: commit a generation that moves the objects condemned at least ``min_age`` seconds ago, and still
+   needed by no snapshot, into a numbered sweep, then delete them.
+
+A save that commits after its objects were condemned but before a sweep simply makes them needed again (a
+commit un-condemns what it references). A save whose objects a sweep committed to delete finds that sweep in
+the generation it commits on (:func:`~bucketsnap.manifest.swept`) and fails with ``StorageError`` instead of
+committing a reference to a deleted object: a writer that is paused for hours, that reuses a chunk another
+snapshot dropped, or whose clock disagrees with gc's, can fail a save, but never commit a broken one.
+``min_age`` only decides how soon space comes back: it gives readers that resolved a dropped snapshot, and
+saves in flight, that long to finish (measured on gc's clocks, so a gc host whose clock runs ahead shortens it).
+With ``min_age=0`` one call condemns and deletes every unreferenced object, failing any save in flight.
 
 **repair** commits a new generation after a corrupt one: the newest generation that parses, plus every intact
 archive it does not list, read from the archive's own ``meta.json``.
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+import time
+from dataclasses import replace
 
 from bucketsnap.archive import META_NAME
 from bucketsnap.chunks import CHUNK_DIR
@@ -33,8 +37,10 @@ from bucketsnap.manifest import (
     KEEP_GENERATIONS,
     MANIFEST_DIR,
     SNAPSHOT_DIR,
+    SWEEP_HISTORY,
     Manifest,
     ManifestLog,
+    Sweep,
     generation_name,
 )
 from bucketsnap.snapshot import Snapshot
@@ -48,60 +54,66 @@ logger = logging.getLogger("bucketsnap")
 DATA_DIRS = (SNAPSHOT_DIR, CHUNK_DIR)
 
 
-def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool) -> list[str]:
-    """Delete (unless ``dry_run``) what no committed snapshot needs; return the paths, relative to the run."""
+def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: float | None = None) -> list[str]:
+    """Condemn what no committed snapshot needs, delete what stayed condemned for ``min_age`` seconds (unless
+    ``dry_run``); return the paths deleted (or, with ``dry_run``, that would be), relative to the run."""
     storage = log.storage
-    now = datetime.now(timezone.utc).timestamp()
+    now = time.time() if now is None else now
     newest = log.read()
-    dropped, drops_known = _recently_dropped(log, newest, now - min_age)
-    keep = _objects(newest) | dropped
-    doomed: list[str] = []
-    for directory in DATA_DIRS:
-        if directory == CHUNK_DIR and not drops_known and min_age > 0:
-            # A chunk no retained generation lists may still have been dropped within min_age, and a save in
-            # another process may be about to commit a snapshot that reuses it (chunks are named by content,
-            # so an old chunk can be needed again): keep them until commits slow down.
-            continue
-        for name in storage.list(directory):
-            rel = f"{directory}/{name}"
-            if rel in keep:
-                continue
-            modified = storage.modified(rel)
-            if min_age <= 0 or modified is None or now - modified >= min_age:
-                doomed.append(rel)
-    doomed += [generation_name(g) for g in log.generations() if g < newest.generation - KEEP_GENERATIONS]
-    for name in storage.list(MANIFEST_DIR):  # temp files of commits interrupted by a crash
-        rel = f"{MANIFEST_DIR}/{name}"
-        if ".tmp-" in name and (min_age <= 0 or now - (storage.modified(rel) or now) >= min_age):
-            doomed.append(rel)
-    if not dry_run:
-        for rel in doomed:
+    stored = {f"{d}/{name}" for d in DATA_DIRS for name in storage.list(d)}
+    unreferenced = stored - newest.referenced()
+    if dry_run:
+        doomed = {rel for rel in unreferenced if _ripe(newest.condemned.get(rel, now), now, min_age)}
+        return sorted(doomed) + _stale_log_files(log, newest, now, min_age)
+
+    if unreferenced - set(newest.condemned):
+
+        def condemn(current: Manifest) -> Manifest:
+            still = unreferenced - current.referenced()
+            return replace(current, condemned={**{rel: now for rel in still}, **current.condemned})
+
+        newest = log.commit_state(condemn)
+    deleted: list[str] = []
+    if any(_ripe(t, now, min_age) for t in newest.condemned.values()):
+        sweep: list[Sweep] = []
+
+        def sweep_ripe(current: Manifest) -> Manifest:
+            needed = current.referenced()
+            ripe = {rel for rel, t in current.condemned.items() if _ripe(t, now, min_age) and rel not in needed}
+            sweep[:] = [Sweep(current.sweep + 1, frozenset(ripe))]
+            return replace(
+                current,
+                condemned={rel: t for rel, t in current.condemned.items() if rel not in ripe},
+                sweep=sweep[0].epoch,
+                sweeps=(*current.sweeps, sweep[0])[-SWEEP_HISTORY:],
+            )
+
+        newest = log.commit_state(sweep_ripe)
+        for rel in sorted(sweep[0].deleting):  # committed: no save can reference these any more
             storage.delete(rel)
-    return doomed
+            deleted.append(rel)
+    for rel in _stale_log_files(log, newest, now, min_age):
+        storage.delete(rel)
+        deleted.append(rel)
+    return deleted
 
 
-def _objects(manifest: Manifest) -> set[str]:
-    return set().union(*(s.objects() for s in manifest.snapshots))
+def _ripe(condemned_at: float, now: float, min_age: float) -> bool:
+    return min_age <= 0 or now - condemned_at >= min_age
 
 
-def _recently_dropped(log: ManifestLog, newest: Manifest, since: float) -> tuple[set[str], bool]:
-    """Objects of retained generations whose successor was written after ``since`` (a reader may hold them),
-    and whether the retained generations reach back to ``since``: if not, an object none of them lists may
-    have been dropped after ``since`` too, by a generation already pruned."""
-    kept: set[str] = set()
-    successor_written = newest.written
-    for generation in range(newest.generation - 1, max(0, newest.generation - KEEP_GENERATIONS - 1), -1):
-        if successor_written is not None and successor_written.timestamp() < since:
-            return kept, True
-        try:
-            older = log.read_generation(generation)
-        except (BucketsnapError, FileNotFoundError):
-            return kept, False  # pruned or unreadable: what it dropped, and when, is unknown
-        kept |= _objects(older)
-        successor_written = older.written
-    if newest.generation <= KEEP_GENERATIONS:  # back to the first generation: nothing was dropped earlier
-        return kept, True
-    return kept, successor_written is not None and successor_written.timestamp() < since
+def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: float) -> list[str]:
+    """Generations more than KEEP_GENERATIONS behind the newest, and temp files of interrupted local commits.
+
+    Deleting a temp file of a commit still in progress only makes that commit fail (its link finds no file).
+    """
+    storage = log.storage
+    stale = [generation_name(g) for g in log.generations() if g < newest.generation - KEEP_GENERATIONS]
+    for name in storage.list(MANIFEST_DIR):
+        rel = f"{MANIFEST_DIR}/{name}"
+        if ".tmp-" in name and _ripe(storage.modified(rel) or now, now, min_age):
+            stale.append(rel)
+    return stale
 
 
 def repair(log: ManifestLog) -> Manifest:
@@ -115,10 +127,11 @@ def repair(log: ManifestLog) -> Manifest:
         except (CorruptSnapshotError, FileNotFoundError) as exc:
             logger.warning("skipping manifest generation %d: %s", generation, exc)
     known = {s.itr: s for s in base.snapshots}
-    listed = _objects(base)
+    # Condemned archives and those a sweep is deleting are garbage, not snapshots to recover.
+    skip = base.referenced() | set(base.condemned) | {rel for sweep in base.sweeps for rel in sweep.deleting}
     for name in storage.list(SNAPSHOT_DIR):
         rel = f"{SNAPSHOT_DIR}/{name}"
-        if not name.endswith(".zip") or name.startswith(".") or rel in listed:
+        if not name.endswith(".zip") or name.startswith(".") or rel in skip:
             continue
         try:
             info = _recover_info(log, rel)
@@ -128,11 +141,17 @@ def repair(log: ManifestLog) -> Manifest:
         if info.itr not in known or info.created > known[info.itr].created:
             known[info.itr] = info
 
-    def merged(current: Manifest) -> list[SnapshotInfo]:
+    def merged(current: Manifest) -> Manifest:
         # Commits made since (by another writer, or another repair) win over what was recovered.
-        return list({**known, **{s.itr: s for s in current.snapshots}}.values())
+        snapshots = {**known, **{s.itr: s for s in current.snapshots}}.values()
+        if current.written is not None or current.generation == 0:  # parsed: its gc record is intact
+            return current.with_snapshots(snapshots)
+        # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number the
+        # sweeps past any that may have been lost with it, so that a save in flight cannot mistake a later
+        # sweep for one it has seen (it fails instead, see manifest.swept).
+        return replace(base, sweep=base.sweep + SWEEP_HISTORY + 1, sweeps=()).with_snapshots(snapshots)
 
-    return log.commit(merged, over_corrupt=True)
+    return log.commit_state(merged, over_corrupt=True)
 
 
 def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:

@@ -32,29 +32,48 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from bucketsnap.archive import FORMAT_VERSION
-from bucketsnap.errors import BucketsnapError, CommitConflictError, CorruptSnapshotError, SnapshotNotFoundError
+from bucketsnap.errors import (
+    BucketsnapError,
+    CommitConflictError,
+    CorruptSnapshotError,
+    SnapshotNotFoundError,
+    StorageError,
+)
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.storage import Storage
 
-__all__ = ["KEEP_GENERATIONS", "MANIFEST_DIR", "SNAPSHOT_DIR", "Manifest", "ManifestLog", "Which"]
+__all__ = ["KEEP_GENERATIONS", "MANIFEST_DIR", "SNAPSHOT_DIR", "Manifest", "ManifestLog", "Sweep", "Which", "swept"]
 
 logger = logging.getLogger("bucketsnap")
 
 MANIFEST_DIR = "manifest"
 SNAPSHOT_DIR = "snapshots"
 MANIFEST_FORMAT = "bucketsnap-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: Versions this bucketsnap reads; version 1 (no gc state) is upgraded by the next commit.
+READABLE_VERSIONS = (1, 2)
+#: Sweeps whose deletions every generation still records: a writer whose save spans more gc sweeps than this
+#: cannot tell whether its objects were deleted, and fails instead of committing.
+SWEEP_HISTORY = 4
 #: Generations kept behind the newest; a reader that lists, then reads a generation pruned in between, retries.
 KEEP_GENERATIONS = 8
 MAX_COMMIT_ATTEMPTS = 200
 _GENERATION = re.compile(r"^(\d{12})\.json$")
 
 Which = int | str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One gc sweep: the objects it deletes, once it has committed the generation recording them."""
+
+    epoch: int
+    deleting: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,12 @@ class Manifest:
     #: a writer tells a generation built on its commit from one built on a pruned predecessor of the same number.
     token: str = ""
     parent: str = ""
+    #: Objects gc has condemned (relative path -> when, in seconds since the epoch on gc's clock): no snapshot
+    #: of this generation needs them, and a later sweep deletes those that stay condemned for ``min_age``.
+    condemned: Mapping[str, float] = field(default_factory=dict)
+    #: The number of the newest sweep (0: none yet), and what the newest :data:`SWEEP_HISTORY` sweeps delete.
+    sweep: int = 0
+    sweeps: tuple[Sweep, ...] = ()
 
     def itrs(self) -> list[int]:
         return [s.itr for s in self.snapshots]
@@ -108,7 +133,24 @@ class Manifest:
             )
         return found
 
+    def referenced(self) -> set[str]:
+        """Every object some snapshot of this generation needs."""
+        return set().union(*(s.objects() for s in self.snapshots))
+
+    def with_snapshots(self, snapshots: Iterable[SnapshotInfo]) -> Manifest:
+        """This generation's successor listing ``snapshots``: objects they need are no longer condemned."""
+        ordered = tuple(sorted(snapshots, key=lambda s: s.itr))
+        needed = set().union(*(s.objects() for s in ordered))
+        condemned = {rel: t for rel, t in self.condemned.items() if rel not in needed}
+        return replace(self, snapshots=ordered, condemned=condemned)
+
     def to_json(self) -> bytes:
+        gc: dict[str, object] = {}
+        if self.condemned:
+            gc["condemned"] = dict(sorted(self.condemned.items()))
+        if self.sweep:
+            gc["sweep"] = self.sweep
+            gc["sweeps"] = [{"epoch": s.epoch, "deleting": sorted(s.deleting)} for s in self.sweeps]
         doc = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -116,6 +158,7 @@ class Manifest:
             "written": datetime.now(timezone.utc).isoformat(),
             "snapshots": [s.to_json() for s in self.snapshots],
             **({"id": self.token, "parent": self.parent} if self.token else {}),
+            **({"gc": gc} if gc else {}),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -130,10 +173,10 @@ class Manifest:
             ) from exc
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise CorruptSnapshotError(f"{where} is not a bucketsnap manifest; run SnapshotStore.repair()")
-        if doc.get("version") != MANIFEST_VERSION:
+        if doc.get("version") not in READABLE_VERSIONS:
             raise CorruptSnapshotError(
-                f"manifest {where} has version {doc.get('version')!r}, this bucketsnap reads version "
-                f"{MANIFEST_VERSION}; upgrade bucketsnap"
+                f"manifest {where} has version {doc.get('version')!r}, this bucketsnap reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade bucketsnap"
             )
         if doc.get("generation") != generation:
             raise CorruptSnapshotError(f"manifest {where} says generation {doc.get('generation')!r}")
@@ -144,12 +187,74 @@ class Manifest:
         if len({s.itr for s in snapshots}) != len(snapshots):
             raise CorruptSnapshotError(f"manifest {where} lists an itr twice")
         token, parent = doc.get("id", ""), doc.get("parent", "")
+        condemned, sweep, sweeps = _gc_state(doc.get("gc", {}), where)
         return cls(
             generation,
             tuple(snapshots),
             _timestamp(doc.get("written")),
             token=token if isinstance(token, str) else "",
             parent=parent if isinstance(parent, str) else "",
+            condemned=condemned,
+            sweep=sweep,
+            sweeps=sweeps,
+        )
+
+
+def _gc_state(gc: object, where: str) -> tuple[dict[str, float], int, tuple[Sweep, ...]]:
+    """A generation's gc record: condemned objects, the newest sweep's number, and recent sweeps."""
+    try:
+        if not isinstance(gc, dict):
+            raise TypeError(f"a JSON {type(gc).__name__}, not an object")
+        condemned = {_object_name(rel): float(t) for rel, t in dict(gc.get("condemned", {})).items()}
+        sweep = gc.get("sweep", 0)
+        if not isinstance(sweep, int) or isinstance(sweep, bool) or sweep < 0:
+            raise ValueError(f"bad sweep number {sweep!r}")
+        sweeps = tuple(
+            Sweep(int(s["epoch"]), frozenset(_object_name(rel) for rel in s["deleting"])) for s in gc.get("sweeps", [])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptSnapshotError(f"manifest {where} has a malformed gc record: {exc}") from exc
+    return condemned, sweep, sweeps
+
+
+def _object_name(rel: object) -> str:
+    if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/") or "://" in rel:
+        raise ValueError(f"bad object path {rel!r}")
+    return rel
+
+
+def swept(base: Manifest, current: Manifest, objects: Iterable[str]) -> set[str]:
+    """Of ``objects``, which a writer stored or found referenced after it read ``base``, those that a gc sweep
+    committed since may have deleted: a commit on top of ``current`` must not reference them.
+
+    A sweep deletes only objects no snapshot of its generation needs, so an object still referenced by
+    ``current`` is safe. Objects a writer stores have names no one else uses, and objects it reuses were
+    referenced by ``base``, so no sweep up to ``base.sweep`` deletes them: only sweeps after it can. Their
+    deletions are recorded in :attr:`Manifest.sweeps`; if one of them is no longer recorded, every object not
+    referenced by ``current`` may be gone.
+    """
+    unreferenced = set(objects) - current.referenced()
+    if not unreferenced or current.sweep == base.sweep:
+        return set()
+    recorded = {s.epoch: s.deleting for s in current.sweeps}
+    gone: set[str] = set()
+    for epoch in range(base.sweep + 1, current.sweep + 1):
+        if epoch not in recorded:
+            return unreferenced
+        gone |= unreferenced & recorded[epoch]
+    return gone if current.sweep > base.sweep else unreferenced
+
+
+def check_not_swept(base: Manifest, current: Manifest, objects: Iterable[str], url: str) -> None:
+    """Raise StorageError if a gc sweep since ``base`` may have deleted one of ``objects`` (see :func:`swept`)."""
+    gone = swept(base, current, objects)
+    if gone:
+        first = sorted(gone)[0]
+        raise StorageError(
+            f"not committed to {url}: gc deleted or may have deleted {len(gone)} object(s) this save wrote or "
+            f"reused, such as {first}, while the save was running ({current.sweep - base.sweep} gc sweep(s) since it "
+            "started; a process paused for longer than gc's min_age, or gc with min_age=0 beside a running save). "
+            "Nothing was committed and every committed snapshot is intact: save again."
         )
 
 
@@ -203,11 +308,16 @@ class ManifestLog:
         raise BucketsnapError(f"the manifest at {self.storage.url} kept changing while being read; retry")
 
     def commit(self, change: Callable[[Manifest], list[SnapshotInfo]], *, over_corrupt: bool = False) -> Manifest:
-        """Create the next generation from ``change(newest)``, retrying on top of concurrent commits.
+        """Create the next generation listing ``change(newest)``, retrying on top of concurrent commits.
 
         ``change`` is called again with the newer manifest after each conflict, and may raise to give up.
+        The gc record is carried over, less the condemned objects the new list needs.
         With ``over_corrupt`` (repair), a newest generation that does not parse is passed as an empty list.
         """
+        return self.commit_state(lambda current: current.with_snapshots(change(current)), over_corrupt=over_corrupt)
+
+    def commit_state(self, change: Callable[[Manifest], Manifest], *, over_corrupt: bool = False) -> Manifest:
+        """As :meth:`commit`, with ``change`` returning the whole successor (snapshots and gc record)."""
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             try:
                 current = self.read()
@@ -215,8 +325,13 @@ class ManifestLog:
                 if not over_corrupt:
                     raise
                 current = Manifest(self.generations()[-1])
-            snapshots = sorted(change(current), key=lambda s: s.itr)
-            new = Manifest(current.generation + 1, tuple(snapshots), token=uuid.uuid4().hex, parent=current.token)
+            new = replace(
+                change(current),
+                generation=current.generation + 1,
+                written=None,
+                token=uuid.uuid4().hex,
+                parent=current.token,
+            )
             try:
                 self.storage.create_exclusive(generation_name(new.generation), new.to_json())
             except FileExistsError:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._host_copies import HostCopies
-from bucketsnap._saving import ExternalValue, Prepared, check_itr, meta, prepare, write_archive
+from bucketsnap._saving import ExternalValue, Prepared, StoredObjects, check_itr, meta, prepare, write_archive
 from bucketsnap.copying import copy_objects
-from bucketsnap.errors import BucketsnapError, SnapshotExistsError
+from bucketsnap.errors import BucketsnapError, CommitConflictError, SnapshotExistsError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
-from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which
+from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which, check_not_swept
 from bucketsnap.progress import ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
 from bucketsnap.snapshot import Snapshot
@@ -55,6 +55,8 @@ class SnapshotStore:
             to copy into (several times faster than fresh memory); False frees it when the save ends.
         retention: a :mod:`bucketsnap.retention` policy applied after each commit (None: keep everything).
             Dropped snapshots leave the manifest at once; their objects are removed by :meth:`gc`.
+        single_writer: only one process ever writes this run: on an S3-compatible server that ignores
+            conditional writes, commit check-then-write instead of refusing (see docs/backends.md).
 
     Example:
         >>> import torch
@@ -78,11 +80,16 @@ class SnapshotStore:
         max_in_flight: int = 1,
         retention: RetentionPolicy | None = None,
         keep_host_copies: bool = True,
+        single_writer: bool = False,
     ) -> None:
         self._background: BackgroundSaves[SnapshotInfo] = BackgroundSaves(max_in_flight)
         self._host_copies = HostCopies(keep=keep_host_copies)
         self._storage = Storage(
-            url, storage_options=storage_options, part_size=part_size, upload_concurrency=upload_concurrency
+            url,
+            storage_options=storage_options,
+            part_size=part_size,
+            upload_concurrency=upload_concurrency,
+            single_writer=single_writer,
         )
         self._log = ManifestLog(self._storage)
         self.compression_level = compression_level
@@ -239,16 +246,19 @@ class SnapshotStore:
     def _write(self, prepared: Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Write an archive from encoded values and commit it."""
         itr = prepared.itr
-        if not prepared.overwrite and self._log.read().find(itr) is not None:
+        base = self._log.read()  # before any object is written: what gc may have swept since is told from it
+        if not prepared.overwrite and base.find(itr) is not None:
             raise self._exists(itr)
         created = datetime.now(timezone.utc)
+        token = uuid.uuid4().hex[:16]
         written = write_archive(
             self._storage,
-            f"{SNAPSHOT_DIR}/{itr:012d}-{uuid.uuid4().hex[:16]}.zip",
+            f"{SNAPSHOT_DIR}/{itr:012d}-{token}.zip",
             prepared.values,
             meta(itr, created, prepared.metrics),
             level=self.compression_level,
             threads=self.compression_threads,
+            objects=StoredObjects(frozenset(base.referenced()), token),
             progress=progress,
         )
         info = SnapshotInfo(
@@ -261,40 +271,74 @@ class SnapshotStore:
             members=written.members,
             refs=written.refs,
         )
-        self._commit_new(info, overwrite=prepared.overwrite)
+        self._commit_new(info, base, overwrite=prepared.overwrite, written=[written.path])
         logger.info("committed itr %d to %s (%d bytes)", itr, self.url, written.size)
         return info
 
-    def _commit_new(self, info: SnapshotInfo, *, overwrite: bool) -> None:
+    def _commit_new(self, info: SnapshotInfo, base: Manifest, *, overwrite: bool, written: list[str]) -> Manifest:
+        """Commit ``info``, whose objects were written or found referenced after reading ``base``.
+
+        Once the commit has landed nothing deletes its objects, and it is reported as committed: cleanup that
+        fails afterwards is a warning. ``written`` (this save's archives) are deleted only when the commit was
+        refused for sure; when its outcome is unknown they are left to gc.
+        """
         replaced: list[SnapshotInfo] = []
+        refused: list[BaseException] = []
 
         def add(current: Manifest) -> list[SnapshotInfo]:
             old = current.find(info.itr)
             if old is not None and old.path == info.path:  # this very commit landed already (a lost response)
                 replaced.clear()
                 return list(current.snapshots)
-            if old is not None and not overwrite:
-                raise self._exists(info.itr)
+            try:
+                if old is not None and not overwrite:
+                    raise self._exists(info.itr)
+                check_not_swept(base, current, info.objects(), self.url)
+            except BucketsnapError as exc:
+                refused.append(exc)
+                raise
             replaced[:] = [old] if old is not None else []
             return [s for s in current.snapshots if s.itr != info.itr] + [info]
 
         try:
             committed = self._log.commit(add)
         except BaseException as exc:
-            # A lost response can hide a create that succeeded: look before deleting what may be committed.
+            if refused or isinstance(exc, CommitConflictError):  # refused for sure: nothing references them
+                self._delete_quietly(written)
+                raise
+            # A lost response can hide a create that succeeded: look before reporting a failure.
             try:
                 current: Manifest | None = self._log.read()
             except Exception:
-                current = None  # cannot tell: leave the archive to gc
-            landed = current is not None and any(s.path == info.path for s in current.snapshots)
-            if not landed or not isinstance(exc, Exception):
-                if current is not None and not landed:
-                    self._storage.delete(info.path)  # never committed: do not leave it for gc
+                current = None
+            if current is None or current.find(info.itr) is None or current.find(info.itr) != info:
+                if isinstance(exc, Exception):
+                    logger.warning(
+                        "the commit of itr %d to %s may not have landed; its objects are left to gc()",
+                        info.itr,
+                        self.url,
+                    )
                 raise
             logger.warning("itr %d was committed to %s although the commit reported: %s", info.itr, self.url, exc)
-            committed = current  # type: ignore[assignment]
-        self._delete_unreferenced(replaced, committed)
+            committed = current
+        try:
+            self._delete_unreferenced(replaced, committed)
+        except BucketsnapError as exc:  # committed: a failed cleanup is left to gc
+            logger.warning(
+                "itr %d is committed to %s, but deleting what it replaced failed (gc() retries): %s",
+                info.itr,
+                self.url,
+                exc,
+            )
         self._apply_retention(committed)
+        return committed
+
+    def _delete_quietly(self, paths: list[str]) -> None:
+        for rel in paths:
+            try:
+                self._storage.delete(rel)
+            except BucketsnapError as exc:  # unreferenced: gc removes it later
+                logger.warning("could not delete %s after a failed save: %s", self._storage.url_of(rel), exc)
 
     def _apply_retention(self, committed: Manifest) -> None:
         """Commit a generation without the snapshots ``retention`` drops; leave their objects to :meth:`gc`.
@@ -428,15 +472,11 @@ class SnapshotStore:
         """
         src = as_store(source)
         info = src.info(which)
-        if not overwrite and self._log.read().find(info.itr) is not None:
+        base = self._log.read()
+        if not overwrite and base.find(info.itr) is not None:
             raise self._exists(info.itr)
         copied, written = copy_objects(src.storage, info, self._storage, progress=progress)
-        try:
-            self._commit_new(copied, overwrite=overwrite)
-        except BaseException:
-            for rel in written:
-                self._storage.delete(rel)
-            raise
+        self._commit_new(copied, base, overwrite=overwrite, written=list(written))
         logger.info("copied itr %d from %s to %s (%d bytes)", info.itr, src.url, self.url, copied.size)
         return copied
 
