@@ -12,6 +12,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -245,6 +246,13 @@ class SnapshotStore:
 
     def _write(self, prepared: Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Write an archive from encoded values and commit it."""
+        staged = self._stage(prepared, progress)
+        self._commit_new(staged.info, staged.base, overwrite=prepared.overwrite, written=[staged.info.path])
+        logger.info("committed itr %d to %s (%d bytes)", staged.info.itr, self.url, staged.info.size)
+        return staged.info
+
+    def _stage(self, prepared: Prepared, progress: ProgressCallback | None = None) -> _Staged:
+        """Write the objects of a save, not yet committed, and the generation they were written after."""
         itr = prepared.itr
         base = self._log.read()  # before any object is written: what gc may have swept since is told from it
         if not prepared.overwrite and base.find(itr) is not None:
@@ -271,9 +279,7 @@ class SnapshotStore:
             members=written.members,
             refs=written.refs,
         )
-        self._commit_new(info, base, overwrite=prepared.overwrite, written=[written.path])
-        logger.info("committed itr %d to %s (%d bytes)", itr, self.url, written.size)
-        return info
+        return _Staged(info, base)
 
     def _commit_new(self, info: SnapshotInfo, base: Manifest, *, overwrite: bool, written: list[str]) -> Manifest:
         """Commit ``info``, whose objects were written or found referenced after reading ``base``.
@@ -505,6 +511,14 @@ class SnapshotStore:
         return SnapshotExistsError(
             f"itr {itr} is already committed at {self.url}; pass overwrite=True to replace it, or save a new itr"
         )
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A save whose objects are written, and the generation read before they were."""
+
+    info: SnapshotInfo
+    base: Manifest
 
 
 def as_store(url_or_store: str | SnapshotStore, *, storage_options: dict[str, Any] | None = None) -> SnapshotStore:
