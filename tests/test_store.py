@@ -271,3 +271,91 @@ def test_local_writeback_thread_commits_and_aborts_cleanly(tmp_path, monkeypatch
     leftovers = [p.name for p in (tmp_path / "run" / "snapshots").iterdir()]
     assert len(leftovers) == 1, f"the aborted archive's temp file is removed: {leftovers}"
     assert not [t for t in threading.enumerate() if t.name == "bucketsnap-writeback"]
+
+
+def test_new_local_directories_are_fsynced_into_their_parents_before_the_first_commit(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    root = tmp_path / "runs" / "run"  # neither "runs" nor "run" exists yet
+    directories: dict[int, str] = {}  # open directory fds
+    events: list[tuple[str, str]] = []
+    real_open, real_close, real_fsync, real_link = os.open, os.close, os.fsync, os.link
+
+    def recording_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, *args, **kwargs)
+        if os.path.isdir(path):
+            directories[fd] = os.fspath(path)
+        return fd
+
+    def recording_close(fd):  # type: ignore[no-untyped-def]
+        directories.pop(fd, None)
+        return real_close(fd)
+
+    def recording_fsync(fd):  # type: ignore[no-untyped-def]
+        if fd in directories:
+            events.append(("fsync", directories[fd]))
+        return real_fsync(fd)
+
+    def recording_link(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append(("link", os.fspath(dst)))
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "close", recording_close)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "link", recording_link)
+    store = SnapshotStore(str(root))
+    store.save(1, {"v": 1})
+    commit = events.index(("link", str(root / "manifest" / "000000000001.json")))
+    before = {path for kind, path in events[:commit] if kind == "fsync"}
+    # the root's parent's parent (where "runs" was made), the root's parent, the root (holding snapshots/ and
+    # manifest/), and snapshots/ (holding the archive)
+    assert {str(tmp_path), str(tmp_path / "runs"), str(root), str(root / "snapshots")} <= before
+    assert ("fsync", str(root / "manifest")) in events[commit:]  # the generation itself
+
+    events.clear()
+    store.save(2, {"v": 2})  # once per directory: only the directories that gained an entry
+    assert {path for kind, path in events if kind == "fsync"} == {str(root / "snapshots"), str(root / "manifest")}
+
+
+def test_a_local_temp_archive_removed_before_its_rename_is_a_storage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    snapshots = tmp_path / "run" / "snapshots"
+
+    def remove_temp_files(done: int, total: int) -> None:  # what a gc does to a save paused here
+        for temp in snapshots.glob(".*.tmp-*"):
+            temp.unlink()
+
+    with pytest.raises(StorageError) as exc:
+        store.save(2, {"w": torch.zeros(1000)}, progress=remove_temp_files)
+    message = str(exc.value)
+    assert str(snapshots) in message
+    assert "vanished before it was moved into place (removed by gc or by hand while the save was paused)" in message
+    assert "Nothing was committed; save again." in message
+    assert store.itrs() == [1]
+    store.save(2, {"w": torch.zeros(1000)})
+    assert store.itrs() == [1, 2]
+
+
+def test_a_local_temp_generation_removed_before_its_link_is_a_storage_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    real_link = os.link
+
+    def remove_then_link(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "manifest" in os.fspath(dst):
+            os.unlink(src)  # a gc of the commit's temp file, while the commit was paused
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", remove_then_link)
+    with pytest.raises(StorageError) as exc:
+        store.save(2, {"v": 2})
+    message = str(exc.value)
+    assert str(tmp_path / "run" / "manifest" / "000000000002.json") in message
+    assert "vanished before it was moved into place" in message and "Nothing was committed" in message
+    monkeypatch.undo()
+    assert store.itrs() == [1]
+    assert [p.name for p in (tmp_path / "run" / "manifest").iterdir()] == ["000000000001.json"]

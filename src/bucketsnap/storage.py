@@ -9,11 +9,21 @@ How each backend gets its guarantees:
 * **Local disk.** Objects are written to a temp file in the destination directory, fsynced, then
   ``os.replace``-d into place; exclusive creates ``os.link`` a fsynced temp file to the final name, which fails
   if the name exists. fsspec's local transactions are not used: they stage in ``$TMPDIR`` and move across
-  devices.
+  devices. A directory the run needs is fsynced into its parent once per :class:`Storage` (and the run root into
+  its own parent where the root is created), so that a power loss after the first commit cannot lose the
+  directories that hold it. A temp file removed before it is moved into place (by gc, or by hand, while the save
+  was paused) fails the save with a :class:`~bucketsnap.errors.StorageError` that says so.
 * **S3 and GCS.** An upload (single PUT, S3 multipart upload, or GCS compose of part objects; see
   :mod:`bucketsnap.uploads`) becomes visible only when it completes, so a crash leaves nothing, an invisible
   incomplete upload, or GCS part objects that gc removes. Exclusive creates use fsspec's
   ``pipe_file(mode="create")`` which s3fs sends as ``If-None-Match: *`` and gcsfs as ``ifGenerationMatch=0``.
+  Some S3-compatible servers ignore the condition and accept every create, which would lose commits silently, so
+  the first write or exclusive create of a process under a run root is preceded by a probe: a throwaway object
+  beside it is created twice, and unless the server refuses the second create nothing is uploaded or committed (a
+  :class:`~bucketsnap.errors.StorageError` says what the server lacks). Probing before the first upload rather
+  than at the commit means a refused save has uploaded nothing. The probe costs three requests once per process,
+  endpoint and run root, and its verdict is kept. ``single_writer=True`` skips it and commits check-then-write
+  (the condition still sent), for runs that only one process ever writes.
   Other object stores (and GCS with ``upload_concurrency=1``) stream through the fsspec writer; a failed write
   is aborted with ``discard()`` rather than closed, because closing would complete the upload with partial
   data.
@@ -32,6 +42,7 @@ import contextlib
 import io
 import logging
 import os
+import posixpath
 import threading
 import uuid
 import warnings
@@ -53,8 +64,22 @@ logger = logging.getLogger("bucketsnap")
 T = TypeVar("T")
 
 _MEMORY_LOCK = threading.Lock()
-_ATOMIC_CREATE_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
 _warned_protocols: set[str] = set()
+
+#: Each object store with a conditional create: its name and the condition that makes a create exclusive.
+_CONDITIONAL_CREATE = {
+    "s3": ("S3", "If-None-Match: *"),
+    "s3a": ("S3", "If-None-Match: *"),
+    "gs": ("GCS", "ifGenerationMatch=0"),
+    "gcs": ("GCS", "ifGenerationMatch=0"),
+}
+_ATOMIC_CREATE_PROTOCOLS = set(_CONDITIONAL_CREATE)
+#: The exclusive-create probe's verdict per (protocol, endpoint, root), for this process; guarded by _PROBE_LOCK.
+_probed: dict[tuple[str, str, str], bool] = {}
+_probe_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_PROBE_LOCK = threading.Lock()
+#: Roots already warned about committing check-then-write under ``single_writer=True``.
+_warned_single_writer: set[tuple[str, str, str]] = set()
 
 #: Part size for streamed uploads to object stores: a part is uploaded each time this much is buffered, so it
 #: bounds the memory a save needs beyond the state itself.
@@ -73,6 +98,8 @@ class Storage:
         part_size: bytes buffered per uploaded part on object stores.
         upload_concurrency: parts uploaded at once to S3 or GCS (see :mod:`bucketsnap.uploads`).
         retry: the retry policy for transient backend errors on object stores.
+        single_writer: only one process ever writes this run: commit check-then-write without first probing
+            whether the object store refuses a second create of one name (see the module docstring).
     """
 
     def __init__(
@@ -83,6 +110,7 @@ class Storage:
         part_size: int = DEFAULT_PART_SIZE,
         upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
         retry: Retry | None = None,
+        single_writer: bool = False,
     ) -> None:
         if upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be at least 1, not {upload_concurrency}")
@@ -108,6 +136,12 @@ class Storage:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.protocol: str = protocol
         self.atomic_create = self.is_local or self.is_memory or protocol in _ATOMIC_CREATE_PROTOCOLS
+        self.single_writer = single_writer
+        #: Whether the exclusive create is probed before the first write or commit (an object store's, unverified).
+        self._probes = protocol in _CONDITIONAL_CREATE and not single_writer
+        self._endpoint = _endpoint_of(fs)
+        #: Local directories made durable in their parent by this storage (see :meth:`_local_dir`).
+        self._durable_dirs: set[str] = set()
         #: Bytes and requests read through :meth:`read` since creation (what a restore really downloaded).
         self.bytes_read = 0
         self.read_requests = 0
@@ -193,14 +227,27 @@ class Storage:
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Create ``rel`` with ``data``; raise FileExistsError if it already exists."""
         if self.is_local:
-            self._call(rel, lambda: _local_create_exclusive(self.path(rel), data), writing=True)
+
+            def create() -> None:
+                self._local_dir(os.path.dirname(self.path(rel)))
+                _local_create_exclusive(self.path(rel), data, where=self.url_of(rel))
+
+            self._call(rel, create, writing=True)
         elif self.is_memory:
             with _MEMORY_LOCK:
                 if self.fs.exists(self.path(rel)):
                     raise FileExistsError(self.url_of(rel))
                 self.fs.pipe_file(self.path(rel), data)
+        elif self.single_writer:
+            self._warn_single_writer()
+            if self.exists(rel):
+                raise FileExistsError(self.url_of(rel))
+            # The condition is still sent: a server that honours it refuses a second writer after all.
+            self._call(rel, lambda: self._remote_create_exclusive(rel, data), retryable=is_throttled)
         else:
-            if not self.atomic_create and self.protocol not in _warned_protocols:
+            if self._probes:
+                self._check_exclusive_create(rel)
+            elif not self.atomic_create and self.protocol not in _warned_protocols:
                 _warned_protocols.add(self.protocol)
                 warnings.warn(
                     f"{self.protocol}:// has no known atomic exclusive create; bucketsnap falls back to "
@@ -215,8 +262,15 @@ class Storage:
     @contextlib.contextmanager
     def write(self, rel: str) -> Iterator[IO[bytes]]:
         """Stream a new object to ``rel``: visible whole when the block exits cleanly, never if it raises."""
+        if self._probes:  # before the first upload: a save refused at its commit would have uploaded in vain
+            self._check_exclusive_create(rel)
         if self.is_local:
-            writer = self._call(rel, lambda: _LocalAtomicWriter(self.path(rel)), writing=True)
+
+            def open_local() -> _LocalAtomicWriter:
+                self._local_dir(os.path.dirname(self.path(rel)))
+                return _LocalAtomicWriter(self.path(rel), where=self.url_of(rel))
+
+            writer = self._call(rel, open_local, writing=True)
             try:
                 yield writer.file
             except BaseException:
@@ -269,6 +323,90 @@ class Storage:
             retry=self.retry,
             where=self.url_of(rel),
         )
+
+    def _check_exclusive_create(self, rel: str) -> None:
+        """Make sure the object store refuses a second create of one name before a commit relies on it.
+
+        Once per process and (endpoint, root), before the first write or exclusive create: a throwaway object
+        beside ``rel`` is created twice and deleted. Its name is no generation's or snapshot's (readers ignore it)
+        and holds ``.tmp-``, so gc removes one that a crash left behind. Raises StorageError, now and on every
+        later call, where the second create was accepted.
+        """
+        key = (self.protocol, self._endpoint, self.root)
+        with _PROBE_LOCK:
+            lock = _probe_locks.setdefault(key, threading.Lock())
+        with lock:  # concurrent first commits of one process wait for one probe
+            honoured = _probed.get(key)
+            if honoured is None:
+                honoured = _probed[key] = self._probe(posixpath.dirname(rel))
+        if not honoured:
+            service, condition = _CONDITIONAL_CREATE[self.protocol]
+            server = f"the {service} server at {self._endpoint}" if self._endpoint else f"the {service} service"
+            raise StorageError(
+                f"{self.url}: {server} does not honour conditional writes ({condition}): it "
+                "accepted a second create of one object name, so two writers committing at the same instant would "
+                "lose a commit without an error. Nothing was committed. Use a server that refuses such a create "
+                "(AWS S3, GCS, LocalStack and moto do), or, if only one process ever writes this run, open it "
+                "with SnapshotStore(url, single_writer=True), which commits check-then-write."
+            )
+
+    def _probe(self, rel_dir: str) -> bool:
+        """Whether a second create of one name under ``rel_dir`` is refused (three requests)."""
+        probe = posixpath.join(rel_dir, f".probe-exclusive-create.tmp-{uuid.uuid4().hex}")
+        try:
+            try:
+                self._call(probe, lambda: self._remote_create_exclusive(probe, b"probe"), retryable=is_throttled)
+            except FileExistsError:
+                return True  # a retry after a lost response was refused: the condition holds
+            try:
+                self._call(probe, lambda: self._remote_create_exclusive(probe, b"probe"), retryable=is_throttled)
+            except FileExistsError:
+                return True
+            logger.debug("%s accepted a second create of %s", self._endpoint or self.protocol, self.url_of(probe))
+            return False
+        finally:
+            try:
+                self.delete(probe)
+            except BucketsnapError as exc:  # left to gc (its name holds .tmp-)
+                logger.debug("could not delete the probe object %s: %s", self.url_of(probe), exc)
+
+    def _warn_single_writer(self) -> None:
+        key = (self.protocol, self._endpoint, self.root)
+        if key in _warned_single_writer:
+            return
+        _warned_single_writer.add(key)
+        logger.warning(
+            "%s: committing check-then-write (single_writer=True): the store's exclusive create is not verified, "
+            "so a second process writing this run at the same instant could lose a commit",
+            self.url,
+        )
+
+    def _local_dir(self, directory: str) -> None:
+        """Create ``directory`` (and what is missing above it) and make it durable in its parent.
+
+        Each directory between the root and ``directory`` is fsynced into its parent once per storage, whoever
+        created it (a process that crashed after its makedirs may not have); directories above the root only
+        where this call creates them, since the run owns nothing above its root.
+        """
+        if directory in self._durable_dirs:
+            os.makedirs(directory, exist_ok=True)  # removed since (by hand): recreate, as before
+            return
+        above: list[str] = []  # the root and its ancestors that this call creates
+        current = self.root
+        while current and not os.path.exists(current) and os.path.dirname(current) != current:
+            above.append(current)
+            current = os.path.dirname(current)
+        os.makedirs(directory, exist_ok=True)
+        chain: list[str] = []  # the directories from ``directory`` up to a child of the root
+        current, inside = directory, self.root.rstrip("/") + "/"
+        while current != self.root and current.startswith(inside):
+            chain.append(current)
+            current = os.path.dirname(current)
+        for new in (*chain, *above):
+            if new not in self._durable_dirs:
+                _fsync_dir(os.path.dirname(new))
+                self._durable_dirs.add(new)
+        self._durable_dirs.add(directory)
 
     def _remote_create_exclusive(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
@@ -346,16 +484,35 @@ def _is_precondition_failure(exc: BaseException) -> bool:
     return False
 
 
-def _local_create_exclusive(path: str, data: bytes) -> None:
+def _endpoint_of(fs: fsspec.AbstractFileSystem) -> str:
+    """The endpoint ``fs`` talks to, as passed in its options ("" for the service's default)."""
+    options = getattr(fs, "storage_options", None) or {}
+    client = options.get("client_kwargs") or {}
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    return redact(str(endpoint)) if endpoint else ""
+
+
+def _vanished(where: str, tmp: str) -> StorageError:
+    return StorageError(
+        f"{where}: the temp file {os.path.basename(tmp)} vanished before it was moved into place (removed by gc or "
+        "by hand while the save was paused). Nothing was committed; save again."
+    )
+
+
+def _local_create_exclusive(path: str, data: bytes, *, where: str | None = None) -> None:
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)  # atomic, and fails with FileExistsError if the name is taken
+        try:
+            os.link(tmp, path)  # atomic, and fails with FileExistsError if the name is taken
+        except FileNotFoundError as exc:
+            if not os.path.exists(tmp):
+                raise _vanished(where or path, tmp) from exc
+            raise
         _fsync_dir(directory)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -379,10 +536,10 @@ class _LocalAtomicWriter:
     after the last write, and the thread is stopped before the file is closed.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, where: str | None = None) -> None:
         self.path = path
-        self.directory = os.path.dirname(path)
-        os.makedirs(self.directory, exist_ok=True)
+        self.where = where or path  # the URL that messages name
+        self.directory = os.path.dirname(path)  # made by the storage (and durable in its parent)
         self.tmp = os.path.join(self.directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         raw = open(self.tmp, "xb")  # noqa: SIM115 -- closed by commit or abort
         self._writeback = _Writeback(raw)
@@ -394,7 +551,12 @@ class _LocalAtomicWriter:
         raw.flush()
         os.fsync(raw.fileno())
         raw.close()
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except FileNotFoundError as exc:
+            if not os.path.exists(self.tmp):
+                raise _vanished(self.where, self.tmp) from exc
+            raise
         _fsync_dir(self.directory)
 
     def abort(self) -> None:
