@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import os
 import zipfile
 import zlib
@@ -14,7 +16,8 @@ import torch
 import zstandard
 
 from bucketsnap import storage as storage_mod
-from bucketsnap.archive import ArchiveWriter
+from bucketsnap.archive import ArchiveWriter, verify_object
+from bucketsnap.errors import CorruptSnapshotError
 from bucketsnap.zipformat import ZipStreamWriter, crc32, data_offset, read_directory
 
 
@@ -191,3 +194,58 @@ def test_local_saves_write_weights_with_writev(tmp_path: Path, monkeypatch: pyte
     assert pieces_written and max(pieces_written) == 256  # 128 blocks (16 MiB) per call
     assert torch.equal(store.load(1)["policy"]["w"], weights)
     store.verify(1)
+
+
+def test_the_writer_keeps_the_crc_of_the_whole_archive() -> None:
+    """Headers, descriptors and directory CRC'd as written, member data folded in: the CRC-32 of every byte."""
+    buf = io.BytesIO()
+    zip_ = ZipStreamWriter(buf)
+    member = zip_.open_member("a.bin", zip64=True)
+    member.write_pieces([os.urandom(300), memoryview(os.urandom(5000)), b""])
+    with pytest.raises(ValueError, match="member is open"):
+        _ = zip_.crc
+    zip_.close_member(member)
+    zip_.add_bytes("b.txt", b"hello")
+    small = zip_.open_member("c.bin", zip64=False)
+    small.write(b"xyz")
+    zip_.close_member(small)
+    zip_.close()
+    assert zip_.crc == zlib.crc32(buf.getvalue())
+
+    buf = io.BytesIO()
+    writer = ArchiveWriter(buf)
+    writer.add("policy", {"w": torch.randn(300_000)})  # raw zstd blocks, written as pieces
+    writer.add("zeros", torch.zeros(500_000))  # a zstd stream
+    assert writer.checksum is None
+    writer.finish({"itr": 1})
+    assert writer.checksum == f"crc32:{zlib.crc32(buf.getvalue()):08x}"
+
+
+def test_verify_object_checks_every_byte_and_each_member() -> None:
+    buf = io.BytesIO()
+    writer = ArchiveWriter(buf)
+    writer.add("a", {"x": torch.arange(100)})
+    writer.add("b", "text")
+    size = writer.finish({"itr": 1})
+    data = bytearray(buf.getvalue())
+    assert writer.checksum is not None
+    members = list(writer.members.values())
+    reads: list[tuple[int, int]] = []
+
+    def read_range(start: int, end: int) -> bytes:
+        reads.append((start, end))
+        return bytes(data[start:end])
+
+    verify_object(read_range, size, writer.checksum, members, where="t")
+    covered = sorted(reads)
+    assert covered[0][0] == 0 and covered[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered)), "every byte read exactly once"
+    last = max(members, key=lambda m: m.offset)
+    for position, expected in [(5, "checksum mismatch"), (size - 3, "checksum mismatch"), (last.offset, "b.zst")]:
+        data[position] ^= 0x10
+        with pytest.raises(CorruptSnapshotError, match=expected):
+            verify_object(read_range, size, writer.checksum, members, where="t")
+        data[position] ^= 0x10
+    overlapping = [members[0], dataclasses.replace(members[1], offset=members[0].offset + 1)]
+    with pytest.raises(CorruptSnapshotError, match="overlaps"):
+        verify_object(read_range, size, writer.checksum, overlapping, where="t")

@@ -34,9 +34,9 @@ import zstandard
 
 from bucketsnap import values as _values
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
-from bucketsnap.info import MemberInfo
+from bucketsnap.info import MemberInfo, crc32_checksum
 from bucketsnap.values import EncodedValue, MapLocation, decode, encode
-from bucketsnap.zipformat import MemberSink, ReadRange, ZipStreamWriter, crc32
+from bucketsnap.zipformat import MemberSink, ReadRange, ZipStreamWriter, crc32, crc32_combine
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,6 +45,7 @@ __all__ = [
     "load_member",
     "member_name",
     "verify_member",
+    "verify_object",
 ]
 
 FORMAT_VERSION = 1
@@ -75,6 +76,11 @@ class ArchiveWriter:
         level: zstd level for compressible members.
         threads: zstd worker threads (0: compress in the calling thread; -1: one per core).
         progress: called with each count of uncompressed bytes as it is written.
+
+    Attributes:
+        members: key -> :class:`MemberInfo` of each member written so far.
+        checksum: the whole archive's checksum (``"crc32:<8 hex>"``, see :func:`bucketsnap.info.crc32_checksum`)
+            once :meth:`finish` has written it; None before.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class ArchiveWriter:
         self._level = level
         self._threads = threads
         self.members: dict[str, MemberInfo] = {}
+        self.checksum: str | None = None
 
     def add(self, key: str, value: Any) -> MemberInfo:
         """Encode ``value`` and write it as member ``<key>.zst``."""
@@ -133,6 +140,7 @@ class ArchiveWriter:
         meta = {**meta, "format_version": FORMAT_VERSION, "members": {k: m.to_json() for k, m in self.members.items()}}
         zip_.add_bytes(META_NAME, json.dumps(meta, indent=1, sort_keys=True).encode())
         size = zip_.close()
+        self.checksum = crc32_checksum(zip_.crc)
         self._zip = None
         return size
 
@@ -356,3 +364,46 @@ def verify_member(read_range: ReadRange, member: MemberInfo, *, where: str) -> N
     with _member_stream(read_range, member, where) as stream:
         while stream.read(READ_CHUNK):
             pass
+
+
+def verify_object(read_range: ReadRange, size: int, checksum: str, members: list[MemberInfo], *, where: str) -> None:
+    """Read a whole object of ``size`` bytes and check its CRC-32 against ``checksum`` (``"crc32:<8 hex>"``),
+    checking each of the ``members`` it holds as :func:`verify_member` does.
+
+    Every byte is read once: the bytes around the members (local headers, data descriptors, ``meta.json``, the
+    central directory) are read and CRC'd here, and each member's bytes by :func:`verify_member`, which checks
+    them against the member's CRC-32; that CRC is then folded into the object's with ``crc32_combine``, which
+    gives exactly the CRC-32 of the whole object.
+
+    Raises:
+        CorruptSnapshotError: a member, or any other byte of the object, differs from what was committed.
+    """
+    crc, pos = 0, 0
+    for member in sorted(members, key=lambda m: m.offset):
+        end = member.offset + member.stored_size
+        if member.offset < pos or end > size:
+            raise CorruptSnapshotError(
+                f"{where}: member {member.name} at bytes {member.offset}-{end} overlaps another member or runs "
+                f"past the object's {size} bytes; the manifest's member table is corrupt"
+            )
+        crc = _crc_of_range(read_range, pos, member.offset, crc, where)
+        verify_member(read_range, member, where=f"{where} member {member.name}")
+        crc = crc32_combine(crc, int(member.crc32, 16), member.stored_size)  # checked just now
+        pos = end
+    crc = _crc_of_range(read_range, pos, size, crc, where)
+    if f"crc32:{crc:08x}" != checksum:
+        raise CorruptSnapshotError(
+            f"{where}: checksum mismatch (crc32:{crc:08x} of its {size} bytes, expected {checksum}): a byte outside "
+            "the members' data (a zip header, meta.json or the central directory) differs from what was committed"
+        )
+
+
+def _crc_of_range(read_range: ReadRange, start: int, end: int, crc: int, where: str) -> int:
+    """``crc`` continued over bytes ``[start, end)``, read in chunks of at most ``READ_CHUNK``."""
+    for lo in range(start, end, READ_CHUNK):
+        hi = min(end, lo + READ_CHUNK)
+        data = read_range(lo, hi)
+        if len(data) != hi - lo:
+            raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {lo}-{hi}, got {len(data)}")
+        crc = crc32(data, crc)
+    return crc

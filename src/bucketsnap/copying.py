@@ -10,8 +10,11 @@ already holds objects of that name, never rewrites an object another snapshot ma
 (``SnapshotInfo.refs``, such as content-addressed chunks shared by several snapshots) keep their names, and one
 that already exists at the destination with the same size is reused rather than copied again.
 
-Objects are streamed in ranged chunks, never held whole in memory, and the CRC-32 of every member is checked as
-its bytes pass, so a corrupt source is refused before anything is committed.
+Objects are streamed in ranged chunks, never held whole in memory, and the CRC-32 of every member, and of
+every object whose checksum the source recorded (``SnapshotInfo.checksums``), is checked as its bytes pass, so a
+corrupt source is refused before anything is committed. The copy records the whole-object CRC-32 of each
+archive it writes, under its new name (also for a source committed before checksums were recorded, so that the
+copy's own bytes are covered from then on).
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ import dataclasses
 import posixpath
 import re
 import uuid
-import zlib
 
-from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, SnapshotNotFoundError
-from bucketsnap.info import MemberInfo, SnapshotInfo
+from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, SnapshotNotFoundError, StorageError
+from bucketsnap.info import MemberInfo, SnapshotInfo, crc32_checksum
 from bucketsnap.manifest import SNAPSHOT_DIR
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.storage import Storage
+from bucketsnap.zipformat import crc32
 
 __all__ = ["COPY_CHUNK", "copy_objects", "new_archive_path"]
 
@@ -67,13 +70,15 @@ def copy_objects(
     """Write every object snapshot ``info`` of ``source`` needs to ``dest``; commit nothing.
 
     Returns:
-        The snapshot's info at the destination (new archive paths, same itr, members and metrics), and the
-        paths written under new names (the caller deletes them if its commit fails).
+        The snapshot's info at the destination (new archive paths and their checksums, same itr, members and
+        metrics), and the paths written under new names (the caller deletes them if its commit fails).
 
     Raises:
         SnapshotNotFoundError: an object of the committed snapshot is missing at the source.
-        CorruptSnapshotError: a member's CRC-32, or an object's size, differs from what was committed.
+        CorruptSnapshotError: a member's CRC-32, an object's CRC-32, or an object's size, differs from what was
+            committed.
         BucketsnapError: a ref exists at the destination with another size.
+        StorageError: the destination kept other bytes than were written.
     """
     objects: dict[str, list[MemberInfo]] = {info.path: []}
     for member in info.members.values():
@@ -99,11 +104,15 @@ def copy_objects(
 
     counter = None if progress is None else ByteCounter(sum(size for _, _, size, _ in plan), progress)
     written: list[str] = []
+    checksums = dict(info.checksums)  # refs keep their names, and their checksums if any
     try:
         for src_path, dest_path, size, members in plan:
             if dest_path in renamed.values():
                 written.append(dest_path)
-            _copy_one(source, src_path, dest, dest_path, size, members, counter)
+            crc = _copy_one(source, src_path, dest, dest_path, size, members, info.checksums.get(src_path), counter)
+            if src_path in renamed:
+                checksums.pop(src_path, None)
+                checksums[dest_path] = crc32_checksum(crc)
     except BaseException:
         for rel in written:
             dest.delete(rel)
@@ -112,7 +121,9 @@ def copy_objects(
         key: dataclasses.replace(m, path=renamed[m.path]) if m.path else m for key, m in info.members.items()
     }
     new_path = renamed[info.path]
-    copied = dataclasses.replace(info, path=new_path, url=dest.url_of(new_path), members=new_members)
+    copied = dataclasses.replace(
+        info, path=new_path, url=dest.url_of(new_path), members=new_members, checksums=checksums
+    )
     return copied, written
 
 
@@ -132,11 +143,15 @@ def _copy_one(
     dest_path: str,
     size: int,
     members: list[MemberInfo],
+    checksum: str | None,
     counter: ByteCounter | None,
-) -> None:
-    """Stream one object, checking the CRC-32 of each member it holds as the bytes pass."""
+) -> int:
+    """Stream one object, checking the CRC-32 of each member it holds, and of the whole object against
+    ``checksum`` (``"crc32:<8 hex>"``) if the source recorded one, as the bytes pass; return the object's CRC-32.
+    """
     where = source.url_of(src_path)
     crcs = {m.name: 0 for m in members}
+    whole = 0
     with dest.write(dest_path) as f:
         for start in range(0, size, COPY_CHUNK):
             end = min(size, start + COPY_CHUNK)
@@ -149,7 +164,8 @@ def _copy_one(
             for m in members:  # the part of each member inside [start, end)
                 lo, hi = max(start, m.offset), min(end, m.offset + m.stored_size)
                 if lo < hi:
-                    crcs[m.name] = zlib.crc32(data[lo - start : hi - start], crcs[m.name])
+                    crcs[m.name] = crc32(data[lo - start : hi - start], crcs[m.name])
+            whole = crc32(data, whole)
             f.write(data)
             if counter is not None:
                 counter.add(len(data))
@@ -161,3 +177,12 @@ def _copy_one(
                     f"{where} member {m.name}: checksum mismatch (crc32 {crcs[m.name]:08x}, expected {m.crc32}); "
                     "not copied"
                 )
+        if checksum is not None and checksum.startswith("crc32:") and crc32_checksum(whole) != checksum:
+            raise CorruptSnapshotError(
+                f"{where}: checksum mismatch ({crc32_checksum(whole)} of its {size} bytes, expected {checksum}): "
+                "it differs from what was committed; not copied"
+            )
+    stored = dest.size(dest_path)
+    if stored != size:  # an upload that reported success but kept other bytes: never commit it
+        raise StorageError(f"{dest.url_of(dest_path)} holds {stored} bytes after writing {size}; nothing was copied")
+    return whole

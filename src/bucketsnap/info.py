@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from bucketsnap.errors import CorruptSnapshotError
 
-__all__ = ["MemberInfo", "SnapshotInfo", "check_metrics"]
+__all__ = ["MemberInfo", "SnapshotInfo", "check_metrics", "crc32_checksum"]
 
 Metric = int | float | str | bool | None
+
+_CRC32_CHECKSUM = re.compile(r"crc32:[0-9a-f]{8}")
+_CHECKSUM = re.compile(r"[a-z0-9_-]{1,32}:[0-9a-f]{1,128}")
+
+
+def crc32_checksum(crc: int) -> str:
+    """The manifest's form of a whole-object CRC-32: ``"crc32:<8 lowercase hex>"``.
+
+    >>> crc32_checksum(0x1A2B3C)
+    'crc32:001a2b3c'
+    """
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,10 @@ class SnapshotInfo:
         format_version: the archive format version.
         refs: other objects (relative paths) this snapshot needs, such as content-addressed buffer chunks
             shared with other snapshots; garbage collection keeps every object a committed snapshot refers to.
+        checksums: object (relative path) -> checksum of all its bytes, ``"crc32:<8 hex>"``
+            (:func:`crc32_checksum`), recorded at commit for the archives it needs (its ``path`` and its members'
+            ``path``s); ``verify`` and copies check every byte of an object listed here. Empty for entries
+            written before bucketsnap recorded them: only their members can be checked then.
     """
 
     itr: int
@@ -98,6 +115,7 @@ class SnapshotInfo:
     members: dict[str, MemberInfo] = field(default_factory=dict)
     format_version: int = 1
     refs: tuple[str, ...] = ()
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         """The saved top-level keys."""
@@ -117,6 +135,7 @@ class SnapshotInfo:
             "members": {k: m.to_json() for k, m in self.members.items()},
             "format_version": self.format_version,
             **({"refs": list(self.refs)} if self.refs else {}),
+            **({"checksums": dict(self.checksums)} if self.checksums else {}),
         }
 
     @classmethod
@@ -140,6 +159,7 @@ class SnapshotInfo:
                 members={str(k): MemberInfo.from_json(m) for k, m in dict(d["members"]).items()},
                 format_version=int(d.get("format_version", 1)),
                 refs=tuple(_relative_path(r) for r in d.get("refs", ())),
+                checksums=_checksums(d.get("checksums", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptSnapshotError(f"malformed manifest entry in {base_url}: {exc!r}") from exc
@@ -160,6 +180,24 @@ def check_metrics(metrics: Any) -> dict[str, Metric]:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metric {name!r} is {value}; metrics must be finite")
         out[name] = value
+    return out
+
+
+def _checksums(v: Any) -> dict[str, str]:
+    """A manifest entry's ``checksums``: relative path -> ``"<algorithm>:<hex>"``.
+
+    Another algorithm than ``crc32`` is accepted (a later writer may record one), so that this reader still
+    loads the run; ``verify`` says it cannot check it.
+    """
+    if not isinstance(v, dict):
+        raise ValueError(f"checksums must be an object, not {type(v).__name__}")
+    out: dict[str, str] = {}
+    for path, checksum in v.items():
+        if not isinstance(checksum, str) or not _CHECKSUM.fullmatch(checksum):
+            raise ValueError(f"bad checksum {checksum!r} of {path!r}")
+        if checksum.startswith("crc32:") and not _CRC32_CHECKSUM.fullmatch(checksum):
+            raise ValueError(f"bad CRC-32 {checksum!r} of {path!r}: expected crc32:<8 lowercase hex>")
+        out[_relative_path(path)] = checksum
     return out
 
 

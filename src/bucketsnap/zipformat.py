@@ -6,6 +6,11 @@ offsets need them. Its data may be handed over as many pieces at once (:meth:`Me
 which a destination with a ``writev`` method writes with one call (vectored I/O) instead of one per piece.
 CRC-32 comes from zlib-ng, several times faster than the standard library's zlib on large buffers.
 
+The writer also keeps the CRC-32 of the whole archive (:attr:`ZipStreamWriter.crc`), which the manifest records
+so that ``verify`` covers every byte, not only the members' data. It costs no second pass over the data: the
+headers, descriptors and directory are CRC'd as they are written, and each member's CRC, computed anyway for its
+zip entry, is folded in with ``crc32_combine`` when the member is closed.
+
 The reader parses the central directory with ranged reads, for tools that only have the archive (``repair``,
 SB3 zips); it refuses unsafe member names and offsets outside the archive.
 """
@@ -18,11 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from zlib_ng.zlib_ng import crc32
+from zlib_ng.zlib_ng import crc32, crc32_combine
 
 from bucketsnap.errors import CorruptSnapshotError
 
-__all__ = ["MemberSink", "ReadRange", "ZipEntry", "ZipStreamWriter", "crc32", "data_offset", "read_directory"]
+__all__ = [
+    "MemberSink",
+    "ReadRange",
+    "ZipEntry",
+    "ZipStreamWriter",
+    "crc32",
+    "crc32_combine",
+    "data_offset",
+    "read_directory",
+]
 
 ReadRange = Callable[[int, int], bytes]
 
@@ -55,16 +69,31 @@ class _Written:
 
 
 class _Output:
-    """The destination, counting the bytes written; pieces go out in one ``writev`` call where it has one."""
+    """The destination, counting the bytes written; pieces go out in one ``writev`` call where it has one.
+
+    ``crc`` is the CRC-32 of the bytes before ``crc_pos``: :meth:`write` keeps it current, while member data
+    (:meth:`write_pieces`, whose CRC its :class:`MemberSink` computes) is folded in by :meth:`add_crc`.
+    """
 
     def __init__(self, dest: IO[bytes]) -> None:
         self._dest = dest
         self._writev: Callable[[Sequence[Any]], int] | None = getattr(dest, "writev", None)
         self.pos = 0
+        self.crc = 0
+        self.crc_pos = 0
 
     def write(self, data: Any) -> None:
         self._dest.write(data)
+        self.crc = crc32(data, self.crc)
         self.pos += memoryview(data).nbytes
+        self.crc_pos = self.pos
+
+    def add_crc(self, crc: int, size: int) -> None:
+        """Fold in the CRC-32 of the ``size`` bytes written by :meth:`write_pieces` since the last write."""
+        if self.crc_pos + size != self.pos:
+            raise AssertionError(f"archive CRC covers {self.crc_pos} + {size} bytes of {self.pos} written")
+        self.crc = crc32_combine(self.crc, crc, size)
+        self.crc_pos = self.pos
 
     def write_pieces(self, pieces: Sequence[Any]) -> int:
         if self._writev is not None:
@@ -136,6 +165,7 @@ class ZipStreamWriter:
         """Write the data descriptor of the member last opened."""
         entry = self._entries[-1]
         entry.crc, entry.size = sink.crc, sink.size
+        self._out.add_crc(sink.crc, sink.size)
         if entry.zip64:
             self._out.write(_DESCRIPTOR64.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size))
         elif entry.size >= _MAX32:
@@ -169,6 +199,13 @@ class ZipStreamWriter:
         small = min(count, 0xFFFF)
         self._out.write(_EOCD.pack(b"PK\x05\x06", 0, 0, small, small, min(cd_size, _MAX32), min(cd_offset, _MAX32), 0))
         return self._out.pos
+
+    @property
+    def crc(self) -> int:
+        """The CRC-32 of every byte of the archive written so far (the whole archive after :meth:`close`)."""
+        if self._out.crc_pos != self._out.pos:
+            raise ValueError("a member is open: the archive's CRC-32 is known once it is closed")
+        return self._out.crc
 
     def _check_name(self, name: str) -> tuple[bytes, int]:
         if name in self._names:
