@@ -229,6 +229,22 @@ def test_sigterm_on_one_rank_gives_one_final_snapshot_of_every_rank(local_backen
 # -- in one process ----------------------------------------------------------------------------------------------
 
 
+def test_a_commit_that_landed_is_never_undone_by_a_failure_after_it(local_backend: Backend, tmp_path: Path) -> None:
+    """Once a commit has landed nothing deletes its objects: a denied delete of the replaced archive is a
+    warning and every rank reports success; after a lost commit response and a failed re-read rank 0 cannot
+    tell, so it fails, but no rank deletes its archive, and the snapshot that did commit verifies."""
+    url = local_backend.url("landed")
+    ranks = run_ranks("landed", 2, local_backend, url, tmp_path)
+    store = SnapshotStore(url, storage_options=local_backend.options)
+    for rank in ranks:
+        rank.only("saved", itr=0)
+        assert "AccessDenied" not in "".join(str(e) for e in rank.events)
+    check_snapshot(store, 0, 2)
+    assert store.itrs() == [0, 1]
+    check_snapshot(store, 1, 2)  # committed although rank 0 could not tell: every rank kept its archive
+    ranks[0].only("error", itr=1)
+
+
 def test_sharded_values_in_a_single_process(memory_backend: Backend) -> None:
     store = memory_backend.store()
     info = store.save(3, {"policy": torch.ones(2), "optimizer": Sharded({"m": torch.zeros(2)})})

@@ -13,6 +13,9 @@ Scenarios:
                exists (through save_async): every rank must raise the same error; then a save that works
     kill       save itr 0; rank 1 SIGKILLs itself halfway through writing itr 1; the others report the error
     preempt    train in lockstep under on_preemption + agree_on_preemption until the test SIGTERMs one rank
+    landed     commits that landed although something failed after: itr 0 overwritten while rank 0 may not
+               delete (a bucket policy denying DeleteObject); itr 1 whose manifest create on rank 0 lands but
+               reports an error, and whose re-read fails too
 """
 
 from __future__ import annotations
@@ -182,6 +185,50 @@ def preempt(store: SnapshotStore, rank: int, world: int) -> None:
     emit(rank, "not preempted")
 
 
+def landed(store: SnapshotStore, rank: int, world: int) -> None:
+    from bucketsnap import StorageError
+    from bucketsnap.manifest import ManifestLog
+
+    store.save(0, state(0, rank))
+    storage = store.storage
+    real_delete, real_create, real_read = storage.delete, storage.create_exclusive, ManifestLog.read
+    if rank == 0:
+
+        def denied(rel: str) -> None:
+            raise StorageError(f"AccessDenied: DeleteObject on {rel} (injected)")
+
+        storage.delete = denied  # type: ignore[method-assign]
+    try:
+        info = store.save(0, state(0, rank), overwrite=True)
+        emit(rank, "saved", itr=0, objects=sorted(info.objects()))
+    except Exception as exc:
+        error_event(rank, 0, exc)
+    storage.delete = real_delete  # type: ignore[method-assign]
+    if rank == 0:
+        reads = 0
+
+        def lost_response(rel: str, data: bytes) -> None:
+            real_create(rel, data)
+            raise StorageError(f"connection reset while creating {rel} (injected: the create landed)")
+
+        def failing_read(self: ManifestLog) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads > 2:  # the plan's and the commit's reads work; the one after the lost response fails
+                raise StorageError("timed out reading the manifest (injected)")
+            return real_read(self)
+
+        storage.create_exclusive = lost_response  # type: ignore[method-assign]
+        ManifestLog.read = failing_read  # type: ignore[method-assign]
+    try:
+        store.save(1, state(1, rank))
+        emit(rank, "saved", itr=1)
+    except Exception as exc:
+        error_event(rank, 1, exc)
+    storage.create_exclusive = real_create  # type: ignore[method-assign]
+    ManifestLog.read = real_read  # type: ignore[method-assign]
+
+
 def main() -> None:
     scenario, rank, world, init_file, url, options = sys.argv[1], *map(int, sys.argv[2:4]), *sys.argv[4:7]
     print("ready", flush=True)
@@ -197,6 +244,7 @@ def main() -> None:
             "errors": errors,
             "kill": kill,
             "preempt": preempt,
+            "landed": landed,
         }
         scenarios[scenario](store, rank, world)
     except BaseException as exc:
