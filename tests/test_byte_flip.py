@@ -109,10 +109,6 @@ def test_bucketsnap_cp_refuses_a_flipped_archive(tmp_path: Path) -> None:
         assert SnapshotStore(dest_url).infos() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify checks only the size of replay-buffer chunks until their names carry their CRC-32 (issue 12)",
-)
 def test_verify_reports_a_flip_of_every_byte_of_a_chunk(tmp_path: Path) -> None:
     store = SnapshotStore(str(tmp_path / "run"))
     obs = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)

@@ -48,6 +48,30 @@ def test_keep_last_is_by_itr_not_by_list_order() -> None:
     assert KeepLast(1).keep([]) == set()
 
 
+def test_keep_last_keeps_every_snapshot_while_there_are_fewer_than_n() -> None:
+    # was: itrs[len(itrs) - n:] with a negative start kept only the newest (or the last few) of them
+    for n in range(1, 6):
+        for count in range(n + 1):
+            assert KeepLast(n).keep(infos(*range(count))) == set(range(count)), (n, count)
+    assert KeepLast(3).keep(infos(4, 9)) == {4, 9}
+    assert KeepLast(0).keep(infos(4, 9)) == set()
+
+
+def test_keep_last_through_the_store_keeps_the_last_n(memory_backend: Backend) -> None:
+    store = memory_backend.store(retention=KeepLast(3))
+    seen = []
+    for itr in range(1, 9):
+        store.save(itr, {"step": itr})
+        seen.append(store.itrs())
+    assert seen == [[1], [1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6], [5, 6, 7], [6, 7, 8]]  # was [.., [8]]
+    union = memory_backend.store(retention=KeepEvery(5) | KeepLast(3))
+    seen = []
+    for itr in range(1, 9):
+        union.save(itr, {"step": itr})
+        seen.append(union.itrs())
+    assert seen[2] == [1, 2, 3] and seen[5] == [4, 5, 6] and seen[7] == [5, 6, 7, 8]  # was [3] and [5, 6]
+
+
 def test_keep_every_includes_itr_zero() -> None:
     assert KeepEvery(3).keep(infos(0, 1, 2, 3, 4, 5, 6, 7)) == {0, 3, 6}
     assert KeepEvery(1).keep(infos(0, 1, 2)) == {0, 1, 2}
@@ -66,6 +90,24 @@ def test_keep_best_ties_go_to_the_newer_itr() -> None:
     assert KeepBest(2, "return").keep(snaps) == {3, 4}
     assert KeepBest(1, "return", mode="min").keep(scored({2: 1.0, 6: 1.0, 9: 2.0})) == {6}
     assert KeepBest(1, "return").keep(scored({3: 1, 8: 1.0})) == {8}  # int and float compare equal
+
+
+def test_keep_best_compares_large_ints_exactly() -> None:
+    # was: float(value) made 2**53 + 1 tie with 2**53 (the tie went to the newer, lower value) ...
+    assert KeepBest(1, "n").keep(scored({1: 2**53 + 1, 2: 2**53}, "n")) == {1}
+    assert KeepBest(1, "n", mode="min").keep(scored({1: 2**53, 2: 2**53 + 1}, "n")) == {1}
+    # ... and raised OverflowError beyond 1e308
+    assert KeepBest(1, "n").keep(scored({1: 10**400, 2: 1e308}, "n")) == {1}
+    assert KeepBest(1, "n", mode="min").keep(scored({1: -(10**400), 2: -1e308}, "n")) == {1}
+
+
+def test_keep_best_on_a_huge_int_metric_does_not_fail_a_committed_save(memory_backend: Backend) -> None:
+    store = memory_backend.store(retention=KeepBest(1, "n"))
+    store.save(1, {"step": 1}, metrics={"n": 10**400})
+    store.save(2, {"step": 2}, metrics={"n": 1})  # was: OverflowError, raised after itr 2 was committed
+    assert store.itrs() == [1, 2]
+    store.save(3, {"step": 3}, metrics={"n": 10**400 - 1})
+    assert store.itrs() == [1, 3]
 
 
 def test_keep_best_ignores_missing_and_non_numeric_metrics() -> None:

@@ -307,7 +307,13 @@ def _write_rank(
         objects=objects,
         progress=progress,
     )
-    return {"path": path, "size": written.size, "members": written.members, "refs": list(written.refs)}
+    return {
+        "path": path,
+        "size": written.size,
+        "checksum": written.checksum,
+        "members": written.members,
+        "refs": list(written.refs),
+    }
 
 
 def _commit(
@@ -347,6 +353,7 @@ def _commit(
         metrics=prepared.metrics,
         members={name: members[name] for name in order},
         refs=tuple(sorted({ref for report in reports for ref in report["refs"]})),
+        checksums={r["path"]: r["checksum"] for r in reports if "path" in r},
     )
     written = [r["path"] for r in reports if "path" in r]
     try:

@@ -54,6 +54,7 @@ __all__ = [
     "TABLE_FORMAT",
     "ChunkedArrays",
     "chunk_object",
+    "named_checksum",
     "read_chunks",
     "verify_chunk_object",
 ]
@@ -81,6 +82,12 @@ def object_crc(rel: str) -> int | None:
     """The CRC-32 of the stored bytes that the chunk object's name records, or None (an old chunk name)."""
     match = _CHUNK_OBJECT.fullmatch(rel)
     return int(match.group(2), 16) if match and match.group(2) else None
+
+
+def named_checksum(rel: str) -> str | None:
+    """``"crc32:<8 hex>"`` of chunk object ``rel`` as its name records it (None: not a chunk, or an old name)."""
+    crc = object_crc(rel)
+    return None if crc is None else f"crc32:{crc:08x}"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import posixpath
 import re
 import uuid
 
+from bucketsnap.chunks import named_checksum
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, SnapshotNotFoundError, StorageError
 from bucketsnap.info import MemberInfo, SnapshotInfo, crc32_checksum
 from bucketsnap.manifest import SNAPSHOT_DIR
@@ -109,7 +110,8 @@ def copy_objects(
         for src_path, dest_path, size, members in plan:
             if dest_path in renamed.values():
                 written.append(dest_path)
-            crc = _copy_one(source, src_path, dest, dest_path, size, members, info.checksums.get(src_path), counter)
+            expected = info.checksums.get(src_path) or named_checksum(src_path)
+            crc = _copy_one(source, src_path, dest, dest_path, size, members, expected, counter)
             if src_path in renamed:
                 checksums.pop(src_path, None)
                 checksums[dest_path] = crc32_checksum(crc)

@@ -52,7 +52,8 @@ class KeepLast(RetentionPolicy):
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
         itrs = sorted(s.itr for s in infos)
-        return frozenset(itrs[len(itrs) - self.n :] if self.n else ())
+        # Not itrs[-n:]: that is the whole list for n=0. Clamped, since fewer than n snapshots is the usual start.
+        return frozenset(itrs[max(len(itrs) - self.n, 0) :])
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,14 @@ class KeepBest(RetentionPolicy):
             raise ValueError(f"KeepBest mode must be 'max' or 'min', not {self.mode!r}")
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
-        sign = 1.0 if self.mode == "max" else -1.0
-        scored = []
+        sign = 1 if self.mode == "max" else -1
+        scored: list[tuple[int | float, int]] = []
         for s in infos:
             value = s.metrics.get(self.metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                scored.append((sign * float(value), s.itr))
+                # Not float(value): an int beyond 2**53 would tie with its neighbours, and one beyond 1e308 would
+                # raise OverflowError after the commit. Python compares int and float exactly.
+                scored.append((sign * value, s.itr))
         scored.sort(reverse=True)  # best first; on equal values, higher itr first
         return frozenset(itr for _, itr in scored[: self.n])
 

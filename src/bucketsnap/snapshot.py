@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 from bucketsnap.archive import load_member, verify_member, verify_object
+from bucketsnap.chunks import named_checksum
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
 from bucketsnap.info import MemberInfo, SnapshotInfo
 from bucketsnap.progress import ByteCounter, ProgressCallback
@@ -114,7 +115,8 @@ class Snapshot(Mapping[str, Any]):
             held.setdefault(member.path or info.path, []).append(member)
         for ref in info.refs:
             held.setdefault(ref, [])
-        whole = {path: info.checksums[path] for path in held if info.checksums.get(path, "").startswith("crc32:")}
+        recorded = {path: info.checksums.get(path) or named_checksum(path) or "" for path in held}
+        whole = {path: checksum for path, checksum in recorded.items() if checksum.startswith("crc32:")}
         sizes = {path: size if path == info.path else self._size(path) for path in held}
         unchecked = [path for path in held if path not in whole and path not in info.refs]
         if unchecked:

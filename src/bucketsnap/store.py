@@ -278,6 +278,7 @@ class SnapshotStore:
             metrics=prepared.metrics,
             members=written.members,
             refs=written.refs,
+            checksums={written.path: written.checksum},
         )
         return _Staged(info, base)
 
