@@ -37,7 +37,9 @@ def test_grace_counts_from_when_gc_condemned_an_object_not_when_it_was_written(
     assert torch.equal(store.load()["w"], torch.zeros(3))
 
 
-def test_an_orphan_is_condemned_first_and_removed_by_a_later_gc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_orphan_is_condemned_first_and_removed_by_a_later_gc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = SnapshotStore(str(tmp_path / "run"))
     store.save(1, {"v": 1})
     orphan = tmp_path / "run" / "snapshots" / "000000000002-0123456789abcdef.zip"
