@@ -414,11 +414,13 @@ def cp_command(
     default=3600.0,
     show_default=True,
     metavar="SECONDS",
-    help="Leave unreferenced objects younger than this (a concurrent writer's, not yet committed).",
+    help="Delete only objects an earlier gc condemned this long ago (readers and saves in flight get that long); "
+    "0 condemns and deletes at once.",
 )
 @_command
 def gc_command(url: str, dry_run: bool, min_age: float, options: dict[str, Any]) -> None:
-    """Remove objects no committed snapshot needs (crash orphans, pruned snapshots, old manifest generations)."""
+    """Condemn objects no committed snapshot needs (crash orphans, pruned snapshots) and remove those condemned
+    --min-age ago, and old manifest generations."""
     store = _open_run(url, options)
     removed = store.gc(min_age=min_age, dry_run=dry_run)
     for rel in removed:

@@ -20,7 +20,7 @@ from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._host_copies import HostCopies
 from bucketsnap._saving import ExternalValue, Prepared, StoredObjects, check_itr, meta, prepare, write_archive
 from bucketsnap.copying import copy_objects
-from bucketsnap.errors import BucketsnapError, CommitConflictError, SnapshotExistsError
+from bucketsnap.errors import BucketsnapError, CommitConflictError, SnapshotExistsError, StorageError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
 from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which, check_not_swept
@@ -482,6 +482,13 @@ class SnapshotStore:
         base = self._log.read()
         if not overwrite and base.find(info.itr) is not None:
             raise self._exists(info.itr)
+        deleting = {rel for sweep in base.sweeps for rel in sweep.deleting} - base.referenced()
+        if deleting & set(info.refs):
+            raise StorageError(
+                f"not copied to {self.url}: the snapshot shares {sorted(deleting & set(info.refs))[0]}, which a gc of "
+                "this run has committed to delete (it was dropped here before), so a copy of it could be lost to that "
+                "gc. Nothing was copied; copy into another run, or retry once gc has run a few more times here."
+            )
         copied, written = copy_objects(src.storage, info, self._storage, progress=progress)
         self._commit_new(copied, base, overwrite=overwrite, written=list(written))
         logger.info("copied itr %d from %s to %s (%d bytes)", info.itr, src.url, self.url, copied.size)
@@ -492,10 +499,24 @@ class SnapshotStore:
     def gc(self, *, min_age: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Delete what no committed snapshot needs; return the removed paths (relative to the run).
 
-        Removes archives the newest manifest does not reference (orphans of crashed or failed saves, pruned
-        snapshots) once they are older than ``min_age`` seconds, so that a concurrent writer's archive, written
-        but not yet committed, is left alone; and manifest generations older than the newest
-        :data:`~bucketsnap.manifest.KEEP_GENERATIONS`. Never removes anything committed.
+        Condemns, in a commit, every object under ``snapshots/`` and ``chunks/`` that no committed snapshot
+        needs (orphans of crashed or failed saves, snapshots dropped by retention, saves still in flight), then
+        deletes, after another commit, those that an earlier call condemned at least ``min_age`` seconds ago
+        (by this process's clock) and that are still unreferenced; also manifest generations older than the
+        newest :data:`~bucketsnap.manifest.KEEP_GENERATIONS`. Deletions are ordered against commits through the
+        log, so no clock, pause or reuse can make a commit reference a deleted object: a save whose objects were
+        deleted fails with ``StorageError`` instead. ``min_age`` gives readers of dropped snapshots and saves in
+        flight that long; ``min_age=0`` deletes every unreferenced object in one call, failing saves in flight.
+        With ``dry_run``, commits nothing and returns what a call would delete now.
+
+        Example:
+            >>> from bucketsnap import KeepLast
+            >>> store = SnapshotStore("memory://doc/gc", retention=KeepLast(1))
+            >>> _ = store.save(1, {"step": 1}), store.save(2, {"step": 2})
+            >>> store.gc()  # condemns itr 1's archive; a later gc, an hour on, deletes it
+            []
+            >>> [path.split("-")[0] for path in store.gc(min_age=0)]
+            ['snapshots/000000000001']
         """
         return collect_garbage(self._log, min_age=min_age, dry_run=dry_run)
 
