@@ -62,6 +62,11 @@ def check_run(url: str, target: Target, committed: set[int], figures: CrashFigur
 
     store = SnapshotStore(url, storage_options=target.options)
     itrs = store.itrs()
+    for _ in range(20):  # a request the killed saver had sent may still land (seen on fake-gcs-server): settle
+        time.sleep(0.25)
+        if (again := store.itrs()) == itrs:
+            break
+        itrs = again
     figures.lost += len(committed - set(itrs))
     for itr in itrs:
         figures.snapshots_checked += 1

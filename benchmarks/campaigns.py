@@ -1,4 +1,5 @@
-"""Reliability campaigns: crash, fault injection, concurrent writers, readers during writes. Prints figures.
+"""Reliability campaigns: crash, fault injection, concurrent writers, readers during writes, gc during saves.
+Prints figures.
 
     python -m benchmarks.campaigns --short            # a minute or so; what CI runs (tests/test_campaigns.py)
     python -m benchmarks.campaigns --long             # hundreds of kills; the figures in docs/reliability.md
@@ -25,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import campaign_concurrent, campaign_crash, campaign_faults, campaign_readers  # noqa: E402
+from benchmarks import (  # noqa: E402
+    campaign_concurrent,
+    campaign_crash,
+    campaign_faults,
+    campaign_gc,
+    campaign_readers,
+)
 from benchmarks.campaign_common import Target, gcs_target, local_target, s3_target  # noqa: E402
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -42,6 +49,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "s3": {"readers": 2, "saves": 6},
             "gcs": {"readers": 2, "saves": 6},
         },
+        "gc": {"local": {"writers": 2, "per_writer": 8}, "s3": {"writers": 2, "per_writer": 4}},
     },
     "long": {
         "crash": {
@@ -60,9 +68,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "s3": {"readers": 4, "saves": 100},
             "gcs": {"readers": 4, "saves": 100},
         },
+        "gc": {
+            "local": {"writers": 4, "per_writer": 50},
+            "s3": {"writers": 3, "per_writer": 25},
+            "gcs": {"writers": 3, "per_writer": 25},
+        },
     },
 }
-CAMPAIGNS = ("crash", "faults", "concurrent", "readers")
+CAMPAIGNS = ("crash", "faults", "concurrent", "readers", "gc")
 
 
 def run_campaign(name: str, target: Target, params: dict[str, Any], seed: int) -> Any:
@@ -72,6 +85,8 @@ def run_campaign(name: str, target: Target, params: dict[str, Any], seed: int) -
         return campaign_concurrent.run(target, **params)
     if name == "readers":
         return campaign_readers.run(target, **params)
+    if name == "gc":
+        return campaign_gc.run(target, seed=seed, **params)
     if target.name == "memory":
         return campaign_faults.run(seed=seed, **params)
     bucket = target.base.removeprefix("s3://")
