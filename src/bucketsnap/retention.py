@@ -43,7 +43,8 @@ class RetentionPolicy(abc.ABC):
 
 @dataclass(frozen=True)
 class KeepLast(RetentionPolicy):
-    """Keep the ``n`` snapshots with the highest itrs (the order ``"last"`` uses, not the save time)."""
+    """Keep the ``n`` snapshots with the highest itrs (the order ``"last"`` uses, not the save time); all of them
+    while fewer than ``n`` are committed."""
 
     n: int
 
@@ -79,9 +80,9 @@ class KeepBest(RetentionPolicy):
         mode: ``"max"`` (higher is better) or ``"min"``.
 
     Ties on the metric go to the newer snapshot (the higher itr): of two snapshots with the same return, the
-    one trained longer is kept. Snapshots without the metric, or whose value is not a number (str, bool,
-    None), are not candidates; another policy in a union, or the store's rule that the newest snapshot is
-    always kept, may still keep them.
+    one trained longer is kept. Values compare exactly, ints as ints (not rounded to floats). Snapshots without
+    the metric, or whose value is not a number (str, bool, None), are not candidates; another policy in a union,
+    or the store's rule that the newest snapshot is always kept, may still keep them.
     """
 
     n: int
