@@ -210,7 +210,7 @@ def test_a_slow_writer_cannot_recreate_a_pruned_generation(memory_backend: Backe
     url = memory_backend.url("slow-writer")
     slow, fast = SnapshotStore(url), SnapshotStore(url)
     slow.save(0, {"v": 0})
-    original = slow._log.commit
+    original = slow._log.commit_state
     calls = []
 
     def descheduled(change: Any, **kw: Any) -> Any:
@@ -223,7 +223,7 @@ def test_a_slow_writer_cannot_recreate_a_pruned_generation(memory_backend: Backe
 
         return original(late, **kw)
 
-    slow._log.commit = descheduled  # type: ignore[method-assign]
+    slow._log.commit_state = descheduled  # type: ignore[method-assign]
     slow.save(100, {"v": 100})
     assert 100 in SnapshotStore(url).itrs()
     assert slow.conflicts >= 1

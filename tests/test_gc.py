@@ -79,3 +79,113 @@ def test_a_commit_after_condemnation_takes_the_object_back(tmp_path: Path) -> No
     info = replace(store.info(1), itr=5, path=fake)
     committed = store._log.commit(lambda current: [*current.snapshots, info])
     assert fake not in committed.condemned and manifest.sweep == committed.sweep == 0
+
+
+# -- regressions from the review of the fencing (each failed before its fix) ----------------------------------
+
+
+def _orphan(tmp_path: Path, itr: int) -> tuple[SnapshotStore, str]:
+    """A run with itr 1 committed and an intact, uncommitted archive of ``itr`` (a commit lost to corruption)."""
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    info = store.save(itr, {"v": itr})
+    store._log.commit(lambda current: [s for s in current.snapshots if s.itr != itr])  # uncommit, keep the archive
+    return store, info.path
+
+
+def test_repair_does_not_recover_an_archive_a_concurrent_gc_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bucketsnap import maintenance
+
+    store, orphan = _orphan(tmp_path, 2)
+    recover = maintenance._recover_info
+
+    def then_gc(log: object, rel: str) -> object:
+        info = recover(log, rel)  # type: ignore[arg-type]
+        assert SnapshotStore(store.url).gc(min_age=0) == [orphan]  # another process, between verify and commit
+        return info
+
+    monkeypatch.setattr(maintenance, "_recover_info", then_gc)
+    repaired = store.repair()
+    assert repaired.itrs() == [1]
+    for itr in store.itrs():
+        store.verify(itr)
+
+
+def test_repair_does_not_bring_back_what_a_delete_removes_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bucketsnap import maintenance
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    second = store.save(2, {"v": 2})
+    recover = maintenance._recover_info
+    base_read = store._log.read()  # repair's base lists itr 2, so the listing skips it; recover another one:
+    store._log.commit(lambda current: [s for s in current.snapshots if s.itr != 2])
+    assert base_read.find(2) is not None
+
+    def then_delete(log: object, rel: str) -> object:
+        info = recover(log, rel)  # type: ignore[arg-type]
+        store._log.commit(lambda current: [*current.snapshots, info])  # committed again by someone ...
+        SnapshotStore(store.url).delete(2)  # ... and deleted by another process before repair commits
+        return info
+
+    monkeypatch.setattr(maintenance, "_recover_info", then_delete)
+    assert store.repair().itrs() == [1]
+    assert not (tmp_path / "run" / second.path).exists()
+    store.verify(1)
+
+
+def test_a_delete_is_recorded_as_a_sweep_so_a_late_recommit_of_its_snapshot_is_refused(tmp_path: Path) -> None:
+    """A commit that landed and was then deleted by another process must not be put back by a retry."""
+    from bucketsnap import StorageError
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    staged = store._stage(__import__("bucketsnap._saving", fromlist=["prepare"]).prepare(
+        5, {"v": 5}, None, overwrite=False, copy=False))  # fmt: skip
+    store._commit_new(staged.info, staged.base, overwrite=False, written=[staged.info.path])
+    store.delete(5)
+    assert staged.info.path in store._log.read().sweeps[-1].deleting
+    with pytest.raises(StorageError, match="gc deleted or may have deleted"):  # the retry of a lost response
+        store._commit_new(staged.info, staged.base, overwrite=False, written=[])
+    assert store.itrs() == []
+
+
+def test_a_repaired_snapshot_records_the_checksum_of_its_whole_archive(tmp_path: Path) -> None:
+    from bucketsnap import CorruptSnapshotError
+
+    store, orphan = _orphan(tmp_path, 2)
+    repaired = store.repair()
+    assert repaired.find(2) is not None and orphan in repaired.find(2).checksums  # type: ignore[union-attr]
+    store.verify(2)
+    path = tmp_path / "run" / orphan
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # in the central directory: outside every member's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSnapshotError, match="checksum mismatch"):
+        store.verify(2)
+
+
+def test_repair_over_corrupt_generations_numbers_sweeps_past_any_that_were_lost(tmp_path: Path) -> None:
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    for generation in store._log.generations():
+        (tmp_path / "run" / "manifest" / f"{generation:012d}.json").write_bytes(b"{torn")
+    newest = store._log.generations()[-1]
+    repaired = store.repair()
+    assert repaired.sweep > newest  # no sweep number ever used before: a save in flight fails its fence
+    assert repaired.itrs() == [1] and store.verify(1)
+
+
+def test_gc_forgets_a_condemned_name_that_is_no_longer_stored(tmp_path: Path) -> None:
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    temp = tmp_path / "run" / "snapshots" / ".000000000002-00000000000000aa.zip.tmp-0"
+    temp.write_bytes(b"a save in flight")
+    store.gc()
+    assert "snapshots/.000000000002-00000000000000aa.zip.tmp-0" in store._log.read().condemned
+    temp.unlink()  # the save renamed it
+    assert store.gc(min_age=0) == []
+    assert store._log.read().condemned == {} and store._log.read().sweep == 0

@@ -200,7 +200,7 @@ def test_a_failed_prune_keeps_the_save_and_is_redone_by_the_next_commit(
 
     def failing_prune(change):  # type: ignore[no-untyped-def]
         calls.append(change)
-        if len(calls) == 2:  # the prune after the second save's commit
+        if len(calls) == 1:  # the prune after the second save's commit (saves commit through commit_state)
             raise StorageError("memory://retention/failing: throttled")
         return original(change)
 

@@ -183,14 +183,14 @@ def test_last_mode_commits_before_removing(monkeypatch: pytest.MonkeyPatch) -> N
     snap = Snapshotter("memory://m/last-commits", "last")
     log = snap.store._log
     committed: list[Manifest] = []
-    original = log.commit
+    original = log.commit_state
 
     def recording(change, **kwargs):  # type: ignore[no-untyped-def]
         manifest = original(change, **kwargs)
         committed.append(manifest)
         return manifest
 
-    monkeypatch.setattr(log, "commit", recording)
+    monkeypatch.setattr(log, "commit_state", recording)
     for itr in range(5):
         snap.save_itr_params(itr, {"itr": itr})
     # save 0; then for each later itr: [prev, new] committed, then [new]

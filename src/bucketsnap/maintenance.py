@@ -32,7 +32,7 @@ from dataclasses import replace
 from bucketsnap.archive import META_NAME
 from bucketsnap.chunks import CHUNK_DIR
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
-from bucketsnap.info import SnapshotInfo
+from bucketsnap.info import SnapshotInfo, crc32_checksum
 from bucketsnap.manifest import (
     KEEP_GENERATIONS,
     MANIFEST_DIR,
@@ -42,6 +42,7 @@ from bucketsnap.manifest import (
     ManifestLog,
     Sweep,
     generation_name,
+    swept,
 )
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.zipformat import crc32, data_offset, read_directory
@@ -50,6 +51,7 @@ __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 
 logger = logging.getLogger("bucketsnap")
 
+_READ_SIZE = 8 * 2**20
 #: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
 DATA_DIRS = (SNAPSHOT_DIR, CHUNK_DIR)
 
@@ -80,16 +82,15 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
         def sweep_ripe(current: Manifest) -> Manifest:
             needed = current.referenced()
             ripe = {rel for rel, t in current.condemned.items() if _ripe(t, now, min_age) and rel not in needed}
-            sweep[:] = [Sweep(current.sweep + 1, frozenset(ripe))]
-            return replace(
-                current,
-                condemned={rel: t for rel, t in current.condemned.items() if rel not in ripe},
-                sweep=sweep[0].epoch,
-                sweeps=(*current.sweeps, sweep[0])[-SWEEP_HISTORY:],
-            )
+            # A condemned name that is no longer stored (a local temp file renamed by its save) is forgotten.
+            gone = {rel for rel in ripe if rel not in stored}
+            ripe -= gone
+            sweep[:] = [Sweep(current.sweep + 1, frozenset(ripe))] if ripe else []
+            kept = replace(current, condemned={rel: t for rel, t in current.condemned.items() if rel not in gone})
+            return kept.with_sweep(ripe)
 
         newest = log.commit_state(sweep_ripe)
-        for rel in sorted(sweep[0].deleting):  # committed: no save can reference these any more
+        for rel in sorted(sweep[0].deleting if sweep else ()):  # committed: no save can reference these any more
             storage.delete(rel)
             deleted.append(rel)
     for rel in _stale_log_files(log, newest, now, min_age):
@@ -117,7 +118,12 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
 
 
 def repair(log: ManifestLog) -> Manifest:
-    """Commit a generation rebuilt from the newest one that parses plus the intact archives it lacks."""
+    """Commit a generation rebuilt from the newest one that parses plus the intact archives it lacks.
+
+    A recovered archive is an object found by listing, so it is fenced as a save's objects are: it is not
+    recovered if it, or a chunk it needs, is in a sweep recorded by the generation repair started from (a gc
+    may still be deleting it) or in a sweep committed since (see :func:`~bucketsnap.manifest.swept`).
+    """
     storage = log.storage
     base = Manifest(0)
     for generation in reversed(log.generations()):
@@ -126,30 +132,40 @@ def repair(log: ManifestLog) -> Manifest:
             break
         except (CorruptSnapshotError, FileNotFoundError) as exc:
             logger.warning("skipping manifest generation %d: %s", generation, exc)
-    known = {s.itr: s for s in base.snapshots}
-    # Condemned archives and those a sweep is deleting are garbage, not snapshots to recover.
-    skip = base.referenced() | set(base.condemned) | {rel for sweep in base.sweeps for rel in sweep.deleting}
+    in_sweeps = {rel for sweep in base.sweeps for rel in sweep.deleting}
+    recovered: dict[int, SnapshotInfo] = {}
     for name in storage.list(SNAPSHOT_DIR):
         rel = f"{SNAPSHOT_DIR}/{name}"
-        if not name.endswith(".zip") or name.startswith(".") or rel in skip:
+        if not name.endswith(".zip") or name.startswith(".") or rel in base.referenced() or rel in in_sweeps:
             continue
         try:
             info = _recover_info(log, rel)
         except (BucketsnapError, FileNotFoundError) as exc:
             logger.warning("not recovering %s: %s", storage.url_of(rel), exc)
             continue
-        if info.itr not in known or info.created > known[info.itr].created:
-            known[info.itr] = info
+        if info.objects() & in_sweeps:
+            logger.warning("not recovering %s: gc is deleting objects it needs", storage.url_of(rel))
+            continue
+        known = recovered.get(info.itr) or base.find(info.itr)
+        if known is None or info.created > known.created:
+            recovered[info.itr] = info
 
     def merged(current: Manifest) -> Manifest:
+        if current.unreadable:
+            # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number
+            # the sweeps past any that may have been lost with it. Each commit records at most one sweep more, and
+            # a repair sets the number to its generation's + SWEEP_HISTORY, so no generation g ever recorded a
+            # sweep above g + SWEEP_HISTORY: this number was never used, and a save in flight cannot mistake a
+            # later sweep for one it has seen; it fails instead (see manifest.swept). Which objects the lost
+            # sweeps deleted is unknown: repairing a corrupt manifest trusts that no gc runs meanwhile.
+            sweep = max(base.sweep + 1, current.generation + 1 + SWEEP_HISTORY)
+            current = replace(base, generation=current.generation, sweep=sweep, sweeps=())
+            fenced = recovered
+        else:
+            fenced = {itr: i for itr, i in recovered.items() if not swept(base, current, i.objects())}
         # Commits made since (by another writer, or another repair) win over what was recovered.
-        snapshots = {**known, **{s.itr: s for s in current.snapshots}}.values()
-        if current.written is not None or current.generation == 0:  # parsed: its gc record is intact
-            return current.with_snapshots(snapshots)
-        # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number the
-        # sweeps past any that may have been lost with it, so that a save in flight cannot mistake a later
-        # sweep for one it has seen (it fails instead, see manifest.swept).
-        return replace(base, sweep=base.sweep + SWEEP_HISTORY + 1, sweeps=()).with_snapshots(snapshots)
+        snapshots = {**fenced, **{s.itr: s for s in current.snapshots}}
+        return current.with_snapshots(snapshots.values())
 
     return log.commit_state(merged, over_corrupt=True)
 
@@ -181,6 +197,12 @@ def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:
         raise CorruptSnapshotError(f"{where}: {META_NAME} is not valid: {exc}") from exc
     if meta.get("world_size", 1) > 1:  # one rank's part: alone it is not a snapshot
         raise NotASnapshotError(f"{where} is one rank's part of a distributed save that was never committed")
-    info = SnapshotInfo.from_json({**meta, "path": rel, "size": size}, base_url=storage.url)
+    # The archive's bytes as they are now get the checksum a save would have recorded; verify then checks its
+    # members too, so that nothing is recovered that a save would not have committed.
+    crc = 0
+    for start in range(0, size, _READ_SIZE):
+        crc = crc32(read_range(start, min(size, start + _READ_SIZE)), crc)
+    checksums = {rel: crc32_checksum(crc)}
+    info = SnapshotInfo.from_json({**meta, "path": rel, "size": size, "checksums": checksums}, base_url=storage.url)
     Snapshot(storage, info).verify()
     return info

@@ -57,9 +57,10 @@ MANIFEST_FORMAT = "bucketsnap-manifest"
 MANIFEST_VERSION = 2
 #: Versions this bucketsnap reads; version 1 (no gc state) is upgraded by the next commit.
 READABLE_VERSIONS = (1, 2)
-#: Sweeps whose deletions every generation still records: a writer whose save spans more gc sweeps than this
-#: cannot tell whether its objects were deleted, and fails instead of committing.
-SWEEP_HISTORY = 4
+#: Sweeps whose deletions every generation still records (gc sweeps, and the deletions of ``delete`` and
+#: overwrites): a writer whose save spans more sweeps than this cannot tell whether its objects were deleted, and
+#: fails instead of committing.
+SWEEP_HISTORY = 16
 #: Generations kept behind the newest; a reader that lists, then reads a generation pruned in between, retries.
 KEEP_GENERATIONS = 8
 MAX_COMMIT_ATTEMPTS = 200
@@ -94,6 +95,8 @@ class Manifest:
     #: The number of the newest sweep (0: none yet), and what the newest :data:`SWEEP_HISTORY` sweeps delete.
     sweep: int = 0
     sweeps: tuple[Sweep, ...] = ()
+    #: Not a generation that was read: the newest one did not parse (``commit(..., over_corrupt=True)``).
+    unreadable: bool = False
 
     def itrs(self) -> list[int]:
         return [s.itr for s in self.snapshots]
@@ -143,6 +146,19 @@ class Manifest:
         needed = set().union(*(s.objects() for s in ordered))
         condemned = {rel: t for rel, t in self.condemned.items() if rel not in needed}
         return replace(self, snapshots=ordered, condemned=condemned)
+
+    def with_sweep(self, deleting: Iterable[str]) -> Manifest:
+        """This generation recording one more sweep, of ``deleting`` (unchanged if there is nothing to delete).
+
+        Every deletion of an object that a snapshot may have needed goes through a sweep, so that a save that
+        found the object needed sees the deletion in the log (:func:`swept`).
+        """
+        doomed = frozenset(deleting)
+        if not doomed:
+            return self
+        sweep = Sweep(self.sweep + 1, doomed)
+        condemned = {rel: t for rel, t in self.condemned.items() if rel not in doomed}
+        return replace(self, condemned=condemned, sweep=sweep.epoch, sweeps=(*self.sweeps, sweep)[-SWEEP_HISTORY:])
 
     def to_json(self) -> bytes:
         gc: dict[str, object] = {}
@@ -324,7 +340,7 @@ class ManifestLog:
             except CorruptSnapshotError:
                 if not over_corrupt:
                     raise
-                current = Manifest(self.generations()[-1])
+                current = Manifest(self.generations()[-1], unreadable=True)
             new = replace(
                 change(current),
                 generation=current.generation + 1,

@@ -20,7 +20,7 @@ from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._host_copies import HostCopies
 from bucketsnap._saving import ExternalValue, Prepared, StoredObjects, check_itr, meta, prepare, write_archive
 from bucketsnap.copying import copy_objects
-from bucketsnap.errors import BucketsnapError, CommitConflictError, SnapshotExistsError, StorageError
+from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
 from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which, check_not_swept
@@ -286,17 +286,18 @@ class SnapshotStore:
         """Commit ``info``, whose objects were written or found referenced after reading ``base``.
 
         Once the commit has landed nothing deletes its objects, and it is reported as committed: cleanup that
-        fails afterwards is a warning. ``written`` (this save's archives) are deleted only when the commit was
-        refused for sure; when its outcome is unknown they are left to gc.
+        fails afterwards is a warning. ``written`` (this save's archives) are deleted only when this save's own
+        check refused the commit; when its outcome is unknown they are left to gc. The archive of a snapshot
+        an overwrite replaces is deleted through a sweep recorded by the commit (see :meth:`delete`).
         """
-        replaced: list[SnapshotInfo] = []
+        doomed: set[str] = set()
         refused: list[BaseException] = []
 
-        def add(current: Manifest) -> list[SnapshotInfo]:
+        def add(current: Manifest) -> Manifest:
+            doomed.clear()
             old = current.find(info.itr)
             if old is not None and old.path == info.path:  # this very commit landed already (a lost response)
-                replaced.clear()
-                return list(current.snapshots)
+                return current
             try:
                 if old is not None and not overwrite:
                     raise self._exists(info.itr)
@@ -304,21 +305,22 @@ class SnapshotStore:
             except BucketsnapError as exc:
                 refused.append(exc)
                 raise
-            replaced[:] = [old] if old is not None else []
-            return [s for s in current.snapshots if s.itr != info.itr] + [info]
+            kept = [s for s in current.snapshots if s.itr != info.itr] + [info]
+            doomed.update(_archives_to_delete([old] if old is not None else [], kept))
+            return current.with_snapshots(kept).with_sweep(doomed)
 
         try:
-            committed = self._log.commit(add)
+            committed = self._log.commit_state(add)
         except BaseException as exc:
-            if refused or isinstance(exc, CommitConflictError):  # refused for sure: nothing references them
+            if refused:  # refused by its own check: no generation references them
                 self._delete_quietly(written)
                 raise
-            # A lost response can hide a create that succeeded: look before reporting a failure.
+            # A lost response (or a conflict after one) can hide a create that succeeded: look before reporting.
             try:
                 current: Manifest | None = self._log.read()
             except Exception:
                 current = None
-            if current is None or current.find(info.itr) is None or current.find(info.itr) != info:
+            if current is None or current.find(info.itr) != info:
                 if isinstance(exc, Exception):
                     logger.warning(
                         "the commit of itr %d to %s may not have landed; its objects are left to gc()",
@@ -328,15 +330,7 @@ class SnapshotStore:
                 raise
             logger.warning("itr %d was committed to %s although the commit reported: %s", info.itr, self.url, exc)
             committed = current
-        try:
-            self._delete_unreferenced(replaced, committed)
-        except BucketsnapError as exc:  # committed: a failed cleanup is left to gc
-            logger.warning(
-                "itr %d is committed to %s, but deleting what it replaced failed (gc() retries): %s",
-                info.itr,
-                self.url,
-                exc,
-            )
+        self._delete_swept(doomed, committed, f"itr {info.itr} is committed")
         self._apply_retention(committed)
         return committed
 
@@ -366,7 +360,7 @@ class SnapshotStore:
 
         try:
             self._log.commit(prune)
-        except BucketsnapError as exc:
+        except Exception as exc:  # the save is committed: a failed prune must not turn it into a failure
             logger.warning("could not apply %r to %s; the next commit retries: %s", policy, self.url, exc)
             return
         logger.info("retention %r dropped itrs %s from %s", policy, dropped, self.url)
@@ -374,34 +368,39 @@ class SnapshotStore:
     def delete(self, itr: int) -> None:
         """Uncommit snapshot ``itr`` and delete its archive; the chunks it shared by content go with :meth:`gc`.
 
+        The generation that drops it records the archive as a sweep before it is deleted, so that a save that
+        found the archive needed a moment ago sees the deletion when it commits (docs/protocol.md).
+
         Raises:
             SnapshotNotFoundError: no snapshot ``itr`` is committed.
         """
         itr = check_itr(itr)
-        removed: list[SnapshotInfo] = []
+        doomed: set[str] = set()
+        found: list[SnapshotInfo] = []
 
-        def remove(current: Manifest) -> list[SnapshotInfo]:
-            if removed and current.find(itr) is None:
+        def remove(current: Manifest) -> Manifest:
+            if found and current.find(itr) is None:
                 # Found on an earlier attempt, gone now: our create landed although it reported a conflict (a
                 # lost response, retried), or another writer deleted it. Either way it is deleted.
-                return list(current.snapshots)
-            removed[:] = [current.resolve(itr, self.url)]
-            return [s for s in current.snapshots if s.itr != itr]
+                return current
+            found[:] = [current.resolve(itr, self.url)]
+            kept = [s for s in current.snapshots if s.itr != itr]
+            doomed.clear()
+            doomed.update(_archives_to_delete(found, kept))
+            return current.with_snapshots(kept).with_sweep(doomed)
 
-        committed = self._log.commit(remove)
-        self._delete_unreferenced(removed, committed)
+        committed = self._log.commit_state(remove)
+        self._delete_swept(doomed, committed, f"itr {itr} is deleted from the manifest")
 
-    def _delete_unreferenced(self, dropped: list[SnapshotInfo], manifest: Manifest) -> None:
-        """Delete the archives of ``dropped`` snapshots that no snapshot in ``manifest`` still needs.
-
-        Objects shared by content (``refs``: replay-buffer chunks) are left to :meth:`gc`: a save in another
-        process may have found them stored a moment ago and be about to commit a snapshot that uses them, and
-        gc keeps them for ``min_age`` after this commit dropped them.
-        """
-        still_needed = set().union(*(s.objects() for s in manifest.snapshots))
-        archives = {rel for s in dropped for rel in s.objects() if rel not in s.refs}
-        for rel in sorted(archives - still_needed):
-            self._storage.delete(rel)
+    def _delete_swept(self, doomed: set[str], committed: Manifest, done: str) -> None:
+        """Delete the objects of ``doomed`` that a sweep recorded in ``committed`` deletes; a failure is a
+        warning (the objects are unreferenced: gc condemns and removes them later)."""
+        recorded = {rel for sweep in committed.sweeps for rel in sweep.deleting}
+        for rel in sorted(doomed & recorded):
+            try:
+                self._storage.delete(rel)
+            except BucketsnapError as exc:
+                logger.warning("%s at %s, but deleting %s failed (gc() removes it): %s", done, self.url, rel, exc)
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -533,6 +532,15 @@ class SnapshotStore:
         return SnapshotExistsError(
             f"itr {itr} is already committed at {self.url}; pass overwrite=True to replace it, or save a new itr"
         )
+
+
+def _archives_to_delete(dropped: list[SnapshotInfo], kept: list[SnapshotInfo]) -> set[str]:
+    """The archives of ``dropped`` snapshots that no snapshot of ``kept`` needs.
+
+    Objects shared by content (``refs``: replay-buffer chunks) are left to gc, which condemns them first.
+    """
+    needed = set().union(*(s.objects() for s in kept))
+    return {rel for s in dropped for rel in s.objects() if rel not in s.refs} - needed
 
 
 @dataclass(frozen=True)
