@@ -49,7 +49,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "s3": {"readers": 2, "saves": 6},
             "gcs": {"readers": 2, "saves": 6},
         },
-        "gc": {"local": {"writers": 2, "per_writer": 8}, "s3": {"writers": 2, "per_writer": 4}},
+        "gc": {
+            "local": {"writers": 2, "per_writer": 8},
+            "s3": {"writers": 2, "per_writer": 4},
+            "gcs": {"writers": 2, "per_writer": 4},
+        },
     },
     "long": {
         "crash": {

@@ -189,3 +189,18 @@ def test_gc_forgets_a_condemned_name_that_is_no_longer_stored(tmp_path: Path) ->
     temp.unlink()  # the save renamed it
     assert store.gc(min_age=0) == []
     assert store._log.read().condemned == {} and store._log.read().sweep == 0
+
+
+def test_gc_leaves_a_young_exclusive_create_probe_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting a probe between its two creates would make another process take the store for one that
+    ignores If-None-Match; a probe left by a crash goes once it is an hour old."""
+    from bucketsnap.storage import PROBE_PREFIX
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    probes = [f"manifest/{PROBE_PREFIX}0a", f"snapshots/{PROBE_PREFIX}0b"]
+    for rel in probes:
+        (tmp_path / "run" / rel).write_bytes(b"probe")
+    assert store.gc(min_age=0) == []
+    _gc_clock(monkeypatch, 3700)
+    assert sorted(store.gc(min_age=0)) == sorted(probes)

@@ -45,6 +45,7 @@ from bucketsnap.manifest import (
     swept,
 )
 from bucketsnap.snapshot import Snapshot
+from bucketsnap.storage import PROBE_PREFIX, Storage
 from bucketsnap.zipformat import crc32, data_offset, read_directory
 
 __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
@@ -52,6 +53,7 @@ __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 logger = logging.getLogger("bucketsnap")
 
 _READ_SIZE = 8 * 2**20
+PROBE_GRACE = 3600.0
 #: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
 DATA_DIRS = (SNAPSHOT_DIR, CHUNK_DIR)
 
@@ -62,7 +64,7 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
     storage = log.storage
     now = time.time() if now is None else now
     newest = log.read()
-    stored = {f"{d}/{name}" for d in DATA_DIRS for name in storage.list(d)}
+    stored = {f"{d}/{name}" for d in DATA_DIRS for name in storage.list(d) if not _young_probe(storage, d, name, now)}
     unreferenced = stored - newest.referenced()
     if dry_run:
         doomed = {rel for rel in unreferenced if _ripe(newest.condemned.get(rel, now), now, min_age)}
@@ -99,6 +101,16 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
     return deleted
 
 
+def _young_probe(storage: Storage, directory: str, name: str, now: float) -> bool:
+    """An exclusive-create probe object (:mod:`bucketsnap.storage`) less than an hour old: one being made
+    now, whose deletion between its two creates would make the probe misjudge the store. Older ones are the
+    leftovers of a crash, and removed."""
+    if not name.startswith(PROBE_PREFIX):
+        return False
+    modified = storage.modified(f"{directory}/{name}")
+    return modified is None or now - modified < PROBE_GRACE
+
+
 def _ripe(condemned_at: float, now: float, min_age: float) -> bool:
     return min_age <= 0 or now - condemned_at >= min_age
 
@@ -112,7 +124,8 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
     stale = [generation_name(g) for g in log.generations() if g < newest.generation - KEEP_GENERATIONS]
     for name in storage.list(MANIFEST_DIR):
         rel = f"{MANIFEST_DIR}/{name}"
-        if ".tmp-" in name and _ripe(storage.modified(rel) or now, now, min_age):
+        young_probe = _young_probe(storage, MANIFEST_DIR, name, now)
+        if ".tmp-" in name and not young_probe and _ripe(storage.modified(rel) or now, now, min_age):
             stale.append(rel)
     return stale
 

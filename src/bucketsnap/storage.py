@@ -57,7 +57,7 @@ from bucketsnap.errors import BucketsnapError, StorageError, redact
 from bucketsnap.transport import Retry, ThreadedWriter, is_throttled, is_transient
 from bucketsnap.uploads import GcsComposeWriter, PartUploader, S3MultipartWriter
 
-__all__ = ["Storage"]
+__all__ = ["PROBE_PREFIX", "Storage"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -74,6 +74,8 @@ _CONDITIONAL_CREATE = {
     "gcs": ("GCS", "ifGenerationMatch=0"),
 }
 _ATOMIC_CREATE_PROTOCOLS = set(_CONDITIONAL_CREATE)
+#: Names of exclusive-create probe objects start with this (readers ignore them; gc leaves young ones alone).
+PROBE_PREFIX = ".probe-exclusive-create.tmp-"
 #: The exclusive-create probe's verdict per (protocol, endpoint, root), for this process; guarded by _PROBE_LOCK.
 _probed: dict[tuple[str, str, str], bool] = {}
 _probe_locks: dict[tuple[str, str, str], threading.Lock] = {}
@@ -352,7 +354,7 @@ class Storage:
 
     def _probe(self, rel_dir: str) -> bool:
         """Whether a second create of one name under ``rel_dir`` is refused (three requests)."""
-        probe = posixpath.join(rel_dir, f".probe-exclusive-create.tmp-{uuid.uuid4().hex}")
+        probe = posixpath.join(rel_dir, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         try:
             try:
                 self._call(probe, lambda: self._remote_create_exclusive(probe, b"probe"), retryable=is_throttled)
