@@ -124,7 +124,7 @@ def test_interleaved_writers_never_lose_a_commit(sequence: list[tuple[int, str, 
     model: dict[int, int] = {}  # itr -> value saved last
     for step, (w, op, itr, sneak) in enumerate(sequence):
         store = writers[w]
-        original = store._log.commit
+        original = store._log.commit_state  # saves and deletes both commit through it
         state = {"calls": 0}
 
         def racing(
@@ -146,7 +146,7 @@ def test_interleaved_writers_never_lose_a_commit(sequence: list[tuple[int, str, 
 
             return _orig(change_once, **kw)
 
-        store._log.commit = racing  # type: ignore[method-assign]
+        store._log.commit_state = racing  # type: ignore[method-assign]
         try:
             if op == "save":
                 store.save(itr, {"v": step}, overwrite=True)
@@ -155,7 +155,7 @@ def test_interleaved_writers_never_lose_a_commit(sequence: list[tuple[int, str, 
                 store.delete(itr)
                 model.pop(itr, None)
         finally:
-            store._log.commit = original  # type: ignore[method-assign]
+            store._log.commit_state = original  # type: ignore[method-assign]
     final = SnapshotStore(url)
     assert final.itrs() == sorted(model)
     for itr, value in model.items():
