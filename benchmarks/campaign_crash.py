@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from benchmarks.campaign_common import PART_SIZE, Target, check_state, context, state_for
+
 from bucketsnap.storage import PROBE_PREFIX
 
 
