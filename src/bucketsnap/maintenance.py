@@ -107,7 +107,10 @@ def _young_probe(storage: Storage, directory: str, name: str, now: float) -> boo
     leftovers of a crash, and removed."""
     if not name.startswith(PROBE_PREFIX):
         return False
-    modified = storage.modified(f"{directory}/{name}")
+    try:
+        modified = storage.modified(f"{directory}/{name}")
+    except FileNotFoundError:  # its probe has just deleted it
+        return True
     return modified is None or now - modified < PROBE_GRACE
 
 
