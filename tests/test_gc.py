@@ -204,3 +204,23 @@ def test_gc_leaves_a_young_exclusive_create_probe_alone(tmp_path: Path, monkeypa
     assert store.gc(min_age=0) == []
     _gc_clock(monkeypatch, 3700)
     assert sorted(store.gc(min_age=0)) == sorted(probes)
+
+
+def test_a_probe_deleted_between_the_listing_and_its_age_check_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the long gc campaign on S3: the probe deleted itself after gc listed it, and gc raised."""
+    from bucketsnap.storage import PROBE_PREFIX
+
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    (tmp_path / "run" / "snapshots" / f"{PROBE_PREFIX}0c").write_bytes(b"probe")
+    real = store.storage.modified
+
+    def deleted_meanwhile(rel: str) -> float | None:
+        if PROBE_PREFIX in rel:
+            raise FileNotFoundError(rel)
+        return real(rel)
+
+    monkeypatch.setattr(store.storage, "modified", deleted_meanwhile)
+    assert store.gc(min_age=0) == []
