@@ -320,7 +320,8 @@ class SnapshotStore:
                 current: Manifest | None = self._log.read()
             except Exception:
                 current = None
-            if current is None or current.find(info.itr) != info:
+            landed = None if current is None else current.find(info.itr)
+            if current is None or landed is None or landed.path != info.path:
                 if isinstance(exc, Exception):
                     logger.warning(
                         "the commit of itr %d to %s may not have landed; its objects are left to gc()",
