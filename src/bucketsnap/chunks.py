@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zstandard
 
-from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError, StorageError, redact
+from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
 from bucketsnap.storage import Storage
 from bucketsnap.zipformat import crc32
 
@@ -207,20 +207,10 @@ def _reusable_chunks(storage: Storage, committed: Iterable[str]) -> dict[str, tu
             wanted[rel.rsplit("/", 1)[-1]] = match.group(1)
     if not wanted:
         return {}
-    path = storage.path(CHUNK_DIR)
-    try:
-        storage.fs.invalidate_cache(path)
-        entries = storage.fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    except Exception as exc:
-        detail = f"{type(exc).__name__}: {redact(str(exc))[:500]}"
-        raise StorageError(f"listing {storage.url_of(CHUNK_DIR)} failed: {detail}") from exc
     out: dict[str, tuple[str, int]] = {}
-    for e in entries:
-        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if e.get("type") == "file" and name in wanted:  # one deleted by hand is written again
-            out[wanted[name]] = (f"{CHUNK_DIR}/{name}", int(e["size"]))
+    for name, size in storage.list_sizes(CHUNK_DIR).items():
+        if name in wanted:  # one deleted by hand is written again
+            out[wanted[name]] = (f"{CHUNK_DIR}/{name}", size)
     return out
 
 

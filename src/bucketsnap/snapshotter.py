@@ -194,8 +194,8 @@ def _check_is_run(store: SnapshotStore) -> None:
     """Raise NotAFileError if the URL holds something other than a bucketsnap run (or nothing)."""
     storage = store.storage
     try:
-        is_file = bool(storage.fs.isfile(storage.root))
-    except Exception:  # an unreachable backend: let the caller's own error speak
+        is_file = storage.is_file()
+    except StorageError:  # an unreachable backend: let the caller's own error speak
         return
     if is_file:
         raise NotAFileError(

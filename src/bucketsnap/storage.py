@@ -207,6 +207,34 @@ class Storage:
 
         return self._call(rel_dir, ls)
 
+    def list_sizes(self, rel_dir: str) -> dict[str, int]:
+        """Name -> size in bytes of the objects directly under ``rel_dir`` (one listing); empty if it does not exist."""
+        path = self.path(rel_dir)
+
+        def ls() -> dict[str, int]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {
+                str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"])
+                for e in entries
+                if e.get("type") == "file"
+            }
+
+        return self._call(rel_dir, ls)
+
+    def is_file(self, rel: str = "") -> bool:
+        """Whether ``rel`` (the root itself by default) is a single object rather than a directory or nothing."""
+        path = self.path(rel)
+
+        def check() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.isfile(path))
+
+        return self._call(rel, check)
+
     def exists(self, rel: str) -> bool:
         """Whether ``rel`` exists (a fresh check, not a cached listing)."""
         path = self.path(rel)
