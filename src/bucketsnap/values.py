@@ -21,6 +21,11 @@ list), or a one-key object whose key says the type:
 ``{"$pickle": {...}}``   anything else, cloudpickled: ``type`` and nbytes; loading it needs ``allow_pickle``
 =====================  ========================================================================================
 
+Each tagged kind is one :class:`Codec` in a table: its tag, the types it encodes and its encode and decode
+functions. Saving looks the codec up by the value's exact type (one dict lookup per node; a type no codec names
+is offered to each codec's ``accepts`` once, then remembered), loading by the node's tag. A new kind of value is
+one :func:`register_codec` call; the built-in codecs at the end of this module are the examples.
+
 Buffers are laid out in the order a depth-first walk of the tree meets them, so a reader decodes the data in
 one forward pass and can read each tensor straight into its final memory. Array bytes are in the machine's
 native (little-endian on every platform torch supports) order, C-contiguous.
@@ -45,7 +50,17 @@ import torch
 
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, UnsafeLoadError
 
-__all__ = ["MapLocation", "HostBuffer", "EncodedValue", "encode", "decode"]
+__all__ = [
+    "MapLocation",
+    "HostBuffer",
+    "EncodedValue",
+    "encode",
+    "decode",
+    "Codec",
+    "Decoder",
+    "Encoder",
+    "register_codec",
+]
 
 MAGIC = b"BSNPVAL1"
 _LEN = struct.Struct("<Q")
@@ -87,7 +102,7 @@ def encode(value: Any, *, copy: bool = False, host_buffer: HostBuffer | None = N
     With ``copy`` and ``host_buffer``, CPU tensors and arrays are copied into ``host_buffer(nbytes)`` (reused
     memory, such as :mod:`bucketsnap._host_copies` hands out) instead of newly allocated memory.
     """
-    encoder = _Encoder(copy=copy, host_buffer=host_buffer)
+    encoder = Encoder(copy=copy, host_buffer=host_buffer)
     tree = encoder.node(value)
     header = json.dumps({"tree": tree, "data_size": encoder.offset}, separators=(",", ":"), allow_nan=False).encode()
     return EncodedValue(header, encoder.buffers, encoder.pickled)
@@ -122,7 +137,7 @@ def decode(
         tree = header["tree"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CorruptSnapshotError(f"{where}: malformed value header: {type(exc).__name__}: {exc}") from exc
-    decoder = _Decoder(stream, map_location, allow_pickle, where, budget - header_len)
+    decoder = Decoder(stream, map_location, allow_pickle, where, budget - header_len)
     try:
         return decoder.node(tree)
     except BucketsnapError:
@@ -131,7 +146,71 @@ def decode(
         raise CorruptSnapshotError(f"{where}: malformed value: {type(exc).__name__}: {exc}") from exc
 
 
-class _Encoder:
+# -- the codec table ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One kind of value: which values it encodes, the node it writes for them, and how that node decodes.
+
+    Attributes:
+        tag: the node's key in the archive (``"$tensor"``); a node is decoded by the codec of its tag.
+        encode: ``encode(encoder, value)``: the node for ``value`` (its children through ``encoder.node``, its
+            raw bytes through ``encoder.add``), or None to have ``value`` pickled instead.
+        decode: ``decode(decoder, node)``: the value of a node holding ``tag`` (the whole JSON object).
+        types: the exact types encoded, looked up in a dict (subclasses are not included).
+        accepts: for types outside every codec's ``types``: whether this codec encodes values of that type
+            (asked once per type; the answer is kept).
+    """
+
+    tag: str
+    encode: Callable[[Encoder, Any], Any]
+    decode: Callable[[Decoder, dict[str, Any]], Any]
+    types: tuple[type, ...] = ()
+    accepts: Callable[[type], bool] | None = None
+
+
+#: Tag -> codec, in the order they were registered: a node with two keys is decoded by the first codec whose tag
+#: it holds. Replaced, never mutated, by :func:`register_codec`, so that a reader never sees it half-updated.
+_CODECS: dict[str, Codec] = {}
+#: Type -> codec of every type met so far (the ``types`` of each codec, then what ``accepts`` decided).
+_BY_TYPE: dict[type, Codec] = {}
+#: JSON's own scalars: written as they are.
+_JSON = frozenset({type(None), bool, int, str})
+_isfinite = math.isfinite
+
+
+def register_codec(codec: Codec) -> None:
+    """Add a kind of value to the format, as one table entry: its tag, its types and its two functions.
+
+    An archive holding the new tag is read only where the same codec is registered: elsewhere its load fails
+    with :class:`~bucketsnap.errors.CorruptSnapshotError` ("unknown node type").
+
+    Raises:
+        ValueError: the tag, or one of the types, already has a codec.
+    """
+    global _CODECS, _BY_TYPE
+    if codec.tag in _CODECS:
+        raise ValueError(f"a codec for {codec.tag!r} is already registered")
+    claimed = {t: c.tag for c in _CODECS.values() for t in c.types}
+    taken = [f"{t.__qualname__} ({claimed[t]})" for t in codec.types if t in claimed]
+    if taken:
+        raise ValueError(f"these types already have a codec: {', '.join(taken)}")
+    codecs = {**_CODECS, codec.tag: codec}
+    _CODECS = codecs
+    _BY_TYPE = {t: c for c in codecs.values() for t in c.types}  # what accepts decided may differ now
+
+
+def _codec_of(t: type) -> Codec:
+    """The codec of a type outside every codec's ``types``: the first that accepts it, else pickle."""
+    codec = next((c for c in _CODECS.values() if c.accepts is not None and c.accepts(t)), _CODECS[_PICKLE])
+    _BY_TYPE[t] = codec
+    return codec
+
+
+class Encoder:
+    """One value being encoded: the buffers its tree refers to, in the order the tree meets them."""
+
     def __init__(self, *, copy: bool = False, host_buffer: HostBuffer | None = None) -> None:
         self.copy = copy
         self.host_buffer = host_buffer if copy else None
@@ -140,99 +219,32 @@ class _Encoder:
         self.pickled = False
 
     def add(self, buffer: memoryview) -> int:
+        """Append ``buffer`` to the data; return its size, which the node records."""
         self.buffers.append(buffer)
         self.offset += buffer.nbytes
         return buffer.nbytes
 
     def node(self, v: Any) -> Any:
+        """The node of ``v``: the hot path of a save, so dispatch is one dict lookup by exact type."""
         t = type(v)
-        if v is None or t is bool or t is str or t is int:
+        if t in _JSON or (t is float and _isfinite(v)):  # JSON's own (a non-finite float is the $float codec's)
             return v
-        if t is float:
-            return v if math.isfinite(v) else {"$float": repr(v)}
         if t is list:
             return [self.node(x) for x in v]
-        if t is tuple:
-            return {"$tuple": [self.node(x) for x in v]}
-        if t is dict:
-            return {"$dict": [[self.node(k), self.node(x)] for k, x in v.items()]}
-        if t is OrderedDict:
-            out: dict[str, Any] = {"$odict": [[self.node(k), self.node(x)] for k, x in v.items()]}
-            metadata = getattr(v, "_metadata", None)
-            if metadata is not None:
-                out["metadata"] = self.node(metadata)
-            return out
-        if t is bytes:
-            return {"$bytes": self.add(memoryview(v))}
-        if isinstance(v, torch.Tensor) and t in (torch.Tensor, torch.nn.Parameter):
-            encoded = self.tensor(v)
-            if encoded is not None:
-                return encoded
-        if isinstance(v, (np.ndarray, np.generic)) and t is not np.matrix:
-            encoded = self.ndarray(v)
-            if encoded is not None:
-                return encoded
-        return self.pickle(v)
-
-    def tensor(self, v: torch.Tensor) -> dict[str, Any] | None:
-        if v.layout != torch.strided or v.is_quantized or v.is_nested or v.device.type == "meta":
-            return None
-        spec: dict[str, Any] = {
-            "dtype": str(v.dtype).removeprefix("torch."),
-            "shape": list(v.shape),
-            "device": str(v.device),
-        }
-        if isinstance(v, torch.nn.Parameter):
-            spec["param"] = True
-            spec["requires_grad"] = v.requires_grad
-        data = v.detach()
-        if self.host_buffer is not None and data.device.type == "cpu" and data.numel():
-            # copy_ resolves conj and neg bits and any strides itself: one pass, into memory already touched
-            buffer = self.host_buffer(data.numel() * data.element_size())
-            buffer.view(data.dtype).view(data.shape).copy_(data)
-            spec["nbytes"] = self.add(buffer.numpy().data)
-            return {"$tensor": spec}
-        if data.device.type != "cpu":
-            data = data.cpu()  # a copy already
-        data = data.resolve_conj().resolve_neg().contiguous()
-        if self.copy and data.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
-            data = data.clone()
-        spec["nbytes"] = self.add(data.reshape(-1).view(torch.uint8).numpy().data)
-        return {"$tensor": spec}
-
-    def ndarray(self, v: np.ndarray | np.generic) -> dict[str, Any] | None:
-        scalar = isinstance(v, np.generic)
-        array = np.asarray(v)
-        if self.host_buffer is not None and array.nbytes and array.dtype.fields is None and not array.dtype.hasobject:
-            # the buffer seen as the array's own dtype and shape: copyto writes C order, byte for byte (not for
-            # structured dtypes: copyto copies their fields, leaving padding bytes as the reused buffer had them)
-            pooled = self.host_buffer(array.nbytes).numpy().view(array.dtype).reshape(array.shape)
-            np.copyto(pooled, array, casting="no")
-            array = pooled
-        elif not array.flags.c_contiguous or (self.copy and np.may_share_memory(array, v)):
-            if array.dtype.fields is not None:  # numpy copies a structured array's fields, not its padding
-                padded, array = array, np.zeros(array.shape, array.dtype)
-                np.copyto(array, padded)  # so the padding saved is zeros, not stale memory
-            else:
-                array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
-        if array.dtype.hasobject:
-            return None
-        spec = {
-            "dtype": np.lib.format.dtype_to_descr(array.dtype),
-            "shape": list(array.shape),
-            "scalar": scalar,
-            "nbytes": self.add(array.reshape(-1).view(np.uint8).data),
-        }
-        return {"$ndarray": spec}
+        codec = _BY_TYPE.get(t) or _codec_of(t)
+        node = codec.encode(self, v)
+        return node if node is not None else self.pickle(v)
 
     def pickle(self, v: Any) -> dict[str, Any]:
         self.pickled = True
         data = cloudpickle.dumps(v)
         kind = f"{type(v).__module__}.{type(v).__qualname__}"
-        return {"$pickle": {"type": kind, "nbytes": self.add(memoryview(data))}}
+        return {_PICKLE: {"type": kind, "nbytes": self.add(memoryview(data))}}
 
 
-class _Decoder:
+class Decoder:
+    """One payload being decoded, read forward from its stream within its declared size."""
+
     def __init__(
         self, stream: BinaryIO, map_location: MapLocation, allow_pickle: bool, where: str, budget: int
     ) -> None:
@@ -252,6 +264,14 @@ class _Decoder:
         self.budget -= nbytes
         return nbytes
 
+    def read(self, nbytes: int) -> bytes:
+        """The next ``nbytes`` of the data, reserved first (see :meth:`take`)."""
+        return _read_exact(self.stream, self.take(nbytes), self.where)
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` from the data; reserve its size with :meth:`take` before allocating it."""
+        _readinto_exact(self.stream, view, self.where)
+
     def node(self, n: Any) -> Any:
         if n is None or isinstance(n, (bool, int, float, str)):
             return n
@@ -259,49 +279,17 @@ class _Decoder:
             return [self.node(x) for x in n]
         if not isinstance(n, dict) or len(n) not in (1, 2):
             raise CorruptSnapshotError(f"{self.where}: malformed node {str(n)[:80]}")
-        if "$dict" in n:
-            return {self.key(k): self.node(x) for k, x in n["$dict"]}
-        if "$odict" in n:
-            od: OrderedDict[Any, Any] = OrderedDict((self.key(k), self.node(x)) for k, x in n["$odict"])
-            if "metadata" in n:
-                od._metadata = self.node(n["metadata"])  # type: ignore[attr-defined]
-            return od
-        if "$tuple" in n:
-            return tuple(self.node(x) for x in n["$tuple"])
-        if "$float" in n:
-            return float(n["$float"])
-        if "$bytes" in n:
-            return _read_exact(self.stream, self.take(int(n["$bytes"])), self.where)
-        if "$tensor" in n:
-            return self.tensor(n["$tensor"])
-        if "$ndarray" in n:
-            return self.ndarray(n["$ndarray"])
-        if "$pickle" in n:
-            return self.unpickle(n["$pickle"])
-        raise CorruptSnapshotError(f"{self.where}: unknown node type {sorted(n)}")
+        # one key (every node but an OrderedDict with metadata): its tag's codec; two: the first in table order
+        codec = _CODECS.get(next(iter(n))) if len(n) == 1 else next((c for t, c in _CODECS.items() if t in n), None)
+        if codec is None:
+            raise CorruptSnapshotError(f"{self.where}: unknown node type {sorted(n)}")
+        return codec.decode(self, n)
 
     def key(self, k: Any) -> Any:
         key = self.node(k)
         if isinstance(key, (list, dict)):
             raise CorruptSnapshotError(f"{self.where}: unhashable dict key")
         return key
-
-    def tensor(self, spec: dict[str, Any]) -> torch.Tensor:
-        dtype = getattr(torch, spec["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise CorruptSnapshotError(f"{self.where}: unknown tensor dtype {spec['dtype']!r}")
-        shape = [int(d) for d in spec["shape"]]
-        nbytes = int(spec["nbytes"])
-        if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
-            raise CorruptSnapshotError(f"{self.where}: tensor of shape {shape} declares {nbytes} bytes")
-        self.take(nbytes)
-        t = torch.empty(shape, dtype=dtype)
-        if nbytes:
-            _readinto_exact(self.stream, t.reshape(-1).view(torch.uint8).numpy().data, self.where)
-        t = self.place(t, str(spec.get("device", "cpu")))
-        if spec.get("param"):
-            return torch.nn.Parameter(t, requires_grad=bool(spec.get("requires_grad", True)))
-        return t
 
     def place(self, t: torch.Tensor, saved_device: str) -> torch.Tensor:
         loc = self.map_location
@@ -323,29 +311,178 @@ class _Decoder:
             )
         return t.to(target)
 
-    def ndarray(self, spec: dict[str, Any]) -> np.ndarray | np.generic:
-        descr = spec["dtype"]
-        dtype = np.lib.format.descr_to_dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])  # type: ignore[arg-type]
-        if dtype.hasobject:
-            raise CorruptSnapshotError(f"{self.where}: object arrays are never decoded without pickle")
-        shape = tuple(int(d) for d in spec["shape"])
-        nbytes = int(spec["nbytes"])
-        if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
-            raise CorruptSnapshotError(f"{self.where}: array of shape {shape} declares {nbytes} bytes")
-        self.take(nbytes)
-        array = np.empty(shape, dtype=dtype)
-        if nbytes:
-            _readinto_exact(self.stream, array.reshape(-1).view(np.uint8).data, self.where)
-        return array[()] if spec.get("scalar") else array
 
-    def unpickle(self, spec: dict[str, Any]) -> Any:
-        nbytes = int(spec["nbytes"])
-        if not self.allow_pickle:
-            raise UnsafeLoadError(
-                f"{self.where} holds a pickled {spec.get('type', 'object')}; unpickling runs code from the "
-                "snapshot. Pass allow_pickle=True only if you trust where it came from, or load other keys."
-            )
-        return cloudpickle.loads(_read_exact(self.stream, self.take(nbytes), self.where))
+# -- the built-in codecs, one pair of functions each ----------------------------------------------------------
+
+
+def _encode_dict(enc: Encoder, v: dict[Any, Any]) -> Any:
+    return {"$dict": [[enc.node(k), enc.node(x)] for k, x in v.items()]}
+
+
+def _decode_dict(dec: Decoder, n: dict[str, Any]) -> Any:
+    return {dec.key(k): dec.node(x) for k, x in n["$dict"]}
+
+
+def _encode_odict(enc: Encoder, v: OrderedDict[Any, Any]) -> Any:
+    out: dict[str, Any] = {"$odict": [[enc.node(k), enc.node(x)] for k, x in v.items()]}
+    metadata = getattr(v, "_metadata", None)
+    if metadata is not None:
+        out["metadata"] = enc.node(metadata)
+    return out
+
+
+def _decode_odict(dec: Decoder, n: dict[str, Any]) -> Any:
+    od: OrderedDict[Any, Any] = OrderedDict((dec.key(k), dec.node(x)) for k, x in n["$odict"])
+    if "metadata" in n:
+        od._metadata = dec.node(n["metadata"])  # type: ignore[attr-defined]
+    return od
+
+
+def _encode_tuple(enc: Encoder, v: tuple[Any, ...]) -> Any:
+    return {"$tuple": [enc.node(x) for x in v]}
+
+
+def _decode_tuple(dec: Decoder, n: dict[str, Any]) -> Any:
+    return tuple(dec.node(x) for x in n["$tuple"])
+
+
+def _encode_float(enc: Encoder, v: float) -> Any:
+    return v if math.isfinite(v) else {"$float": repr(v)}
+
+
+def _decode_float(dec: Decoder, n: dict[str, Any]) -> Any:
+    return float(n["$float"])
+
+
+def _encode_bytes(enc: Encoder, v: bytes) -> Any:
+    return {"$bytes": enc.add(memoryview(v))}
+
+
+def _decode_bytes(dec: Decoder, n: dict[str, Any]) -> Any:
+    return dec.read(int(n["$bytes"]))
+
+
+def _encode_tensor(enc: Encoder, v: torch.Tensor) -> Any:
+    if v.layout != torch.strided or v.is_quantized or v.is_nested or v.device.type == "meta":
+        return None
+    spec: dict[str, Any] = {
+        "dtype": str(v.dtype).removeprefix("torch."),
+        "shape": list(v.shape),
+        "device": str(v.device),
+    }
+    if isinstance(v, torch.nn.Parameter):
+        spec["param"] = True
+        spec["requires_grad"] = v.requires_grad
+    data = v.detach()
+    if enc.host_buffer is not None and data.device.type == "cpu" and data.numel():
+        # copy_ resolves conj and neg bits and any strides itself: one pass, into memory already touched
+        buffer = enc.host_buffer(data.numel() * data.element_size())
+        buffer.view(data.dtype).view(data.shape).copy_(data)
+        spec["nbytes"] = enc.add(buffer.numpy().data)
+        return {"$tensor": spec}
+    if data.device.type != "cpu":
+        data = data.cpu()  # a copy already
+    data = data.resolve_conj().resolve_neg().contiguous()
+    if enc.copy and data.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+        data = data.clone()
+    spec["nbytes"] = enc.add(data.reshape(-1).view(torch.uint8).numpy().data)
+    return {"$tensor": spec}
+
+
+def _decode_tensor(dec: Decoder, n: dict[str, Any]) -> torch.Tensor:
+    spec = n["$tensor"]
+    dtype = getattr(torch, spec["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptSnapshotError(f"{dec.where}: unknown tensor dtype {spec['dtype']!r}")
+    shape = [int(d) for d in spec["shape"]]
+    nbytes = int(spec["nbytes"])
+    if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
+        raise CorruptSnapshotError(f"{dec.where}: tensor of shape {shape} declares {nbytes} bytes")
+    dec.take(nbytes)
+    t = torch.empty(shape, dtype=dtype)
+    if nbytes:
+        dec.readinto(t.reshape(-1).view(torch.uint8).numpy().data)
+    t = dec.place(t, str(spec.get("device", "cpu")))
+    if spec.get("param"):
+        return torch.nn.Parameter(t, requires_grad=bool(spec.get("requires_grad", True)))
+    return t
+
+
+def _is_ndarray(t: type) -> bool:
+    return issubclass(t, (np.ndarray, np.generic)) and t is not np.matrix
+
+
+def _encode_ndarray(enc: Encoder, v: np.ndarray | np.generic) -> Any:
+    scalar = isinstance(v, np.generic)
+    array = np.asarray(v)
+    if enc.host_buffer is not None and array.nbytes and array.dtype.fields is None and not array.dtype.hasobject:
+        # the buffer seen as the array's own dtype and shape: copyto writes C order, byte for byte (not for
+        # structured dtypes: copyto copies their fields, leaving padding bytes as the reused buffer had them)
+        pooled = enc.host_buffer(array.nbytes).numpy().view(array.dtype).reshape(array.shape)
+        np.copyto(pooled, array, casting="no")
+        array = pooled
+    elif not array.flags.c_contiguous or (enc.copy and np.may_share_memory(array, v)):
+        if array.dtype.fields is not None:  # numpy copies a structured array's fields, not its padding
+            padded, array = array, np.zeros(array.shape, array.dtype)
+            np.copyto(array, padded)  # so the padding saved is zeros, not stale memory
+        else:
+            array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
+    if array.dtype.hasobject:
+        return None
+    spec = {
+        "dtype": np.lib.format.dtype_to_descr(array.dtype),
+        "shape": list(array.shape),
+        "scalar": scalar,
+        "nbytes": enc.add(array.reshape(-1).view(np.uint8).data),
+    }
+    return {"$ndarray": spec}
+
+
+def _decode_ndarray(dec: Decoder, n: dict[str, Any]) -> np.ndarray | np.generic:
+    spec = n["$ndarray"]
+    descr = spec["dtype"]
+    dtype = np.lib.format.descr_to_dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])  # type: ignore[arg-type]
+    if dtype.hasobject:
+        raise CorruptSnapshotError(f"{dec.where}: object arrays are never decoded without pickle")
+    shape = tuple(int(d) for d in spec["shape"])
+    nbytes = int(spec["nbytes"])
+    if min(shape, default=0) < 0 or nbytes != math.prod(shape) * dtype.itemsize:
+        raise CorruptSnapshotError(f"{dec.where}: array of shape {shape} declares {nbytes} bytes")
+    dec.take(nbytes)
+    array = np.empty(shape, dtype=dtype)
+    if nbytes:
+        dec.readinto(array.reshape(-1).view(np.uint8).data)
+    return array[()] if spec.get("scalar") else array
+
+
+def _decode_pickle(dec: Decoder, n: dict[str, Any]) -> Any:
+    spec = n[_PICKLE]
+    nbytes = int(spec["nbytes"])
+    if not dec.allow_pickle:
+        raise UnsafeLoadError(
+            f"{dec.where} holds a pickled {spec.get('type', 'object')}; unpickling runs code from the "
+            "snapshot. Pass allow_pickle=True only if you trust where it came from, or load other keys."
+        )
+    return cloudpickle.loads(dec.read(nbytes))
+
+
+_PICKLE = "$pickle"
+
+# The order is the format's: a two-key node is decoded by the first codec whose tag it holds.
+for _codec in (
+    Codec("$dict", _encode_dict, _decode_dict, types=(dict,)),
+    Codec("$odict", _encode_odict, _decode_odict, types=(OrderedDict,)),
+    Codec("$tuple", _encode_tuple, _decode_tuple, types=(tuple,)),
+    Codec("$float", _encode_float, _decode_float, types=(float,)),
+    Codec("$bytes", _encode_bytes, _decode_bytes, types=(bytes,)),
+    # exact types only: a tensor subclass may carry state the bytes do not, so it is pickled
+    Codec("$tensor", _encode_tensor, _decode_tensor, types=(torch.Tensor, torch.nn.Parameter)),
+    Codec("$ndarray", _encode_ndarray, _decode_ndarray, types=(np.ndarray,), accepts=_is_ndarray),
+    # anything else: never chosen by type, only when no other codec takes a value
+    Codec(_PICKLE, lambda enc, v: enc.pickle(v), _decode_pickle),
+):
+    register_codec(_codec)
+del _codec
 
 
 def _read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
