@@ -23,10 +23,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import IO, Any, BinaryIO
 
@@ -36,7 +33,15 @@ from bucketsnap import values as _values
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 from bucketsnap.info import MemberInfo, crc32_checksum
 from bucketsnap.values import EncodedValue, MapLocation, decode, encode
-from bucketsnap.zipformat import MemberSink, ReadRange, ZipStreamWriter, crc32, crc32_combine
+from bucketsnap.zipformat import (
+    READ_AHEAD,
+    READ_CHUNK,
+    MemberSink,
+    RangeReader,
+    ReadRange,
+    ZipStreamWriter,
+    crc32_combine,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,10 +55,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
-READ_CHUNK = 4 * 2**20
-#: Ranged reads of ``READ_CHUNK`` bytes a member's reader keeps in flight ahead of the decoder, so a restore
-#: from an object store overlaps the requests' latency; it holds at most this many chunks in memory.
-READ_AHEAD = 8
 _WRITE_CHUNK = 2**20
 #: Members whose sample does not compress below this ratio are stored in raw zstd blocks. Float weights and
 #: Adam moments compress to about 0.9 at level 3, at 200-400 MB/s on one core: 2-5 times the cost of the
@@ -213,86 +214,6 @@ class _StoredFrame:
 
 # -- reading -------------------------------------------------------------------------------------------------
 
-_pool_lock = threading.Lock()
-_read_pool: ThreadPoolExecutor | None = None
-
-
-def _prefetch_pool() -> ThreadPoolExecutor:
-    global _read_pool
-    with _pool_lock:
-        if _read_pool is None:
-            _read_pool = ThreadPoolExecutor(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
-        return _read_pool
-
-
-class _RangeReader(io.RawIOBase):
-    """The stored bytes ``[start, start + length)`` of an archive, fetched in chunks, CRC-checked at the end.
-
-    A member larger than one chunk is fetched by up to :data:`READ_AHEAD` concurrent ranged reads ahead of
-    the consumer, never past the member's end (so a restore reads only the members it asks for).
-    """
-
-    def __init__(self, read_range: ReadRange, start: int, length: int, crc32: str, where: str) -> None:
-        self._read_range = read_range
-        self._pos = start
-        self._next = start  # the first byte not yet requested
-        self._pending: deque[Future[bytes]] = deque()
-        self._end = start + length
-        self._crc = 0
-        self._expected = crc32
-        self._where = where
-        self._buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._buf:
-            if self._pos >= self._end:
-                return 0
-            n = min(READ_CHUNK, self._end - self._pos)
-            data = self._fetch(n)
-            if len(data) != n:
-                raise CorruptSnapshotError(
-                    f"{self._where}: truncated: wanted bytes {self._pos}-{self._pos + n}, got {len(data)}"
-                )
-            self._pos += n
-            self._crc = crc32(data, self._crc)
-            self._buf = memoryview(data)
-        view = memoryview(b).cast("B")
-        n = min(len(view), len(self._buf))
-        view[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def _fetch(self, n: int) -> bytes:
-        """The next ``n`` bytes, keeping up to READ_AHEAD chunk reads in flight when there is more to come."""
-        if not self._pending and self._pos + n >= self._end:
-            self._next = self._end
-            return self._read_range(self._pos, self._end)  # the last (or only) chunk: no thread needed
-        pool = _prefetch_pool()
-        while len(self._pending) < READ_AHEAD and self._next < self._end:
-            size = min(READ_CHUNK, self._end - self._next)
-            self._pending.append(pool.submit(self._read_range, self._next, self._next + size))
-            self._next += size
-        return self._pending.popleft().result()
-
-    def close(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        super().close()
-
-    def finish(self) -> None:
-        """Consume what is left and check the CRC of everything read."""
-        buffer = bytearray(min(READ_CHUNK, self._end - self._pos + len(self._buf)) or 1)  # once, not per chunk
-        while self.readinto(buffer):
-            pass
-        if f"{self._crc:08x}" != self._expected:
-            raise CorruptSnapshotError(
-                f"{self._where}: checksum mismatch (crc32 {self._crc:08x}, expected {self._expected})"
-            )
-
 
 class _LimitedReader(io.RawIOBase):
     """Decompressed bytes, refusing more than the declared raw size (a lying size or a zip bomb)."""
@@ -325,16 +246,20 @@ def _member_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Ite
             f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit "
             f"bucketsnap.values.MAX_MEMBER_SIZE = {_values.MAX_MEMBER_SIZE}; raise it only for a trusted snapshot"
         )
-    raw = _RangeReader(read_range, member.offset, member.stored_size, member.crc32, where)
+    raw = RangeReader(read_range, member.offset, member.stored_size, where=where, read_ahead=READ_AHEAD)
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
             limited = _LimitedReader(z, member.raw_size, where)  # type: ignore[arg-type]
             yield limited  # type: ignore[misc]
             if limited.readinto(bytearray(1)) or limited._left:
                 raise CorruptSnapshotError(f"{where}: member size differs from the declared {member.raw_size}")
-        raw.finish()
+        crc = raw.finish()
     except zstandard.ZstdError as exc:
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
+    finally:
+        raw.close()  # cancels the reads still in flight when the consumer stopped early
+    if f"{crc:08x}" != member.crc32:
+        raise CorruptSnapshotError(f"{where}: checksum mismatch (crc32 {crc:08x}, expected {member.crc32})")
 
 
 def load_member(
@@ -400,10 +325,4 @@ def verify_object(read_range: ReadRange, size: int, checksum: str, members: list
 
 def _crc_of_range(read_range: ReadRange, start: int, end: int, crc: int, where: str) -> int:
     """``crc`` continued over bytes ``[start, end)``, read in chunks of at most ``READ_CHUNK``."""
-    for lo in range(start, end, READ_CHUNK):
-        hi = min(end, lo + READ_CHUNK)
-        data = read_range(lo, hi)
-        if len(data) != hi - lo:
-            raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {lo}-{hi}, got {len(data)}")
-        crc = crc32(data, crc)
-    return crc
+    return RangeReader(read_range, start, end - start, where=where, crc=crc).finish()

@@ -43,7 +43,7 @@ import zstandard
 
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
 from bucketsnap.storage import Storage
-from bucketsnap.zipformat import crc32
+from bucketsnap.zipformat import READ_CHUNK, RangeReader, crc32
 
 if TYPE_CHECKING:
     from bucketsnap._saving import StoredObjects
@@ -68,7 +68,6 @@ TABLE_FORMAT = "bucketsnap.chunked/1"
 #: compression, small enough that a restore's extra memory stays modest and a save after a few thousand
 #: transitions rewrites little.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-_READ_SIZE = 4 * 2**20
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
 _CHUNK_OBJECT = re.compile(rf"{CHUNK_DIR}/([0-9a-f]{{64}})(?:-([0-9a-f]{{8}})-[0-9a-f]{{8,32}})?\.zst")
 
@@ -327,10 +326,10 @@ def _decompress_chunk(
     With ``verify``, every stored byte is also checked against the CRC-32 its name records.
     """
     rel = chunk_object(chunk)
-    raw = _RangeStream(storage, rel, int(chunk["stored_size"]), where)
+    raw = _object_reader(storage, rel, int(chunk["stored_size"]), where)
     views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     try:
-        with zstandard.ZstdDecompressor().stream_reader(raw, read_size=_READ_SIZE, closefd=False) as z:  # type: ignore[arg-type]
+        with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
             for view in views:
                 got = 0
                 while got < view.nbytes:
@@ -343,7 +342,7 @@ def _decompress_chunk(
     except zstandard.ZstdError as exc:
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
     if verify:
-        raw.check_crc(object_crc(rel))
+        _check_crc(raw, object_crc(rel), where)
     return views
 
 
@@ -352,8 +351,8 @@ def verify_chunk_object(storage: Storage, rel: str, *, where: str) -> None:
     expected = object_crc(rel)
     if expected is None:
         return
-    stream = _RangeStream(storage, rel, storage.size(rel), f"{where} chunk {storage.url_of(rel)}")
-    stream.check_crc(expected)
+    where = f"{where} chunk {storage.url_of(rel)}"
+    _check_crc(_object_reader(storage, rel, storage.size(rel), where), expected, where)
 
 
 def _digest(views: list[memoryview]) -> str:
@@ -368,43 +367,24 @@ def _check_digest(views: list[memoryview], chunk_id: str, where: str) -> None:
         raise CorruptSnapshotError(f"{where}: content does not match its sha256 id")
 
 
-class _RangeStream(io.RawIOBase):
-    """An object read forward in ranged requests, so a restore never holds a whole compressed chunk."""
+def _object_reader(storage: Storage, rel: str, size: int, where: str) -> RangeReader:
+    """Object ``rel`` read forward in ranged requests, so a restore never holds a whole compressed chunk."""
 
-    def __init__(self, storage: Storage, rel: str, size: int, where: str) -> None:
-        self._storage = storage
-        self._rel = rel
-        self._pos = 0
-        self._size = size
-        self._where = where
-        self._crc = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def check_crc(self, expected: int | None) -> None:
-        """Read what is left, then raise CorruptSnapshotError unless the bytes read match ``expected``."""
-        while self.read(_READ_SIZE):
-            pass
-        if expected is not None and self._crc != expected:
-            raise CorruptSnapshotError(
-                f"{self._where}: its bytes do not match the CRC-32 in its name ({self._crc:08x}, not {expected:08x})"
-            )
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        if self._pos >= self._size or not len(view):
-            return 0
-        end = min(self._size, self._pos + len(view), self._pos + _READ_SIZE)
+    def read_range(start: int, end: int) -> bytes:
         try:
-            data = self._storage.read(self._rel, self._pos, end)
+            return storage.read(rel, start, end)
         except FileNotFoundError as exc:
             raise SnapshotNotFoundError(
-                f"{self._where} is missing: it was deleted by hand or by a concurrent delete; load another itr"
+                f"{where} is missing: it was deleted by hand or by a concurrent delete; load another itr"
             ) from exc
-        if len(data) != end - self._pos:
-            raise CorruptSnapshotError(f"{self._where}: truncated at byte {self._pos + len(data)} of {self._size}")
-        view[: len(data)] = data
-        self._crc = crc32(data, self._crc)
-        self._pos = end
-        return len(data)
+
+    return RangeReader(read_range, 0, size, where=where)
+
+
+def _check_crc(reader: RangeReader, expected: int | None, where: str) -> None:
+    """Read what is left, then raise CorruptSnapshotError unless the bytes read match ``expected``."""
+    crc = reader.finish()
+    if expected is not None and crc != expected:
+        raise CorruptSnapshotError(
+            f"{where}: its bytes do not match the CRC-32 in its name ({crc:08x}, not {expected:08x})"
+        )

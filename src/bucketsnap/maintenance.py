@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from dataclasses import replace
 
 from bucketsnap.archive import META_NAME
@@ -46,13 +47,12 @@ from bucketsnap.manifest import (
 )
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import PROBE_PREFIX, Storage
-from bucketsnap.zipformat import crc32, data_offset, read_directory
+from bucketsnap.zipformat import RangeReader, read_directory, read_member
 
 __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 
 logger = logging.getLogger("bucketsnap")
 
-_READ_SIZE = 8 * 2**20
 PROBE_GRACE = 3600.0
 #: Directories of data objects that gc sweeps: archives, and content-addressed chunks shared by snapshots.
 DATA_DIRS = (SNAPSHOT_DIR, CHUNK_DIR)
@@ -198,13 +198,8 @@ def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:
     entries = read_directory(read_range, size, where=where)
     if META_NAME not in entries:
         raise CorruptSnapshotError(f"{where} has no {META_NAME}")
-    entry = entries[META_NAME]
-    start = data_offset(read_range, entry, size, where=where)
-    raw = read_range(start, start + entry.stored_size)
-    if entry.method != 0:
-        raise CorruptSnapshotError(f"{where}: {META_NAME} is compressed (zip method {entry.method}), not stored")
-    if crc32(raw) != entry.crc32:  # a flipped byte in a metric would otherwise pass
-        raise CorruptSnapshotError(f"{where}: {META_NAME} does not match the CRC-32 in the zip directory")
+    # STORED only, as archives write it; its CRC-32 catches a flipped byte in a metric that JSON would pass
+    raw = read_member(read_range, entries[META_NAME], size, where=where, methods=(zipfile.ZIP_STORED,))
     try:
         meta = json.loads(raw)
         if not isinstance(meta, dict):
@@ -215,10 +210,7 @@ def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:
         raise NotASnapshotError(f"{where} is one rank's part of a distributed save that was never committed")
     # The archive's bytes as they are now get the checksum a save would have recorded; verify then checks its
     # members too, so that nothing is recovered that a save would not have committed.
-    crc = 0
-    for start in range(0, size, _READ_SIZE):
-        crc = crc32(read_range(start, min(size, start + _READ_SIZE)), crc)
-    checksums = {rel: crc32_checksum(crc)}
+    checksums = {rel: crc32_checksum(RangeReader(read_range, 0, size, where=where).finish())}
     info = SnapshotInfo.from_json({**meta, "path": rel, "size": size, "checksums": checksums}, base_url=storage.url)
     Snapshot(storage, info).verify()
     return info

@@ -12,14 +12,23 @@ headers, descriptors and directory are CRC'd as they are written, and each membe
 zip entry, is folded in with ``crc32_combine`` when the member is closed.
 
 The reader parses the central directory with ranged reads, for tools that only have the archive (``repair``,
-SB3 zips); it refuses unsafe member names and offsets outside the archive.
+SB3 zips); it refuses unsafe member names and offsets outside the archive, and :func:`read_member` reads one
+member (STORED or DEFLATED) checked against its CRC-32. :class:`RangeReader` is the one forward reader of a byte
+range in ranged requests, with their CRC-32 and, optionally, requests kept in flight ahead of the consumer; the
+archive's members and the buffers' chunk objects are both read through it.
 """
 
 from __future__ import annotations
 
+import io
 import struct
+import threading
 import time
+import zipfile
+import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -28,7 +37,10 @@ from zlib_ng.zlib_ng import crc32, crc32_combine
 from bucketsnap.errors import CorruptSnapshotError
 
 __all__ = [
+    "READ_AHEAD",
+    "READ_CHUNK",
     "MemberSink",
+    "RangeReader",
     "ReadRange",
     "ZipEntry",
     "ZipStreamWriter",
@@ -36,9 +48,16 @@ __all__ = [
     "crc32_combine",
     "data_offset",
     "read_directory",
+    "read_member",
 ]
 
+#: ``read_range(start, end)``: the bytes ``[start, end)`` of one stored object.
 ReadRange = Callable[[int, int], bytes]
+#: Bytes per ranged request of a :class:`RangeReader`.
+READ_CHUNK = 4 * 2**20
+#: Ranged reads of ``READ_CHUNK`` bytes a member's reader keeps in flight ahead of the decoder, so a restore
+#: from an object store overlaps the requests' latency; it holds at most this many chunks in memory.
+READ_AHEAD = 8
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOC = struct.Struct("<4sLQL")
@@ -334,3 +353,129 @@ def _safe_name(raw: bytes, where: str) -> str:
     if not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         raise CorruptSnapshotError(f"{where}: unsafe member name {name!r}")
     return name
+
+
+def read_member(
+    read_range: ReadRange,
+    entry: ZipEntry,
+    size: int,
+    *,
+    where: str,
+    methods: tuple[int, ...] = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED),
+) -> bytes:
+    """The bytes of one member of a zip of ``size`` bytes, inflated if DEFLATED, checked against their CRC-32.
+
+    Args:
+        methods: the zip methods accepted (a member that a writer stores, such as ``meta.json``, passes
+            ``(zipfile.ZIP_STORED,)``).
+
+    Raises:
+        CorruptSnapshotError: a bad local header, a method not in ``methods``, or a CRC-32 mismatch.
+    """
+    start = data_offset(read_range, entry, size, where=where)
+    raw = read_range(start, start + entry.stored_size)
+    if entry.method not in methods:
+        names = " or ".join(_METHODS.get(m, str(m)) for m in methods)
+        raise CorruptSnapshotError(f"{where}: member {entry.name!r} uses zip method {entry.method}, not {names}")
+    if entry.method == zipfile.ZIP_DEFLATED:
+        try:
+            raw = zlib.decompress(raw, -15)
+        except zlib.error as exc:
+            raise CorruptSnapshotError(f"{where}: member {entry.name!r} does not inflate: {exc}") from exc
+    if crc32(raw) != entry.crc32:  # a flipped byte in a metric would otherwise pass
+        raise CorruptSnapshotError(f"{where}: member {entry.name!r} does not match the CRC-32 in the zip directory")
+    return raw
+
+
+_METHODS = {zipfile.ZIP_STORED: "STORED (0)", zipfile.ZIP_DEFLATED: "DEFLATED (8)"}
+
+
+# -- reading a byte range ------------------------------------------------------------------------------------
+
+_pool_lock = threading.Lock()
+_read_pool: ThreadPoolExecutor | None = None
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    global _read_pool
+    with _pool_lock:
+        if _read_pool is None:
+            _read_pool = ThreadPoolExecutor(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
+        return _read_pool
+
+
+_EMPTY = memoryview(b"")
+
+
+class RangeReader(io.RawIOBase):
+    """The bytes ``[start, start + length)`` of a stored object, read forward in requests of ``READ_CHUNK``.
+
+    Each request must return exactly the bytes asked for, or the read raises CorruptSnapshotError
+    ("truncated"); :attr:`crc` is the CRC-32 of every byte read so far, and :meth:`finish` reads the rest and
+    returns it. With ``read_ahead``, a range larger than one request is fetched by up to that many concurrent
+    requests ahead of the consumer (never past its end, so a restore reads only what it asks for).
+
+    Args:
+        crc: a CRC-32 to continue (of the bytes before ``start``, when a caller checks a whole object).
+    """
+
+    def __init__(
+        self, read_range: ReadRange, start: int, length: int, *, where: str, read_ahead: int = 0, crc: int = 0
+    ) -> None:
+        self._read_range = read_range
+        self._pos = start
+        self._next = start  # the first byte not yet requested
+        self._pending: deque[Future[bytes]] = deque()
+        self._end = start + length
+        self._read_ahead = read_ahead
+        self._where = where
+        self._buf = _EMPTY
+        self.crc = crc
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not self._buf:
+            if self._pos >= self._end:
+                return 0
+            n = min(READ_CHUNK, self._end - self._pos)
+            data = self._fetch(n)
+            if len(data) != n:
+                raise CorruptSnapshotError(
+                    f"{self._where}: truncated: wanted bytes {self._pos}-{self._pos + n}, got {len(data)}"
+                )
+            self._pos += n
+            self.crc = crc32(data, self.crc)
+            self._buf = memoryview(data)
+        view = memoryview(b).cast("B")
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
+        # an empty slice would still hold the request's bytes until the next one: let them go now
+        self._buf = self._buf[n:] if n < len(self._buf) else _EMPTY
+        return n
+
+    def _fetch(self, n: int) -> bytes:
+        """The next ``n`` bytes, keeping up to ``read_ahead`` reads in flight when there is more to come."""
+        if not self._pending and (self._read_ahead < 1 or self._pos + n >= self._end):
+            self._next = self._pos + n
+            return self._read_range(self._pos, self._pos + n)  # no thread needed: the last chunk, or no read-ahead
+        pool = _prefetch_pool()
+        while len(self._pending) < self._read_ahead and self._next < self._end:
+            size = min(READ_CHUNK, self._end - self._next)
+            self._pending.append(pool.submit(self._read_range, self._next, self._next + size))
+            self._next += size
+        return self._pending.popleft().result()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        super().close()
+
+    def finish(self) -> int:
+        """Consume what is left; return the CRC-32 of everything read."""
+        buffer = bytearray(min(READ_CHUNK, self._end - self._pos + len(self._buf)) or 1)  # once, not per chunk
+        while self.readinto(buffer):
+            pass
+        return self.crc

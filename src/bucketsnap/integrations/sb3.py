@@ -25,7 +25,6 @@ import io
 import json
 import platform
 import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,11 +43,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("bucketsnap.integrations.sb3 needs stable-baselines3: pip install 'bucketsnap[sb3]'") from exc
 
 from bucketsnap.buffers import buffer_state, restore_buffer
-from bucketsnap.errors import CorruptSnapshotError, NotASnapshotError, SnapshotNotFoundError, StorageError, redact
+from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, redact
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.integrations._sb3_data import encode_data, resolve_data
 from bucketsnap.store import SnapshotStore, as_store
-from bucketsnap.zipformat import data_offset, read_directory
+from bucketsnap.zipformat import read_directory, read_member
 
 __all__ = ["SB3Zip", "SnapshotCallback", "export_sb3_zip", "load_model", "load_sb3_zip", "save_model"]
 
@@ -321,16 +320,7 @@ def load_sb3_zip(
     entries = read_directory(read_range, size, where=shown)
 
     def member(name: str) -> bytes:
-        entry = entries[name]
-        start = data_offset(read_range, entry, size, where=shown)
-        raw = read_range(start, start + entry.stored_size)
-        if entry.method == zipfile.ZIP_DEFLATED:
-            raw = zlib.decompress(raw, -15)
-        elif entry.method != zipfile.ZIP_STORED:
-            raise CorruptSnapshotError(f"{shown}: member {name!r} uses zip method {entry.method}")
-        if zlib.crc32(raw) != entry.crc32:
-            raise CorruptSnapshotError(f"{shown}: member {name!r} fails its CRC")
-        return raw
+        return read_member(read_range, entries[name], size, where=shown)
 
     data: dict[str, Any] = {}
     skipped: list[str] = []
