@@ -2,11 +2,39 @@
 # Creates or updates .venv with bucketsnap and the given extras (default: dev). Idempotent: a stamp file
 # records what was installed, so a second run costs a second. torch is pinned by constraints.txt to the
 # local CPU build (2.13.0) and installed first, so that no dependency can pull a multi-GB CUDA build.
+# With the dev extras it also installs Azurite (the Azure Blob Storage emulator the tests start) with npm
+# into .azurite/ (BUCKETSNAP_AZURITE_DIR), pinned, also behind a stamp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
 venv="${BUCKETSNAP_VENV:-.venv}"
 python="${PYTHON:-python3}"
+
+# Azurite 3.35.0 is the newest release whose package still declares Node.js 20 (3.36 wants >= 21, 3.37
+# >= 22); the machines have Node.js 20. Its blob service is all the tests use (tests/servers.py).
+azurite_version="3.35.0"
+install_azurite() {
+    local dir="${BUCKETSNAP_AZURITE_DIR:-.azurite}"
+    local stamp="$dir/.bucketsnap-azurite.stamp"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$azurite_version" ] && [ -x "$dir/node_modules/.bin/azurite-blob" ]; then
+        return 0
+    fi
+    if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+        echo "error: the Azure tests need Azurite, installed with npm: install Node.js (>= 20) and npm" >&2
+        return 1
+    fi
+    echo "==> installing Azurite $azurite_version into $dir (npm)" >&2
+    rm -rf "$dir/node_modules" "$dir/package.json" "$dir/package-lock.json" "$stamp"
+    mkdir -p "$dir"
+    # --ignore-scripts: Azurite needs no install script (only a dependency's optional postinstall).
+    npm install --prefix "$dir" --save-exact --no-audit --no-fund --ignore-scripts --loglevel=error \
+        "azurite@$azurite_version" >&2
+    "$dir/node_modules/.bin/azurite-blob" --version >/dev/null
+    echo "$azurite_version" > "$stamp"
+}
+if [ "$extras" = "dev" ]; then
+    install_azurite
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
     echo "==> creating $venv" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: sets up .venv and LocalStack's own venv, then runs ruff, mypy,
-# the docs build and pytest (memory, local disk, LocalStack S3 and fake-gcs-server GCS, all on 127.0.0.1).
+# The whole test suite, from a fresh clone: sets up .venv, Azurite (npm) and LocalStack's own venv, then runs
+# ruff, mypy, the docs build and pytest (memory, local disk, LocalStack S3, fake-gcs-server GCS and Azurite
+# Azure Blob Storage, all on 127.0.0.1).
 # Extra arguments go to pytest, e.g. `./scripts/test.sh -k s3 -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

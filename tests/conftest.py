@@ -1,4 +1,5 @@
-"""Fixtures: one contract suite over memory, local disk, S3 (LocalStack) and GCS (fake-gcs-server).
+"""Fixtures: one contract suite over memory, local disk, S3 (LocalStack) and GCS (fake-gcs-server);
+Azure Blob Storage (Azurite) has its fixtures (azure_server, azure_backend) but is not in BACKENDS yet.
 
 The servers start once per session on 127.0.0.1 (a server that fails to start fails the tests, with its log);
 each test gets its own bucket prefix, so no reset is needed between tests.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import servers
 
 BACKENDS = ["memory", "local", "s3", "gcs"]
+SERVER_BACKENDS = ("s3", "gcs", "azure")  # each has a marker of its name
 
 
 @dataclass
@@ -66,6 +68,13 @@ def gcs_server() -> Iterator[servers.GcsServer]:
 
 
 @pytest.fixture(scope="session")
+def azure_server() -> Iterator[servers.AzureServer]:
+    server = servers.azure_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_backend(s3_server: servers.S3Server) -> Backend:
     bucket = s3_server.create_bucket()
     return Backend("s3", f"s3://{bucket}", servers.s3_storage_options(s3_server))
@@ -75,6 +84,12 @@ def s3_backend(s3_server: servers.S3Server) -> Backend:
 def gcs_backend(gcs_server: servers.GcsServer) -> Backend:
     bucket = gcs_server.create_bucket()
     return Backend("gcs", f"gs://{bucket}", servers.gcs_storage_options(gcs_server))
+
+
+@pytest.fixture(scope="session")
+def azure_backend(azure_server: servers.AzureServer) -> Backend:
+    container = azure_server.create_container()
+    return Backend("azure", f"az://{container}", servers.azure_storage_options(azure_server))
 
 
 @pytest.fixture
@@ -91,7 +106,7 @@ def memory_backend() -> Backend:
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Every backend in turn."""
     name = request.param
-    if name in ("s3", "gcs"):
+    if name in SERVER_BACKENDS:
         request.applymarker(getattr(pytest.mark, name))
     return request.getfixturevalue(f"{name}_backend")  # type: ignore[no-any-return]
 
@@ -99,11 +114,20 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(params=["local", "s3", "gcs"])
 def process_backend(request: pytest.FixtureRequest) -> Backend:
     """Backends that several processes can share (memory cannot)."""
-    if request.param in ("s3", "gcs"):
+    if request.param in SERVER_BACKENDS:
         request.applymarker(getattr(pytest.mark, request.param))
     return request.getfixturevalue(f"{request.param}_backend")  # type: ignore[no-any-return]
 
 
-def pytest_report_header() -> str:
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "azure: needs the Azure Blob test server")
+
+
+def pytest_report_header() -> list[str]:
     endpoint = os.environ.get(servers.S3_ENDPOINT_ENV)
-    return f"bucketsnap S3 test server: {endpoint or 'LocalStack started by the tests'}"
+    external_azure = f"the account in {servers.AZURE_CONNECTION_STRING_ENV}"
+    azure = external_azure if os.environ.get(servers.AZURE_CONNECTION_STRING_ENV) else "Azurite started by the tests"
+    return [
+        f"bucketsnap S3 test server: {endpoint or 'LocalStack started by the tests'}",
+        f"bucketsnap Azure test server: {azure}",
+    ]

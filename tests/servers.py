@@ -1,4 +1,4 @@
-"""Local S3 (LocalStack) and GCS (fake-gcs-server) test servers on 127.0.0.1.
+"""Local S3 (LocalStack), GCS (fake-gcs-server) and Azure Blob (Azurite) test servers on 127.0.0.1.
 
 Plain module, no pytest dependency. Typical use::
 
@@ -16,6 +16,10 @@ Environment:
     BUCKETSNAP_TEST_GCS_ENDPOINT  use this GCS JSON-API endpoint instead of fake-gcs-server
     BUCKETSNAP_LOCALSTACK_VENV    LocalStack venv (default <repo>/.venv-localstack,
                                   created by localstack/setup.sh)
+    BUCKETSNAP_TEST_AZURE_CONNECTION_STRING
+                                  use this Azure Blob Storage account instead of starting Azurite
+    BUCKETSNAP_AZURITE_DIR        npm prefix holding Azurite (default <repo>/.azurite,
+                                  installed by scripts/setup.sh dev)
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 S3_ENDPOINT_ENV = "BUCKETSNAP_TEST_S3_ENDPOINT"
 GCS_ENDPOINT_ENV = "BUCKETSNAP_TEST_GCS_ENDPOINT"
 LOCALSTACK_VENV_ENV = "BUCKETSNAP_LOCALSTACK_VENV"
+AZURE_CONNECTION_STRING_ENV = "BUCKETSNAP_TEST_AZURE_CONNECTION_STRING"
+AZURITE_DIR_ENV = "BUCKETSNAP_AZURITE_DIR"
 CATALOG_CACHE_DIR = "bucketsnap-service-catalog"  # inside the LocalStack venv
 STARTUP_TIMEOUT = 60.0
 LOG_TAIL_LINES = 100
@@ -536,3 +542,201 @@ def _warn_if_gcsfs_experimental() -> None:
             "emulator will be very slow",
             stacklevel=3,
         )
+
+
+# ------------------------------------------------------------------------ Azure
+
+# Azurite's one built-in account and its published key (the same in every Azurite install).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _parse_connection_string(conn: str) -> dict[str, str]:
+    parts = (item.partition("=") for item in conn.split(";") if item.strip())
+    return {key.strip(): value.strip() for key, _, value in parts}
+
+
+class AzureServer:
+    """An Azure Blob Storage account, reached through a connection string. Used as-is for an
+    external account: start/stop do nothing and reset() only deletes containers made by
+    create_container()."""
+
+    owns_all_containers = False
+
+    def __init__(self, connection_string: str = "") -> None:
+        self.connection_string = connection_string
+        self.startup_seconds = 0.0
+        self.created_containers: set[str] = set()
+
+    @property
+    def account_name(self) -> str:
+        return _parse_connection_string(self.connection_string).get("AccountName", "")
+
+    @property
+    def account_key(self) -> str:
+        return _parse_connection_string(self.connection_string).get("AccountKey", "")
+
+    @property
+    def blob_endpoint(self) -> str:
+        return _parse_connection_string(self.connection_string).get("BlobEndpoint", "")
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def __enter__(self) -> AzureServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        """A synchronous azure-storage-blob BlobServiceClient for this account (few, short retries)."""
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(
+            self.connection_string, retry_total=2, initial_backoff=0.5, increment_base=2
+        )
+
+    def create_container(self, name: str | None = None) -> str:
+        """Create a container (3-63 lowercase letters, digits and dashes); errors are raised, never
+        swallowed (adlfs's mkdir() turns a failure into a warning)."""
+        name = name or unique_bucket_name()
+        with self.client() as client:
+            client.create_container(name)
+        self.created_containers.add(name)
+        return name
+
+    def reset(self) -> None:
+        """Delete containers (all of them on a server we own) with their blobs."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self.client() as client:
+            if self.owns_all_containers:
+                names = {c.name for c in client.list_containers()}
+            else:
+                names = set(self.created_containers)
+            for name in sorted(names):
+                with contextlib.suppress(ResourceNotFoundError):
+                    client.delete_container(name)
+        self.created_containers.clear()
+
+
+def azurite_dir() -> Path:
+    return Path(os.environ.get(AZURITE_DIR_ENV) or REPO_ROOT / ".azurite")
+
+
+def azurite_blob_binary() -> Path:
+    """The azurite-blob launcher that scripts/setup.sh installed with npm."""
+    path = azurite_dir() / "node_modules" / ".bin" / "azurite-blob"
+    if not path.exists():
+        raise RuntimeError(
+            f"Azurite not found at {path}; run ./scripts/setup.sh dev (or set {AZURITE_DIR_ENV}, "
+            f"or {AZURE_CONNECTION_STRING_ENV} for an external account)"
+        )
+    return path
+
+
+def _http_server_header(url: str, timeout: float = 2.0) -> str | None:
+    """The Server header of any HTTP response (error statuses included), or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return str(resp.headers.get("Server", ""))
+    except urllib.error.HTTPError as exc:
+        return str(exc.headers.get("Server", ""))
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+class AzuriteServer(AzureServer):
+    """Azurite's blob service (no queue or table service) as a subprocess, data in a temporary folder.
+
+    --skipApiVersionCheck: azure-storage-blob sends a newer x-ms-version than Azurite knows and
+    Azurite refuses it otherwise (400 InvalidHeaderValue). --disableTelemetry: no usage reports.
+    --silent: no access log; startup lines and errors still go to the log file.
+    """
+
+    owns_all_containers = True
+
+    def __init__(self, timeout: float = STARTUP_TIMEOUT, port: int = 0, extra_args: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self.requested_port = port
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.endpoint_url = ""
+        self.workdir: Path | None = None
+        self._process: _Process | None = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._process.log_path if self._process else None
+
+    def start(self) -> None:
+        if self._process is not None:
+            return
+        binary = azurite_blob_binary()
+        self.workdir = Path(tempfile.mkdtemp(prefix="bucketsnap-azurite-"))
+        data = self.workdir / "data"
+        data.mkdir()
+        self.port = self.requested_port or free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        self.connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.endpoint_url};"
+        )
+        argv = [
+            str(binary),
+            "--blobHost", "127.0.0.1",
+            "--blobPort", str(self.port),
+            "--location", str(data),
+            "--silent",
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+            *self.extra_args,
+        ]  # fmt: skip
+        # AZURITE_ACCOUNTS would replace devstoreaccount1's key; AZURITE_DB would move the metadata.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AZURITE_")}
+        url = f"{self.endpoint_url}?comp=list"  # answers 403 without a signature: that is enough
+        self._process = _Process("azurite", self.workdir)
+        try:
+            self._process.start(argv, env)
+            self.startup_seconds = self._process.wait_ready(
+                lambda: (_http_server_header(url) or "").startswith("Azurite-Blob"), self.timeout
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def azure_server() -> AzureServer:
+    """A started Azure Blob server: BUCKETSNAP_TEST_AZURE_CONNECTION_STRING if set, else Azurite."""
+    conn = os.environ.get(AZURE_CONNECTION_STRING_ENV)
+    if conn:
+        return AzureServer(connection_string=conn)
+    server = AzuriteServer()
+    server.start()
+    return server
+
+
+def azure_storage_options(server: AzureServer) -> dict[str, Any]:
+    """Keyword arguments for adlfs.AzureBlobFileSystem / fsspec storage_options (az:// and abfs://).
+
+    The connection string carries the http endpoint: adlfs's account_host option always means https.
+    """
+    return {
+        "account_name": server.account_name,
+        "account_key": server.account_key,
+        "connection_string": server.connection_string,
+    }
