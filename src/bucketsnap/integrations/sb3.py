@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import platform
 import zipfile
 from collections.abc import Iterable
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-import fsspec
 import torch
 
 try:
@@ -46,6 +46,7 @@ from bucketsnap.buffers import buffer_state, restore_buffer
 from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, redact
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.integrations._sb3_data import encode_data, resolve_data
+from bucketsnap.storage import Storage
 from bucketsnap.store import SnapshotStore, as_store
 from bucketsnap.zipformat import read_directory, read_member
 
@@ -306,16 +307,14 @@ def load_sb3_zip(
         KeyError: a requested state dict is not in the zip.
     """
     shown = redact(url)
+    storage, zip_name = _object_storage(url, storage_options)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        size = int(fs.size(path))
+        size = storage.size(zip_name)
     except FileNotFoundError as exc:
         raise SnapshotNotFoundError(f"no SB3 zip at {shown}") from exc
-    except Exception as exc:
-        raise StorageError(f"cannot open {shown}: {type(exc).__name__}: {redact(str(exc))[:300]}") from exc
 
     def read_range(start: int, end: int) -> bytes:
-        return bytes(fs.cat_file(path, start=start, end=end))
+        return storage.read(zip_name, start, end)
 
     entries = read_directory(read_range, size, where=shown)
 
@@ -378,7 +377,9 @@ def export_sb3_zip(
     for name, entry in snap[_PICKLED].items():
         serializable[name] = {":type:": entry["type"], ":serialized:": base64.b64encode(entry["bytes"]).decode()}
     variables = snap[_VARS]
-    with fsspec.open(dest_url, "wb", **(storage_options or {})) as f, zipfile.ZipFile(f, "w") as archive:
+    # single_writer: one object, never committed over another's, needs no probe of the store's exclusive create
+    storage, zip_name = _object_storage(dest_url, storage_options, single_writer=True)
+    with storage.write(zip_name) as f, zipfile.ZipFile(f, "w") as archive:
         archive.writestr("data", json.dumps(serializable, indent=4))
         if variables:
             with archive.open("pytorch_variables.pth", "w", force_zip64=True) as out:
@@ -393,3 +394,25 @@ def export_sb3_zip(
             f"- PyTorch: {torch.__version__}\n",
         )
     return redact(dest_url)
+
+
+def _object_storage(
+    url: str, storage_options: dict[str, Any] | None, *, single_writer: bool = False
+) -> tuple[Storage, str]:
+    """A :class:`~bucketsnap.storage.Storage` on the directory of the single object at ``url``, and its name.
+
+    Raises:
+        StorageError: the URL cannot be opened (an unknown protocol, a backend library not installed...).
+    """
+    if "://" in url or "::" in url:
+        parent, _, name = url.rpartition("/")
+        if parent.endswith(":/"):  # memory://model.zip: the object is at the filesystem's root
+            parent += "/"
+    else:
+        parent, name = os.path.split(url)
+    try:
+        return Storage(parent or ".", storage_options=storage_options, single_writer=single_writer), name
+    except StorageError:
+        raise
+    except Exception as exc:  # BucketsnapError for a protocol fsspec does not know, TypeError for bad options
+        raise StorageError(f"cannot open {redact(url)}: {type(exc).__name__}: {redact(str(exc))[:300]}") from exc
