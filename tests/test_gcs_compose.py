@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bucketsnap import SnapshotStore, StorageError
-from bucketsnap.uploads import GcsComposeWriter
+from bucketsnap._backends.gcs import GcsComposeWriter
+from bucketsnap.uploads import PartUploader
 from conftest import Backend
 
 KiB = 1024
@@ -100,7 +101,11 @@ def test_gc_removes_parts_left_by_a_crashed_save(gcs_backend: Backend) -> None:
 
 def test_upload_concurrency_1_keeps_gcsfs_resumable_upload(gcs_backend: Backend) -> None:
     store = gcs_backend.store(part_size=256 * KiB, upload_concurrency=1)
-    assert store.storage._part_uploader("snapshots/x.zip") is None
+    writer = store.storage.backend.open_writer(store.storage.path("snapshots/x.zip"), where="x")
+    try:
+        assert not isinstance(writer.file, PartUploader)
+    finally:
+        writer.abort()
     state = {"w": torch.randn(500_000)}
     store.save(1, state)
     assert torch.equal(store.load(1)["w"], state["w"])

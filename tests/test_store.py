@@ -249,9 +249,9 @@ def test_delete_whose_commit_response_was_lost_still_succeeds(memory_backend: Ba
 def test_local_writeback_thread_commits_and_aborts_cleanly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    from bucketsnap import storage as storage_mod
+    from bucketsnap._backends import local as local_backend
 
-    monkeypatch.setattr(storage_mod, "WRITEBACK_EVERY", 2**20)  # start early writebacks after 1 MiB
+    monkeypatch.setattr(local_backend, "WRITEBACK_EVERY", 2**20)  # start early writebacks after 1 MiB
     store = SnapshotStore(str(tmp_path / "run"))
     weights = torch.randn(2_000_000)  # 8 MiB: several writebacks
     store.save(1, {"w": weights})

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zstandard
 
-from bucketsnap import storage as storage_mod
+from bucketsnap._backends import local as local_backend
 from bucketsnap.archive import ArchiveWriter, verify_object
 from bucketsnap.errors import CorruptSnapshotError
 from bucketsnap.zipformat import ZipStreamWriter, crc32, data_offset, read_directory
@@ -168,7 +168,7 @@ def test_local_writev_resumes_after_a_partial_write(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(os, "writev", short_writev)
     pieces = [os.urandom(700), os.urandom(5000), b"", os.urandom(3)]
-    writer = storage_mod._LocalAtomicWriter(str(tmp_path / "out.bin"))
+    writer = local_backend.LocalAtomicWriter(str(tmp_path / "out.bin"))
     writer.file.write(b"head")
     assert writer.file.writev(pieces) == 5703  # type: ignore[attr-defined]
     writer.file.write(b"tail")

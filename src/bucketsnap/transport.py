@@ -5,10 +5,11 @@ Two pieces, used by :mod:`bucketsnap.storage` and :mod:`bucketsnap.uploads`:
 * :class:`Retry` runs a callable again after a *transient* failure (throttling such as S3's ``SlowDown`` or
   HTTP 429, 5xx responses, a reset or refused connection, a timeout), sleeping with capped exponential backoff
   and full jitter, and gives up after a fixed number of attempts. What counts as transient is decided by
-  :func:`is_transient`, which reads the exception chain: s3fs turns ``SlowDown`` into ``OSError(EBUSY)`` and a
-  500 into ``OSError(EREMOTEIO)``, botocore and aiohttp have their own connection error classes, gcsfs raises
-  ``HttpError`` with a ``code``. The clients below already retry a few times on their own; this layer adds
-  patience for longer bursts and a single, clear error at the end.
+  :func:`is_transient`, which reads the exception chain for the network's own errors (s3fs turns ``SlowDown``
+  into ``OSError(EBUSY)`` and a 500 into ``OSError(EREMOTEIO)``; aiohttp has its connection error classes) and
+  asks the backend for its client's own (botocore's error codes, gcsfs's ``HttpError``, azure-core's
+  exceptions: see :mod:`bucketsnap._backends`). The clients already retry a few times on their own; this layer
+  adds patience for longer bursts and a single, clear error at the end.
 * :class:`ThreadedWriter` puts a background thread in front of any other file object (gcsfs's resumable
   upload, whose chunks must be sent in order), so that compressing the next part overlaps uploading this one.
 
@@ -23,13 +24,13 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from bucketsnap.errors import StorageError, redact
 
-__all__ = ["Retry", "ThreadedWriter", "is_throttled", "is_transient"]
+__all__ = ["Retry", "ThreadedWriter", "chain", "is_server_error", "is_throttled", "is_transient"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -45,48 +46,40 @@ _TRANSIENT_ERRNOS = {
     errno.EPIPE,
     errno.EAGAIN,
 }
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "TooManyRequests",
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "InternalError",
-    "ServiceUnavailable",
-    "500",
-    "502",
-    "503",
-    "504",
-}
+#: Connection and timeout errors of the HTTP layer every object store client here uses (aiohttp) and of fsspec.
 _TRANSIENT_CLASS_NAMES = {
-    # botocore
-    "EndpointConnectionError",
-    "ConnectionClosedError",
-    "ReadTimeoutError",
-    "ConnectTimeoutError",
-    "ResponseStreamingError",
-    "IncompleteReadError",
-    # aiohttp
     "ClientConnectionError",
     "ClientOSError",
     "ServerDisconnectedError",
     "ClientPayloadError",
     "ServerTimeoutError",
-    # fsspec
     "FSTimeoutError",
 }
+_THROTTLE_WORDS = ("SlowDown", "Throttl", "TooManyRequests", "reduce your request rate", "ServerBusy")
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception in its chain) is worth retrying: throttling, 5xx, connection, timeout.
+def _no(exc: BaseException) -> bool:
+    return False
 
-    Not found, exists, permission and precondition failures are never transient.
-    """
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def is_transient(exc: BaseException, vendor: Callable[[BaseException], bool] = _no) -> bool:
+    """Whether ``exc`` (or an exception in its chain) is worth retrying: throttling, 5xx, connection, timeout.
+
+    This knows the network's errors (the standard library's, aiohttp's, fsspec's); ``vendor`` adds a store
+    client's own, one exception at a time (each backend module passes its table). Not found, exists, permission
+    and precondition failures are never transient.
+    """
+    for current in chain(exc):
         if isinstance(current, (FileNotFoundError, FileExistsError, PermissionError)):
             return False
         if isinstance(current, (ConnectionError, TimeoutError)):
@@ -95,35 +88,26 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if any(cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(current).__mro__):
             return True
-        response = getattr(current, "response", None)  # botocore ClientError
-        if isinstance(response, dict):
-            error = response.get("Error") or {}
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if error.get("Code") in _TRANSIENT_CODES or status == 429 or (isinstance(status, int) and status >= 500):
-                return True
-        code = getattr(current, "code", None)  # gcsfs HttpError
-        if isinstance(code, int) and (code == 429 or 500 <= code < 600):
+        if vendor(current):
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 
-def is_throttled(exc: BaseException) -> bool:
-    """Whether the server refused ``exc``'s request for load (so it certainly did not apply it)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+def is_throttled(exc: BaseException, vendor: Callable[[BaseException], bool] = _no) -> bool:
+    """Whether the server refused ``exc``'s request for load (so it certainly did not apply it).
+
+    ``vendor`` recognises a store client's own throttling answer (an HTTP 429 in its own error class).
+    """
+    for current in chain(exc):
         text = f"{type(current).__name__} {current}"
-        if any(word in text for word in ("SlowDown", "Throttl", "TooManyRequests", "reduce your request rate")):
+        if any(word in text for word in _THROTTLE_WORDS) or vendor(current):
             return True
-        response = getattr(current, "response", None)
-        if isinstance(response, dict) and (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 429:
-            return True
-        if getattr(current, "code", None) == 429:
-            return True
-        current = current.__cause__ or current.__context__
     return False
+
+
+def is_server_error(status: object) -> bool:
+    """Whether an HTTP status asks for a retry: 429 (too many requests) or any 5xx."""
+    return isinstance(status, int) and (status == 429 or 500 <= status < 600)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,252 @@
+"""The backend contract: the few verbs the commit protocol needs of a store, and how its errors read.
+
+A :class:`Backend` wraps one fsspec filesystem and speaks the filesystem's own paths. It knows how its store
+gets each guarantee (an atomic exclusive create, a streamed write invisible until committed, an abort that
+leaves nothing) and which of its errors are worth retrying; it knows nothing of runs, URLs or retries, which
+:class:`bucketsnap.storage.Storage` adds on top for every backend alike.
+
+This base class is itself the backend for any fsspec filesystem without a module of its own: reads, lists and
+deletes through fsspec, streamed writes through ``fs.open(path, "wb")`` (discarded, not closed, on abort), and an
+exclusive create that is fsspec's check-then-write (``atomic_create`` is False, so the storage warns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from datetime import datetime
+from typing import IO, Any, ClassVar, Protocol
+
+import fsspec
+from fsspec.spec import AbstractBufferedFile
+
+from bucketsnap.errors import redact
+from bucketsnap.transport import Retry, ThreadedWriter, chain, is_throttled, is_transient
+
+__all__ = ["Backend", "FsspecWriter", "ObjectWriter", "timestamp"]
+
+
+class ObjectWriter(Protocol):
+    """One object being written: bytes go to :attr:`file`; it appears whole on :meth:`commit`, never on abort."""
+
+    #: What the caller writes to (``write(data)``; a local file also has ``writev(pieces)``).
+    file: Any
+
+    def commit(self) -> None:
+        """Make the object visible under its name, whole. Raises if it could not; then nothing is visible."""
+
+    def abort(self) -> None:
+        """Give the object up: nothing becomes visible under its name. Never raises."""
+
+
+class Backend:
+    """A store as the commit protocol sees it. Subclass it, override what the store does its own way, and
+    register the subclass for its protocols with :func:`bucketsnap._backends.register`.
+
+    Args:
+        fs: the fsspec filesystem.
+        part_size: bytes buffered per uploaded part (object stores).
+        upload_concurrency: parts uploaded at once by one write (object stores with part uploads).
+        retry: the retry policy for requests a writer sends itself (part uploads).
+    """
+
+    #: The store's name in messages.
+    name: ClassVar[str] = "fsspec"
+    #: Whether :meth:`create_exclusive` is refused when the name exists, even against a writer racing it.
+    atomic_create: ClassVar[bool] = False
+    #: The request condition that makes a create exclusive ("If-None-Match: *"), where the store's atomicity rests
+    #: on a server honouring it: such a create is probed before a process first relies on it. None where the
+    #: atomicity is the backend's own (a hard link, a lock) or where there is none.
+    create_condition: ClassVar[str | None] = None
+    #: Whether requests cross a network (then failures that :meth:`is_transient` accepts are retried).
+    remote: ClassVar[bool] = True
+    #: Fields of ``fs.info()`` that may hold the modification time, in the order they are tried.
+    mtime_fields: ClassVar[tuple[str, ...]] = (
+        "mtime",
+        "LastModified",
+        "last_modified",
+        "updated",
+        "created",
+        "creation_time",
+    )
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        *,
+        part_size: int,
+        upload_concurrency: int,
+        retry: Retry,
+    ) -> None:
+        self.fs = fs
+        self.part_size = part_size
+        self.upload_concurrency = upload_concurrency
+        self.retry = retry
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint the filesystem talks to, as passed in its options ("" for the service's default)."""
+        options = getattr(self.fs, "storage_options", None) or {}
+        client = options.get("client_kwargs") or {}
+        endpoint = options.get("endpoint_url") or client.get("endpoint_url") or getattr(self.fs, "endpoint_url", None)
+        return redact(str(endpoint)) if endpoint else ""
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """``path`` whole, or its bytes ``[start, end)``. Raises FileNotFoundError if missing."""
+        return bytes(self.fs.cat_file(path, start=start, end=end))
+
+    def info(self, path: str) -> dict[str, Any]:
+        """The store's own description of ``path``, fresh (never a cached listing). FileNotFoundError if missing."""
+        self.fs.invalidate_cache(path)
+        return dict(self.fs.info(path))
+
+    def size(self, path: str) -> int:
+        """The size of ``path`` in bytes, fresh."""
+        return int(self.info(path)["size"])
+
+    def modified(self, path: str) -> float | None:
+        """When ``path`` was last written, as a POSIX timestamp; None only where the store keeps no such time."""
+        return timestamp(self.info(path), self.mtime_fields)
+
+    def list(self, path: str) -> dict[str, int | None]:
+        """Name -> size of what is directly under ``path`` (None for a directory); empty if it does not exist."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, int | None] = {}
+        for entry in entries:
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if name:
+                out[name] = int(entry["size"]) if entry.get("type") == "file" else None
+        return out
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists, fresh."""
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def is_file(self, path: str) -> bool:
+        """Whether ``path`` is one object (not a directory, not missing), fresh."""
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.isfile(path))
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def delete(self, path: str) -> None:
+        """Delete ``path``; a missing object is not an error."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+        self.fs.invalidate_cache(path)
+
+    def create_exclusive(self, path: str, data: bytes, *, where: str) -> None:
+        """Create ``path`` holding ``data`` (``where`` is its URL, for messages); FileExistsError if it exists."""
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise
+        except Exception as exc:  # each client reports a failed precondition its own way
+            if self.is_precondition_failure(exc):
+                raise FileExistsError(where) from exc
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def open_writer(self, path: str, *, where: str) -> ObjectWriter:
+        """Start a streamed write of ``path`` (``where`` is its URL, for messages)."""
+        return FsspecWriter(self.fs, path, part_size=self.part_size)
+
+    def prepare_directory(self, path: str, *, root: str) -> None:
+        """Make sure objects can be created in directory ``path`` under the run's ``root`` (object stores have no
+        directories: nothing to do)."""
+
+    # -- errors --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def vendor_transient(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` itself (not its chain) is the store client's own way of saying "try again"."""
+        return False
+
+    @classmethod
+    def vendor_throttled(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` itself is the store client's own way of saying "too many requests"."""
+        return False
+
+    @classmethod
+    def is_transient(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` is worth retrying: throttling, a 5xx answer, a reset or refused connection, a timeout."""
+        return is_transient(exc, cls.vendor_transient)
+
+    @classmethod
+    def is_throttled(cls, exc: BaseException) -> bool:
+        """Whether the server refused ``exc``'s request for load, so it certainly did not apply it."""
+        return is_throttled(exc, cls.vendor_throttled)
+
+    @classmethod
+    def is_precondition_failure(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` says a conditional create found the name taken."""
+        return any(
+            "PreconditionFailed" in text or "412" in text or "conditionNotMet" in text
+            for text in (f"{type(e).__name__} {e}" for e in chain(exc))
+        )
+
+
+class FsspecWriter:
+    """fsspec's own writer behind a thread (the next part is produced while this one is stored).
+
+    A failed write is discarded, not closed: closing would complete a multipart or resumable upload with partial
+    data.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, *, part_size: int) -> None:
+        self._fs, self._path = fs, path
+        self._f: IO[bytes] = fs.open(path, "wb", block_size=part_size)
+        f = self._f
+        self.file = ThreadedWriter(f, part_size=part_size)
+
+    def commit(self) -> None:
+        try:
+            self.file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._f.close()  # not retried: it may have completed
+
+    def abort(self) -> None:
+        self.file.abort()
+        f = self._f
+        if isinstance(f, AbstractBufferedFile):  # uploads on flush: discard aborts the multipart/resumable upload
+            with contextlib.suppress(Exception):
+                f.discard()
+            # Mark it closed: s3fs's discard leaves it open and gcsfs's does nothing before the first part, so a
+            # later close() (even the garbage collector's) would publish the partial object.
+            f.closed = True
+            return
+        # Any other file object writes through (the memory filesystem's even publishes on open): keep its close
+        # from publishing more, and remove what it wrote. The name is this write's own (a save names its objects
+        # with its token), and opening it for writing replaced whatever was there anyway.
+        f.close = _nothing  # type: ignore[method-assign]
+        with contextlib.suppress(Exception):
+            self._fs.rm_file(self._path)
+
+
+def _nothing() -> None:
+    pass
+
+
+def timestamp(info: dict[str, Any], fields: Iterable[str]) -> float | None:
+    """The first of ``fields`` in ``info`` that reads as a time, as a POSIX timestamp."""
+    for field in fields:
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    return None

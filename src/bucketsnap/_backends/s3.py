@@ -1,0 +1,185 @@
+"""S3 and S3-compatible servers (s3fs): exclusive creates as ``If-None-Match: *``, concurrent multipart uploads.
+
+A create is exclusive by the condition ``If-None-Match: *`` (s3fs sends it for ``pipe_file(mode="create")``);
+some S3-compatible servers ignore it, so :class:`~bucketsnap.storage.Storage` probes it before a process first
+relies on it (:attr:`~bucketsnap._backends.base.Backend.create_condition`). A streamed write is a multipart
+upload with ``upload_concurrency`` parts in flight (:class:`S3MultipartWriter`), which appears when
+``complete_multipart_upload`` succeeds; an aborted one leaves nothing. Retries read botocore's error codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from bucketsnap._backends.base import Backend
+from bucketsnap.errors import StorageError
+from bucketsnap.transport import Retry, is_server_error
+from bucketsnap.uploads import PartUploader
+
+__all__ = ["S3Backend", "S3MultipartWriter"]
+
+logger = logging.getLogger("bucketsnap")
+
+#: S3 refuses parts smaller than this (except the last one).
+S3_MIN_PART_SIZE = 5 * 2**20
+_S3_MAX_PARTS = 10_000
+#: botocore's error codes for requests worth sending again.
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+#: botocore's connection and read errors.
+_TRANSIENT_CLASS_NAMES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+}
+
+
+class S3Backend(Backend):
+    """``s3://`` through s3fs, on AWS or any S3-compatible server (``endpoint_url``)."""
+
+    name: ClassVar[str] = "S3"
+    atomic_create: ClassVar[bool] = True
+    create_condition: ClassVar[str | None] = "If-None-Match: *"
+
+    def open_writer(self, path: str, *, where: str) -> Any:
+        if not hasattr(self.fs, "call_s3"):  # an S3 filesystem other than s3fs: its own writer
+            return super().open_writer(path, where=where)
+        return _Committing(
+            S3MultipartWriter(
+                self.fs,
+                path,
+                part_size=self.part_size,
+                concurrency=self.upload_concurrency,
+                retry=self.retry,
+                where=where,
+            )
+        )
+
+    @classmethod
+    def vendor_transient(cls, exc: BaseException) -> bool:
+        if any(c.__name__ in _TRANSIENT_CLASS_NAMES for c in type(exc).__mro__):
+            return True
+        response = getattr(exc, "response", None)  # botocore's ClientError
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return code in _TRANSIENT_CODES or is_server_error(status)
+        return False
+
+    @classmethod
+    def vendor_throttled(cls, exc: BaseException) -> bool:
+        response = getattr(exc, "response", None)
+        return isinstance(response, dict) and (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 429
+
+
+class _Committing:
+    """A part uploader as an :class:`~bucketsnap._backends.base.ObjectWriter`: closing it completes the upload."""
+
+    def __init__(self, uploader: PartUploader[Any]) -> None:
+        self.file = uploader
+
+    def commit(self) -> None:
+        self.file.close()  # retries its own requests
+
+    def abort(self) -> None:
+        self.file.abort()
+
+
+class S3MultipartWriter(PartUploader[dict[str, Any]]):
+    """Streams one S3 key as a multipart upload with concurrent part uploads.
+
+    Args:
+        fs: an ``s3fs.S3FileSystem``.
+        path: ``bucket/key``.
+        part_size: bytes per part (at least 5 MiB, S3's minimum).
+        concurrency: parts uploaded at once.
+        retry: the retry policy for each request.
+        where: the redacted URL, for messages.
+    """
+
+    def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int, retry: Retry, where: str) -> None:
+        super().__init__(
+            part_size=max(part_size, S3_MIN_PART_SIZE),
+            concurrency=concurrency,
+            retry=retry,
+            where=where,
+            retryable=S3Backend.is_transient,
+        )
+        self._fs = fs
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._upload_id: str | None = None
+
+    def close(self) -> None:
+        super().close()
+        self._fs.invalidate_cache(f"{self._bucket}/{self._key}")
+
+    def _next_part_size(self, number: int) -> int:
+        if number > _S3_MAX_PARTS:
+            raise StorageError(
+                f"{self._where} needs more than {_S3_MAX_PARTS} parts of {self._part_size} bytes; "
+                "pass a larger part_size"
+            )
+        return self._part_size
+
+    def _start(self) -> None:
+        created = self._call(
+            "create", lambda: self._fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
+        )
+        self._upload_id = str(created["UploadId"])
+
+    def _put_whole(self, body: bytearray) -> None:
+        self._call("put", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body))
+
+    def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
+        out = self._call(
+            f"part {number}",
+            lambda: self._fs.call_s3(
+                "upload_part",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,  # bytearray is accepted as is: no copy
+            ),
+        )
+        part = {"PartNumber": number, "ETag": out["ETag"]}
+        if "ChecksumSHA256" in out:
+            part["ChecksumSHA256"] = out["ChecksumSHA256"]
+        return part
+
+    def _complete(self, parts: list[dict[str, Any]]) -> None:
+        self._call(
+            "complete",
+            lambda: self._fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            ),
+        )
+
+    def _discard(self) -> None:
+        # an unaborted upload is invisible; a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes it
+        self._call(
+            "abort",
+            lambda: self._fs.call_s3(
+                "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+            ),
+        )
