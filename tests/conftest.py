@@ -1,5 +1,5 @@
-"""Fixtures: one contract suite over memory, local disk, S3 (LocalStack) and GCS (fake-gcs-server);
-Azure Blob Storage (Azurite) has its fixtures (azure_server, azure_backend) but is not in BACKENDS yet.
+"""Fixtures: one contract suite over memory, local disk, S3 (LocalStack), GCS (fake-gcs-server) and Azure Blob
+Storage (Azurite).
 
 The servers start once per session on 127.0.0.1 (a server that fails to start fails the tests, with its log);
 each test gets its own bucket prefix, so no reset is needed between tests.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import servers
 
-BACKENDS = ["memory", "local", "s3", "gcs"]
+BACKENDS = ["memory", "local", "s3", "gcs", "azure"]
 SERVER_BACKENDS = ("s3", "gcs", "azure")  # each has a marker of its name
 
 
@@ -111,7 +111,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return request.getfixturevalue(f"{name}_backend")  # type: ignore[no-any-return]
 
 
-@pytest.fixture(params=["local", "s3", "gcs"])
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
 def process_backend(request: pytest.FixtureRequest) -> Backend:
     """Backends that several processes can share (memory cannot)."""
     if request.param in SERVER_BACKENDS:

@@ -22,8 +22,9 @@ from fsspec.spec import AbstractBufferedFile
 
 from bucketsnap.errors import redact
 from bucketsnap.transport import Retry, ThreadedWriter, chain, is_throttled, is_transient
+from bucketsnap.uploads import PartUploader
 
-__all__ = ["Backend", "FsspecWriter", "ObjectWriter", "timestamp"]
+__all__ = ["Backend", "FsspecWriter", "ObjectWriter", "PartWriter", "timestamp"]
 
 
 class ObjectWriter(Protocol):
@@ -231,6 +232,19 @@ class FsspecWriter:
         f.close = _nothing  # type: ignore[method-assign]
         with contextlib.suppress(Exception):
             self._fs.rm_file(self._path)
+
+
+class PartWriter:
+    """A part uploader (:mod:`bucketsnap.uploads`) as an :class:`ObjectWriter`: closing it publishes the object."""
+
+    def __init__(self, uploader: PartUploader[Any]) -> None:
+        self.file = uploader
+
+    def commit(self) -> None:
+        self.file.close()  # retries its own requests
+
+    def abort(self) -> None:
+        self.file.abort()
 
 
 def _nothing() -> None:

@@ -14,8 +14,7 @@ import threading
 import uuid
 from typing import Any, ClassVar
 
-from bucketsnap._backends.base import Backend
-from bucketsnap._backends.s3 import _Committing
+from bucketsnap._backends.base import Backend, PartWriter
 from bucketsnap.errors import StorageError
 from bucketsnap.transport import Retry, is_server_error
 from bucketsnap.uploads import PartUploader
@@ -42,7 +41,7 @@ class GcsBackend(Backend):
     def open_writer(self, path: str, *, where: str) -> Any:
         if not hasattr(self.fs, "merge") or self.upload_concurrency == 1:
             return super().open_writer(path, where=where)  # gcsfs's resumable upload
-        return _Committing(
+        return PartWriter(
             GcsComposeWriter(
                 self.fs,
                 path,

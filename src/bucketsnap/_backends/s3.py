@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from bucketsnap._backends.base import Backend
+from bucketsnap._backends.base import Backend, PartWriter
 from bucketsnap.errors import StorageError
 from bucketsnap.transport import Retry, is_server_error
 from bucketsnap.uploads import PartUploader
@@ -60,7 +60,7 @@ class S3Backend(Backend):
     def open_writer(self, path: str, *, where: str) -> Any:
         if not hasattr(self.fs, "call_s3"):  # an S3 filesystem other than s3fs: its own writer
             return super().open_writer(path, where=where)
-        return _Committing(
+        return PartWriter(
             S3MultipartWriter(
                 self.fs,
                 path,
@@ -86,19 +86,6 @@ class S3Backend(Backend):
     def vendor_throttled(cls, exc: BaseException) -> bool:
         response = getattr(exc, "response", None)
         return isinstance(response, dict) and (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 429
-
-
-class _Committing:
-    """A part uploader as an :class:`~bucketsnap._backends.base.ObjectWriter`: closing it completes the upload."""
-
-    def __init__(self, uploader: PartUploader[Any]) -> None:
-        self.file = uploader
-
-    def commit(self) -> None:
-        self.file.close()  # retries its own requests
-
-    def abort(self) -> None:
-        self.file.abort()
 
 
 class S3MultipartWriter(PartUploader[dict[str, Any]]):
