@@ -2,8 +2,13 @@
 
 A run's root holds::
 
-    snapshots/<itr, 12 digits>-<random>.zip     immutable archives, under names no two writers share
+    snapshots/<itr, 12 digits>-<token>.zip      immutable archives, under names no two writers share
+    snapshots/<itr>-<token>-rank<r>.zip         rank r's archive of a distributed save
     manifest/<generation, 12 digits>.json       each generation lists every committed snapshot
+
+Every save draws a random token (:func:`new_token`) and names what it writes after it (:func:`archive_path`;
+:func:`rank_token` for the chunks of one rank of a distributed save); this module is the one place that
+knows those names, and how a reader names a snapshot (:func:`parse_which`).
 
 A save first writes its archive (invisible to readers: nothing references it yet), then commits by creating
 generation N+1, the previous list plus its entry, with an *exclusive* create. If N+1 already exists another
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import random
 import re
 import time
@@ -35,6 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from typing import SupportsIndex
 
 from bucketsnap.archive import FORMAT_VERSION
 from bucketsnap.errors import (
@@ -47,7 +54,20 @@ from bucketsnap.errors import (
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.storage import Storage
 
-__all__ = ["KEEP_GENERATIONS", "MANIFEST_DIR", "SNAPSHOT_DIR", "Manifest", "ManifestLog", "Sweep", "Which", "swept"]
+__all__ = [
+    "KEEP_GENERATIONS",
+    "MANIFEST_DIR",
+    "SNAPSHOT_DIR",
+    "Manifest",
+    "ManifestLog",
+    "Sweep",
+    "Which",
+    "archive_path",
+    "new_token",
+    "parse_which",
+    "rank_token",
+    "swept",
+]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -67,6 +87,51 @@ MAX_COMMIT_ATTEMPTS = 200
 _GENERATION = re.compile(r"^(\d{12})\.json$")
 
 Which = int | str
+
+
+def parse_which(which: object, *, digits: bool = False, name: str = "which") -> Which:
+    """``which`` as a snapshot selector: ``"last"``, ``"first"`` or an int itr.
+
+    Integers (numpy's included, ``bool`` excluded) must be non-negative, as every saved itr is. With ``digits``, a
+    string of ASCII digits names that itr too (``"12"``, as garage's ``load`` and the CLI accept it).
+
+    >>> parse_which("last"), parse_which(12), parse_which("12", digits=True)
+    ('last', 12, 12)
+
+    Raises:
+        ValueError: ``which`` is none of those (``name`` is the argument's name in the message).
+    """
+    if isinstance(which, str):
+        if which in ("last", "first"):
+            return which
+        if digits and which.isascii() and which.isdecimal():
+            return int(which)
+    elif isinstance(which, SupportsIndex) and not isinstance(which, bool):
+        itr = operator.index(which)
+        if itr >= 0:
+            return itr
+    text = " (or a string of its digits)" if digits else ""
+    raise ValueError(f"{name} must be 'last' or 'first' or a non-negative int itr{text}, not {which!r}")
+
+
+def new_token() -> str:
+    """A random token unique to one save: part of the name of every object the save writes (16 hex digits)."""
+    return uuid.uuid4().hex[:16]
+
+
+def archive_path(itr: int, token: str, rank: int | None = None) -> str:
+    """The archive of the save ``token`` of ``itr``; ``rank``: that rank's archive of a distributed save.
+
+    >>> archive_path(7, "0123456789abcdef"), archive_path(7, "0123456789abcdef", rank=1)
+    ('snapshots/000000000007-0123456789abcdef.zip', 'snapshots/000000000007-0123456789abcdef-rank1.zip')
+    """
+    suffix = "" if rank is None else f"-rank{rank}"
+    return f"{SNAPSHOT_DIR}/{itr:012d}-{token}{suffix}.zip"
+
+
+def rank_token(token: str, rank: int) -> str:
+    """The token that names the other objects (replay-buffer chunks) rank ``rank`` of the save ``token`` writes."""
+    return f"{token}{rank:04x}"
 
 
 @dataclass(frozen=True)
@@ -108,13 +173,8 @@ class Manifest:
         return None
 
     def resolve(self, which: Which, url: str) -> SnapshotInfo:
-        """The snapshot ``which`` names: ``"last"``, ``"first"`` or an int itr."""
-        if (
-            isinstance(which, bool)
-            or not isinstance(which, (int, str))
-            or (isinstance(which, str) and which not in ("last", "first"))
-        ):
-            raise ValueError(f"which must be 'last', 'first' or an int itr, not {which!r}")
+        """The snapshot ``which`` names: ``"last"``, ``"first"`` or an int itr (see :func:`parse_which`)."""
+        which = parse_which(which)
         if not self.snapshots:
             raise SnapshotNotFoundError(
                 f"no committed snapshot at {url}: the run is empty. Check the URL, or save one first."

@@ -17,7 +17,7 @@ from typing import Any
 
 from bucketsnap.errors import NotAFileError, SnapshotNotFoundError, StorageError
 from bucketsnap.info import SnapshotInfo
-from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, Which
+from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, parse_which
 from bucketsnap.retention import garage_mode
 from bucketsnap.store import DATA_DIRS, SnapshotStore
 from bucketsnap.values import MapLocation
@@ -149,7 +149,7 @@ class Snapshotter:
                 directory of other files).
             UnsafeLoadError: a member is pickled and ``allow_pickle`` is False.
         """
-        which = _which(itr)
+        which = parse_which(itr, digits=True, name="itr")  # garage accepts "12" as well as 12
         store = SnapshotStore(load_dir, storage_options=self._storage_options)
         for attempt in range(_LOAD_ATTEMPTS):
             try:
@@ -177,17 +177,6 @@ def _int(value: Any, *, minimum: int) -> int | None:
     except TypeError:
         return None
     return n if n >= minimum else None
-
-
-def _which(itr: Any) -> Which:
-    n = _int(itr, minimum=0)
-    if n is not None:
-        return n
-    if isinstance(itr, str) and itr.isdecimal() and itr.isascii():
-        return int(itr)  # garage accepts "12" as well as 12
-    if itr in ("last", "first"):
-        return str(itr)
-    raise ValueError(f"itr should be a non-negative integer or 'last' or 'first', not {itr!r}")
 
 
 def _check_is_run(store: SnapshotStore) -> None:
