@@ -2,14 +2,19 @@
 
 Three kinds of buffer are understood:
 
-* SB3's ``ReplayBuffer`` and ``DictReplayBuffer`` (SB3 itself is never imported here unless the buffer came
-  from it): every array is saved in its physical ring layout with ``pos`` and ``full``, and restored in place
-  into a buffer of the same shape, so a buffer that has wrapped around comes back exact.
+* SB3's ``ReplayBuffer`` and ``DictReplayBuffer`` (:mod:`bucketsnap.integrations._sb3_buffers`, imported
+  here only once SB3 has been): every array is saved in its physical ring layout with ``pos`` and ``full``,
+  and restored in place into a buffer of the same shape, so a buffer that has wrapped around comes back exact.
 * :class:`TransitionStorage`, a ring storage in the spirit of pytorchrl's ``Storage`` (``insert_transition``,
   ``insert_data_slice``, ``get_all_buffer_data``, ``reset``), saved the same way.
 * Any other object with pytorchrl's ``get_all_buffer_data``, ``insert_data_slice`` and ``reset``: what
   ``get_all_buffer_data(data_to_cpu=True)`` returns is saved, and a restore calls ``reset()`` then
   ``insert_data_slice`` once per chunk, so it never needs the whole buffer twice in memory.
+
+Each kind is a :class:`BufferKind` in a table, tried in turn: its stored name, ``matches``, the arrays and
+counters it saves (``state``) and its in-place ``restore``. Another kind of buffer is one
+:func:`register_buffer_kind` call; a framework's kinds live in its module under :mod:`bucketsnap.integrations`,
+imported here once the framework has been.
 
 Wrap the buffer with :func:`buffer_state` in the state you save, and bring it back with :func:`restore_buffer`::
 
@@ -22,24 +27,32 @@ The buffer's rows are stored as content-addressed chunks shared by the run's sna
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Mapping
-from typing import Any
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from bucketsnap.chunks import ChunkedArrays, ChunkTable, read_chunks
+from bucketsnap.storage import Storage
 from bucketsnap.store import SnapshotStore, as_store
 
-__all__ = ["TransitionStorage", "buffer_state", "restore_buffer"]
+__all__ = [
+    "BufferKind",
+    "BufferState",
+    "SavedBuffer",
+    "TransitionStorage",
+    "buffer_state",
+    "register_buffer_kind",
+    "restore_buffer",
+]
 
 Which = int | str
-
-_SB3_PLAIN = "sb3.ReplayBuffer"
-_SB3_DICT = "sb3.DictReplayBuffer"
-_STORAGE = "bucketsnap.TransitionStorage"
-_GENERIC = "storage.get_all_buffer_data"
 
 
 class TransitionStorage:
@@ -135,46 +148,156 @@ class TransitionStorage:
             raise KeyError(f"transition fields {sorted(sample)} differ from the storage's {sorted(self.data)}")
 
 
-# -- saving ---------------------------------------------------------------------------------------------------
+# -- buffer kinds -------------------------------------------------------------------------------------------
 
 
-def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) -> ChunkedArrays:
-    """Wrap ``buffer`` for :meth:`SnapshotStore.save`: it is stored as content-addressed chunks of rows.
+@dataclass(frozen=True)
+class BufferState:
+    """What a :class:`BufferKind` saves of a buffer: rows ``[0, rows)`` of ``arrays``, and JSON-like ``attrs``."""
 
-    Args:
-        buffer: an SB3 ``ReplayBuffer``/``DictReplayBuffer``, a :class:`TransitionStorage`, or any object with
-            pytorchrl's ``get_all_buffer_data``/``insert_data_slice``/``reset``.
-        chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
-            saves of a run, or no chunk is shared.
-        level: zstd level of the chunks.
+    arrays: Mapping[str, np.ndarray]
+    rows: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SavedBuffer:
+    """A buffer as a snapshot holds it, handed to :meth:`BufferKind.restore`: its chunk table and its chunks.
+
+    Attributes:
+        table: the parsed chunk table (``fields``, ``rows``, ``attrs``); its kind is the restoring kind's.
+        where: the snapshot member, for messages.
+    """
+
+    table: ChunkTable
+    where: str
+    _storage: Storage
+    _verify: bool
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The ``attrs`` the buffer was saved with."""
+        return self.table.attrs
+
+    def check_fields(self, into: Mapping[str, np.ndarray]) -> None:
+        """Raise ValueError unless ``into`` has the saved fields, each of the saved dtype and row shape, with
+        room for the saved rows, C-contiguous."""
+        _check_fields(self.table, into, self.where)
+
+    def read_into(self, into: Mapping[str, np.ndarray]) -> None:
+        """Decompress every chunk straight into ``into`` (field -> array of at least ``table.rows`` rows)."""
+        for _ in read_chunks(self._storage, self.table, where=self.where, into=into, verify=self._verify):
+            pass
+
+    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        """The saved rows, one chunk at a time (field -> fresh array of that chunk's rows), oldest first."""
+        for _, rows in read_chunks(self._storage, self.table, where=self.where, verify=self._verify):
+            yield rows
+
+
+class BufferKind(ABC):
+    """One kind of buffer: how it is recognised, what of it is saved, and how it is restored in place.
+
+    A new kind is a subclass registered with :func:`register_buffer_kind`; :func:`buffer_state` and
+    :func:`restore_buffer` then handle its buffers. ``name`` is stored with the saved buffer and checked on
+    restore, so keep it stable (``"sb3.ReplayBuffer"``, ``"bucketsnap.TransitionStorage"``...).
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def matches(self, buffer: Any) -> bool:
+        """Whether ``buffer`` is of this kind (raise TypeError to refuse a buffer recognised but not supported)."""
+
+    def restores_into(self, buffer: Any) -> bool:
+        """Whether a buffer saved as this kind can be restored into ``buffer`` (by default: :meth:`matches`)."""
+        return self.matches(buffer)
+
+    @abstractmethod
+    def state(self, buffer: Any) -> BufferState:
+        """The arrays, row count and attrs to save of ``buffer``."""
+
+    @abstractmethod
+    def restore(self, buffer: Any, saved: SavedBuffer) -> None:
+        """Bring ``buffer`` back, in place, to the state ``saved`` holds; raise ValueError if it cannot hold it."""
+
+
+#: The kinds tried in turn, first match wins; the duck-typed pytorchrl kind comes after all of them.
+_KINDS: list[BufferKind] = []
+#: Framework module -> the bucketsnap module registering its kinds: imported once the framework has been (a
+#: buffer cannot come from a framework that was never imported, so bucketsnap never imports one itself).
+_FRAMEWORK_KINDS = {"stable_baselines3": "bucketsnap.integrations._sb3_buffers"}
+_loaded: set[str] = set()
+_lock = threading.Lock()
+
+
+def register_buffer_kind(kind: BufferKind) -> None:
+    """Let :func:`buffer_state` and :func:`restore_buffer` handle the buffers ``kind`` matches.
+
+    Kinds are tried in the order they were registered, before the duck-typed pytorchrl kind.
 
     Raises:
-        TypeError: ``buffer`` is none of those kinds (SB3's ``HerReplayBuffer`` is not supported).
+        ValueError: a kind of that name is registered already.
     """
-    kind = _sb3_kind(buffer)
-    if kind is not None:
-        arrays = _sb3_arrays(buffer)
-        size = int(buffer.buffer_size)
-        rows = size if buffer.full else int(buffer.pos)
-        if buffer.optimize_memory_usage and not buffer.full:
-            rows = min(rows + 1, size)  # the next observation of the newest transition lives one row further
-        attrs: dict[str, Any] = {
-            "pos": int(buffer.pos),
-            "full": bool(buffer.full),
-            "buffer_size": size,
-            "n_envs": int(buffer.n_envs),
-            "optimize_memory_usage": bool(buffer.optimize_memory_usage),
-            "handle_timeout_termination": bool(buffer.handle_timeout_termination),
-        }
-        return ChunkedArrays(arrays, rows, kind=kind, attrs=attrs, chunk_rows=chunk_rows, level=level)
-    if isinstance(buffer, TransitionStorage):
+    with _lock:
+        if any(k.name == kind.name for k in _KINDS):
+            raise ValueError(f"a buffer kind named {kind.name!r} is registered already")
+        _KINDS.append(kind)
+
+
+def _kinds() -> list[BufferKind]:
+    for framework, module in _FRAMEWORK_KINDS.items():
+        if module not in _loaded and framework in sys.modules:
+            with _lock:
+                if module in _loaded:
+                    continue
+                _loaded.add(module)
+            importlib.import_module(module)  # registers its kinds
+    return [*_KINDS, _GENERIC]
+
+
+class _TransitionStorageKind(BufferKind):
+    name = "bucketsnap.TransitionStorage"
+
+    def matches(self, buffer: Any) -> bool:
+        return isinstance(buffer, TransitionStorage)
+
+    def state(self, buffer: TransitionStorage) -> BufferState:
         arrays = {name: t.numpy() for name, t in buffer.data.items()}
         rows = buffer.size if buffer.full else buffer.pos
-        attrs = {"pos": buffer.pos, "full": buffer.full, "size": buffer.size}
         if not arrays:
             raise ValueError("the TransitionStorage is empty and has no fields yet: insert a transition first")
-        return ChunkedArrays(arrays, rows, kind=_STORAGE, attrs=attrs, chunk_rows=chunk_rows, level=level)
-    if all(callable(getattr(buffer, m, None)) for m in ("get_all_buffer_data", "insert_data_slice", "reset")):
+        return BufferState(arrays, rows, {"pos": buffer.pos, "full": buffer.full, "size": buffer.size})
+
+    def restore(self, buffer: TransitionStorage, saved: SavedBuffer) -> None:
+        table = saved.table
+        if table.attrs.get("size") != buffer.size:
+            raise ValueError(
+                f"{saved.where} was saved from a storage of size {table.attrs.get('size')}; this one has {buffer.size}"
+            )
+        if set(buffer.data) != {f.name for f in table.fields} or any(
+            buffer.data[f.name].numpy().dtype != f.dtype or tuple(buffer.data[f.name].shape[1:]) != f.row_shape
+            for f in table.fields
+        ):
+            buffer.data = {
+                f.name: torch.from_numpy(np.zeros((buffer.size, *f.row_shape), dtype=f.dtype)) for f in table.fields
+            }
+        saved.read_into({name: t.numpy() for name, t in buffer.data.items()})
+        buffer.pos, buffer.full = int(table.attrs["pos"]), bool(table.attrs["full"])
+
+
+class _PytorchrlKind(BufferKind):
+    """Any object with pytorchrl's ``get_all_buffer_data``/``insert_data_slice``/``reset``."""
+
+    name = "storage.get_all_buffer_data"
+
+    def matches(self, buffer: Any) -> bool:
+        return all(callable(getattr(buffer, m, None)) for m in ("get_all_buffer_data", "insert_data_slice", "reset"))
+
+    def restores_into(self, buffer: Any) -> bool:
+        return all(callable(getattr(buffer, m, None)) for m in ("insert_data_slice", "reset"))
+
+    def state(self, buffer: Any) -> BufferState:
         data = buffer.get_all_buffer_data(data_to_cpu=True)
         arrays, tensors = {}, []
         for name, value in dict(data).items():
@@ -191,44 +314,47 @@ def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) 
         if len(counts) != 1 or -1 in counts:
             raise ValueError(f"get_all_buffer_data() returned fields with different numbers of rows: {counts}")
         attrs = {"tensors": tensors, "type": f"{type(buffer).__module__}.{type(buffer).__qualname__}"}
-        return ChunkedArrays(arrays, counts.pop(), kind=_GENERIC, attrs=attrs, chunk_rows=chunk_rows, level=level)
+        return BufferState(arrays, counts.pop(), attrs)
+
+    def restore(self, buffer: Any, saved: SavedBuffer) -> None:
+        tensors = set(saved.attrs.get("tensors", ()))
+        buffer.reset()
+        for rows in saved.chunks():
+            buffer.insert_data_slice({n: torch.from_numpy(a) if n in tensors else a for n, a in rows.items()})
+
+
+_GENERIC = _PytorchrlKind()
+register_buffer_kind(_TransitionStorageKind())
+
+
+# -- saving and restoring -------------------------------------------------------------------------------------
+
+
+def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) -> ChunkedArrays:
+    """Wrap ``buffer`` for :meth:`SnapshotStore.save`: it is stored as content-addressed chunks of rows.
+
+    Args:
+        buffer: an SB3 ``ReplayBuffer``/``DictReplayBuffer``, a :class:`TransitionStorage`, any object with
+            pytorchrl's ``get_all_buffer_data``/``insert_data_slice``/``reset``, or a buffer of a kind
+            registered with :func:`register_buffer_kind`.
+        chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
+            saves of a run, or no chunk is shared.
+        level: zstd level of the chunks.
+
+    Raises:
+        TypeError: ``buffer`` is none of those kinds (SB3's ``HerReplayBuffer`` is not supported).
+    """
+    for kind in _kinds():
+        if kind.matches(buffer):
+            state = kind.state(buffer)
+            return ChunkedArrays(
+                state.arrays, state.rows, kind=kind.name, attrs=state.attrs, chunk_rows=chunk_rows, level=level
+            )
     raise TypeError(
         f"cannot save a {type(buffer).__module__}.{type(buffer).__qualname__} as a buffer: pass an SB3 "
         "ReplayBuffer or DictReplayBuffer, a bucketsnap.buffers.TransitionStorage, or an object with "
         "get_all_buffer_data(), insert_data_slice() and reset()"
     )
-
-
-def _sb3_kind(buffer: Any) -> str | None:
-    if "stable_baselines3" not in sys.modules:
-        return None  # the buffer cannot come from SB3 if SB3 was never imported
-    from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
-    from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
-
-    if isinstance(buffer, HerReplayBuffer):
-        raise TypeError("SB3's HerReplayBuffer is not supported yet: save it with model.save_replay_buffer()")
-    if isinstance(buffer, DictReplayBuffer):
-        return _SB3_DICT
-    if isinstance(buffer, ReplayBuffer):
-        return _SB3_PLAIN
-    return None
-
-
-def _sb3_arrays(buffer: Any) -> dict[str, np.ndarray]:
-    """The arrays of an SB3 replay buffer, by field name; dict observations as ``observations/<key>``."""
-    arrays: dict[str, np.ndarray] = {}
-    for attr in ("observations", "next_observations"):
-        value = getattr(buffer, attr, None)
-        if isinstance(value, dict):
-            arrays.update({f"{attr}/{k}": v for k, v in value.items()})
-        elif value is not None and not (attr == "next_observations" and buffer.optimize_memory_usage):
-            arrays[attr] = value
-    for attr in ("actions", "rewards", "dones", "timeouts"):
-        arrays[attr] = getattr(buffer, attr)
-    return arrays
-
-
-# -- restoring ------------------------------------------------------------------------------------------------
 
 
 def restore_buffer(
@@ -256,49 +382,12 @@ def restore_buffer(
     snapshot = store.open(which)
     where = f"{snapshot.info.url} member {key!r}"
     table = ChunkTable.parse(snapshot[key], where)
-    storage = store.storage
-    kind = _sb3_kind(buffer)
-    if kind is not None:
-        _expect(table, kind, where)
-        attrs = table.attrs
-        for name in ("buffer_size", "n_envs", "optimize_memory_usage"):
-            ours = getattr(buffer, name)
-            if attrs.get(name) != ours:
-                raise ValueError(
-                    f"{where} was saved from a buffer with {name}={attrs.get(name)!r}; this one has {ours!r}"
-                )
-        into = _sb3_arrays(buffer)
-        _check_fields(table, into, where)
-        for _ in read_chunks(storage, table, where=where, into=into, verify=verify):
-            pass
-        buffer.pos, buffer.full = int(attrs["pos"]), bool(attrs["full"])
-        return buffer
-    if isinstance(buffer, TransitionStorage):
-        _expect(table, _STORAGE, where)
-        if table.attrs.get("size") != buffer.size:
-            raise ValueError(
-                f"{where} was saved from a storage of size {table.attrs.get('size')}; this one has {buffer.size}"
-            )
-        if set(buffer.data) != {f.name for f in table.fields} or any(
-            buffer.data[f.name].numpy().dtype != f.dtype or tuple(buffer.data[f.name].shape[1:]) != f.row_shape
-            for f in table.fields
-        ):
-            buffer.data = {
-                f.name: torch.from_numpy(np.zeros((buffer.size, *f.row_shape), dtype=f.dtype)) for f in table.fields
-            }
-        into = {name: t.numpy() for name, t in buffer.data.items()}
-        for _ in read_chunks(storage, table, where=where, into=into, verify=verify):
-            pass
-        buffer.pos, buffer.full = int(table.attrs["pos"]), bool(table.attrs["full"])
-        return buffer
-    if all(callable(getattr(buffer, m, None)) for m in ("insert_data_slice", "reset")):
-        _expect(table, _GENERIC, where)
-        tensors = set(table.attrs.get("tensors", ()))
-        buffer.reset()
-        for _, rows in read_chunks(storage, table, where=where, verify=verify):
-            buffer.insert_data_slice({n: torch.from_numpy(a) if n in tensors else a for n, a in rows.items()})
-        return buffer
-    raise TypeError(f"cannot restore {where} into a {type(buffer).__name__}; see buffer_state() for the kinds")
+    kind = next((k for k in _kinds() if k.restores_into(buffer)), None)
+    if kind is None:
+        raise TypeError(f"cannot restore {where} into a {type(buffer).__name__}; see buffer_state() for the kinds")
+    _expect(table, kind.name, where)
+    kind.restore(buffer, SavedBuffer(table, where, store.storage, verify))
+    return buffer
 
 
 def _expect(table: ChunkTable, kind: str, where: str) -> None:

@@ -1,0 +1,92 @@
+"""SB3's ``ReplayBuffer`` and ``DictReplayBuffer`` as bucketsnap buffer kinds (:class:`~bucketsnap.buffers.BufferKind`).
+
+:mod:`bucketsnap.buffers` imports this module, which registers the kinds, the first time it meets a buffer
+after ``stable_baselines3`` was imported, so a user never imports it, and bucketsnap never imports SB3 for
+someone who does not use it.
+
+Every array is saved in its physical ring layout with ``pos`` and ``full``, and restored in place into a buffer
+of the same shape (``buffer_size``, ``n_envs``, ``optimize_memory_usage``), so a buffer that has wrapped around
+comes back exact. Dict observations are saved as fields ``observations/<key>``. ``HerReplayBuffer`` (a
+``DictReplayBuffer`` that also holds episode bookkeeping) is refused rather than saved incompletely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+from bucketsnap.buffers import BufferKind, BufferState, SavedBuffer, register_buffer_kind
+
+__all__: list[str] = []
+
+
+class _SB3Kind(BufferKind):
+    buffer_class: ClassVar[type[ReplayBuffer]]
+
+    def matches(self, buffer: Any) -> bool:
+        if isinstance(buffer, HerReplayBuffer):
+            raise TypeError("SB3's HerReplayBuffer is not supported yet: save it with model.save_replay_buffer()")
+        return isinstance(buffer, self.buffer_class)
+
+    def state(self, buffer: Any) -> BufferState:
+        size = int(buffer.buffer_size)
+        rows = size if buffer.full else int(buffer.pos)
+        if buffer.optimize_memory_usage and not buffer.full:
+            rows = min(rows + 1, size)  # the next observation of the newest transition lives one row further
+        attrs: dict[str, Any] = {
+            "pos": int(buffer.pos),
+            "full": bool(buffer.full),
+            "buffer_size": size,
+            "n_envs": int(buffer.n_envs),
+            "optimize_memory_usage": bool(buffer.optimize_memory_usage),
+            "handle_timeout_termination": bool(buffer.handle_timeout_termination),
+        }
+        return BufferState(_arrays(buffer), rows, attrs)
+
+    def restore(self, buffer: Any, saved: SavedBuffer) -> None:
+        attrs = saved.attrs
+        for name in ("buffer_size", "n_envs", "optimize_memory_usage"):
+            ours = getattr(buffer, name)
+            if attrs.get(name) != ours:
+                raise ValueError(
+                    f"{saved.where} was saved from a buffer with {name}={attrs.get(name)!r}; this one has {ours!r}"
+                )
+        into = _arrays(buffer)
+        saved.check_fields(into)
+        saved.read_into(into)
+        buffer.pos, buffer.full = int(attrs["pos"]), bool(attrs["full"])
+
+
+class _DictReplayBufferKind(_SB3Kind):
+    name = "sb3.DictReplayBuffer"
+    buffer_class = DictReplayBuffer
+
+
+class _ReplayBufferKind(_SB3Kind):
+    name = "sb3.ReplayBuffer"
+    buffer_class = ReplayBuffer
+
+    def matches(self, buffer: Any) -> bool:
+        return super().matches(buffer) and not isinstance(buffer, DictReplayBuffer)
+
+
+def _arrays(buffer: Any) -> dict[str, np.ndarray]:
+    """The arrays of an SB3 replay buffer, by field name, to save and to restore into; dict observations as
+    ``observations/<key>``."""
+    arrays: dict[str, np.ndarray] = {}
+    for attr in ("observations", "next_observations"):
+        value = getattr(buffer, attr, None)
+        if isinstance(value, dict):
+            arrays.update({f"{attr}/{k}": v for k, v in value.items()})
+        elif value is not None and not (attr == "next_observations" and buffer.optimize_memory_usage):
+            arrays[attr] = value
+    for attr in ("actions", "rewards", "dones", "timeouts"):
+        arrays[attr] = getattr(buffer, attr)
+    return arrays
+
+
+register_buffer_kind(_DictReplayBufferKind())
+register_buffer_kind(_ReplayBufferKind())
