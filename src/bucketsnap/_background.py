@@ -88,6 +88,10 @@ class BackgroundSaves(Generic[T]):
         with self._lock:
             return list(self._in_flight)
 
+    def cancel_queued(self) -> int:
+        """Cancel the jobs that have not started; return how many were cancelled (running ones go on)."""
+        return sum(future.cancel() for future in self.pending())
+
     def flush(self, timeout: float | None = None, *, where: str = "") -> None:
         """Wait for every job; raise the first failure not yet raised.
 

@@ -1,16 +1,17 @@
-"""What every save does before it writes: validate the request and encode the state.
+"""What every save does before it commits: validate the request, encode the state, write an archive.
 
-Kept apart from :mod:`bucketsnap.store` so that single-process and distributed saves
-(:mod:`bucketsnap._distributed_save`) share one definition of a valid itr, key and metric, and of the
-``meta.json`` every archive carries.
+The first and second steps of the save pipeline (:mod:`bucketsnap._pipeline`), for a process alone and for
+each rank of a distributed save alike: one definition of a valid itr, key and metric, of the part of a state
+one process writes (:class:`Share`), and of the archive and ``meta.json`` it writes. Nothing here reads the
+manifest or decides a name: the pipeline does.
 """
 
 from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,8 +29,10 @@ from bucketsnap.values import EncodedValue, HostBuffer, encode
 __all__ = [
     "ExternalValue",
     "Prepared",
+    "Share",
     "StoredObjects",
     "WrittenArchive",
+    "alone",
     "check_itr",
     "check_state",
     "meta",
@@ -80,13 +83,45 @@ class ExternalValue(Protocol):
 
 
 @dataclass(frozen=True)
+class Share:
+    """The part of a save's state one process writes, and what the ranks of a distributed save agree on.
+
+    A process saving alone writes every key (:func:`alone`); a rank of a distributed save writes its
+    :class:`~bucketsnap.Sharded` values and the replicated keys assigned to it (``bucketsnap._distributed_save``).
+
+    Attributes:
+        members: member name -> value, for the members this process writes.
+        layout: every top-level key, with whether it is sharded, in the caller's order.
+        sizes: replicated key -> bytes of tensors and arrays (the same on every rank, or the ranks disagree).
+        names: every member name of the snapshot, over all ranks, in the order its manifest entry lists them.
+    """
+
+    members: Mapping[str, Any]
+    layout: tuple[tuple[str, bool], ...]
+    sizes: Mapping[str, int]
+    names: tuple[str, ...]
+
+
+def alone(state: Mapping[str, Any]) -> Share:
+    """The share of a process saving alone: the whole state, each key one member."""
+    return Share(state, tuple((key, False) for key in state), {}, tuple(state))
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """A validated, encoded save, ready to be written by any thread."""
+    """A validated, encoded save (this process's share of it), ready to be written by any thread.
+
+    ``layout``, ``sizes`` and ``names`` are as in :class:`Share`; left empty, the snapshot's members are
+    ``values``, in their order.
+    """
 
     itr: int
     values: dict[str, EncodedValue | ExternalValue]
     metrics: dict[str, Metric]
     overwrite: bool
+    layout: tuple[tuple[str, bool], ...] = ()
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
 
 
 def prepare(
@@ -97,14 +132,16 @@ def prepare(
     overwrite: bool,
     copy: bool,
     host_buffer: HostBuffer | None = None,
+    share: Callable[[Mapping[str, Any]], Share] = alone,
 ) -> Prepared:
-    """Validate a save request and encode its state (``copy``: into private host memory, taken from
-    ``host_buffer`` when given; see :func:`bucketsnap.values.encode`)."""
+    """Validate a save request and encode this process's ``share`` of its state (``copy``: into private host
+    memory, taken from ``host_buffer`` when given; see :func:`bucketsnap.values.encode`)."""
     itr = check_itr(itr)
     check_state(state)
     metric_values = check_metrics(dict(metrics or {}))
-    values = {key: prepare_value(value, copy=copy, host_buffer=host_buffer) for key, value in state.items()}
-    return Prepared(itr, values, metric_values, overwrite)
+    part = share(state)
+    values = {name: prepare_value(value, copy=copy, host_buffer=host_buffer) for name, value in part.members.items()}
+    return Prepared(itr, values, metric_values, overwrite, part.layout, part.sizes, part.names)
 
 
 def prepare_value(value: Any, *, copy: bool, host_buffer: HostBuffer | None = None) -> EncodedValue | ExternalValue:

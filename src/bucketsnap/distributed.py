@@ -33,8 +33,9 @@ A rank that loses contact with rank 0 *after* writing cannot know whether rank 0
 committed info if the manifest already lists it, else raises and leaves its object for
 :meth:`~bucketsnap.SnapshotStore.gc`, which removes it once older than ``min_age``.
 
-The protocol itself lives in :mod:`bucketsnap._distributed_save`; this module holds the public helpers and the
-process groups.
+The steps are those of every save (:mod:`bucketsnap._pipeline`, where a process alone is a world of one);
+:mod:`bucketsnap._distributed_save` adds what ranks need (which rank writes what, how errors travel between
+them, the order of a group's saves). This module holds the public helpers and chooses the process group.
 
 The trade-off: three small collectives per save (plan, gather, outcome) and one manifest commit, whatever the
 world size; in exchange no rank ever waits for another's upload, and restores need no process group at all.
@@ -46,7 +47,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
@@ -221,105 +222,35 @@ def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg
         ...         agree_on_preemption(h)
         False
     """
-    group = _resolve(process_group)
+    pg = _process_group(process_group)
     requested = handler.requested
-    if group.pg is None:
+    if pg is None:
         return requested
     flag = torch.tensor([int(requested)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group.pg)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
     anywhere = bool(flag.item())
     if anywhere and not requested:
         os.kill(os.getpid(), handler.signals[0])  # handled when the hold() block exits
     return anywhere
 
 
-# -- the collectives ---------------------------------------------------------------------------------------------
-
-
-class _Group:
-    """The three collectives of a save, over a process group, or trivially for a process alone."""
-
-    def __init__(self, pg: dist.ProcessGroup | None) -> None:
-        self.pg = pg
-        self.rank = 0 if pg is None else int(dist.get_rank(pg))
-        self.world = 1 if pg is None else int(dist.get_world_size(pg))
-        self.sequencer = _sequencer(pg)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.pg)
-        return out
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` on rank 0; an empty list elsewhere."""
-        if self.world == 1:
-            return [obj]
-        assert self.pg is not None
-        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=dist.get_global_rank(self.pg, 0), group=self.pg)
-        return out or []
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        assert self.pg is not None
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.pg, 0), group=self.pg)
-        return box[0]
-
-
-class _Sequencer:
-    """Runs a group's saves in the order they were called, which is the same on every rank.
-
-    Collectives must be issued in the same order on every rank; background saves (``max_in_flight > 1``) would
-    otherwise race for the group.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._issued = 0
-        self._serving = 0
-
-    def take(self) -> int:
-        with self._cond:
-            self._issued += 1
-            return self._issued - 1
-
-    @contextlib.contextmanager
-    def turn(self, ticket: int) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._serving == ticket)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._serving += 1
-                self._cond.notify_all()
+# -- the process group of a save ---------------------------------------------------------------------------------
 
 
 _registry_lock = threading.Lock()
-_sequencers: dict[int, _Sequencer] = {}
 _side_groups: dict[int, dist.ProcessGroup] = {}
 
 
-def _sequencer(pg: dist.ProcessGroup | None) -> _Sequencer:
-    if pg is None:
-        return _Sequencer()  # no collectives: nothing to order
-    with _registry_lock:
-        return _sequencers.setdefault(id(pg), _Sequencer())
-
-
-def _resolve(process_group: ProcessGroupArg) -> _Group:
-    """The group a save runs on: the one given, bucketsnap's own gloo group over the world, or none."""
+def _process_group(process_group: ProcessGroupArg) -> dist.ProcessGroup | None:
+    """The group a save (or :func:`agree_on_preemption`) runs on: the one given, bucketsnap's own gloo group over
+    the world when ``torch.distributed`` is initialised with more than one rank, or None (a process alone)."""
     if process_group == LOCAL:
-        return _Group(None)
+        return None
     if process_group is not None:
-        return _Group(process_group)  # type: ignore[arg-type]
+        return process_group  # type: ignore[return-value]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return _Group(None)
-    return _Group(_side_group())
+        return None
+    return _side_group()
 
 
 def _side_group() -> dist.ProcessGroup:

@@ -210,7 +210,7 @@ class PreemptionHandler:
                 self.store.flush(timeout=max(0.0, self.deadline * _FLUSH_SHARE - self._elapsed()))
                 return
             except TimeoutError:
-                cancelled = sum(future.cancel() for future in self.store._pending())
+                cancelled = self.store.cancel_queued()
                 logger.warning(
                     "preemption: a save in flight is still running; it goes on beside the final one "
                     "(%d queued save(s) cancelled)",

@@ -1,37 +1,35 @@
 """``SnapshotStore``: save, find and restore training state in a run directory at any fsspec URL.
 
-The store orchestrates; it holds no format or storage logic. A save writes an archive
-(:mod:`bucketsnap.archive`) through the storage layer (:mod:`bucketsnap.storage`) and commits it to the
-manifest log (:mod:`bucketsnap.manifest`). A load resolves ``which`` in the newest manifest generation and
-streams only the requested members' byte ranges.
+The store orchestrates; it holds no format, storage or commit logic. A save is validated and encoded
+(:mod:`bucketsnap._saving`) in the caller's thread, then planned, written and committed by the save pipeline
+(:mod:`bucketsnap._pipeline`), in the caller's thread or in the background (:mod:`bucketsnap._background`).
+A process saving alone runs it as a world of one; the ranks of a distributed save run it together
+(:mod:`bucketsnap._distributed_save`). A load resolves ``which`` in the newest manifest generation
+(:mod:`bucketsnap.manifest`) and streams only the requested members' byte ranges.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
+from bucketsnap._commit import Committer
+from bucketsnap._distributed_save import save_job
 from bucketsnap._host_copies import HostCopies
-from bucketsnap._saving import ExternalValue, Prepared, StoredObjects, check_itr, meta, prepare, write_archive
-from bucketsnap.copying import copy_objects
-from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
+from bucketsnap._pipeline import SavePipeline, Staged
+from bucketsnap._saving import ExternalValue, Prepared, check_itr, prepare
+from bucketsnap.distributed import ProcessGroupArg
 from bucketsnap.info import SnapshotInfo
 from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
-from bucketsnap.manifest import SNAPSHOT_DIR, Manifest, ManifestLog, Which, check_not_swept
+from bucketsnap.manifest import Manifest, ManifestLog, Which
 from bucketsnap.progress import ProgressCallback
-from bucketsnap.retention import RetentionPolicy, split
+from bucketsnap.retention import RetentionPolicy
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
 from bucketsnap.values import MapLocation
-
-if TYPE_CHECKING:
-    from bucketsnap.distributed import ProcessGroupArg
 
 __all__ = ["DATA_DIRS", "ExternalValue", "SnapshotStore", "as_store"]
 
@@ -93,12 +91,13 @@ class SnapshotStore:
             single_writer=single_writer,
         )
         self._log = ManifestLog(self._storage)
-        self.compression_level = compression_level
-        self.compression_threads = compression_threads
-        self.max_in_flight = max_in_flight
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"retention must be a bucketsnap.retention policy such as KeepLast(3), not {retention!r}")
-        self.retention = retention
+        self._commits = Committer(self._storage, self._log, retention=retention)
+        self._pipeline = SavePipeline(
+            self._commits, compression_level=compression_level, compression_threads=compression_threads
+        )
+        self.max_in_flight = max_in_flight
 
     @property
     def url(self) -> str:
@@ -109,6 +108,33 @@ class SnapshotStore:
     def storage(self) -> Storage:
         """The storage layer this store writes through."""
         return self._storage
+
+    @property
+    def compression_level(self) -> int:
+        """The zstd level of the members written from now on."""
+        return self._pipeline.compression_level
+
+    @compression_level.setter
+    def compression_level(self, level: int) -> None:
+        self._pipeline.compression_level = level
+
+    @property
+    def compression_threads(self) -> int:
+        """zstd worker threads per member written from now on."""
+        return self._pipeline.compression_threads
+
+    @compression_threads.setter
+    def compression_threads(self, threads: int) -> None:
+        self._pipeline.compression_threads = threads
+
+    @property
+    def retention(self) -> RetentionPolicy | None:
+        """The retention policy applied after each commit from now on (None: keep everything)."""
+        return self._commits.retention
+
+    @retention.setter
+    def retention(self, policy: RetentionPolicy | None) -> None:
+        self._commits.retention = policy
 
     @property
     def conflicts(self) -> int:
@@ -148,9 +174,9 @@ class SnapshotStore:
             Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
         self._raise_background_error()
-        from bucketsnap._distributed_save import save_job  # it imports this module
-
-        job = save_job(self, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress)
+        job = save_job(
+            self._pipeline, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress
+        )
         if job is not None:
             return job()
         return self._write(prepare(itr, state, metrics, overwrite=overwrite, copy=False), progress)
@@ -185,12 +211,10 @@ class SnapshotStore:
         run in the background thread too, and every error (even a bad key) is raised by the future, on every rank.
         """
         self._raise_background_error()
-        from bucketsnap._distributed_save import save_job  # it imports this module
-
         lease = self._host_copies.lease()
         try:
             job = save_job(
-                self,
+                self._pipeline,
                 itr,
                 state,
                 metrics,
@@ -217,9 +241,13 @@ class SnapshotStore:
         """
         self._background.flush(timeout, where=self.url)
 
-    def _pending(self) -> list[SaveFuture[SnapshotInfo]]:
-        """The :meth:`save_async` futures not yet done (for :mod:`bucketsnap.preemption`)."""
-        return self._background.pending()
+    def cancel_queued(self) -> int:
+        """Cancel the :meth:`save_async` calls that have not started yet; return how many were cancelled.
+
+        Their futures raise ``CancelledError``; saves already running go on. :mod:`bucketsnap.preemption` calls
+        it when the saves in flight outlast their share of the deadline.
+        """
+        return self._background.cancel_queued()
 
     def close(self) -> None:
         """Wait for in-flight saves, stop the background thread and free the kept host copies; raise an error
@@ -245,126 +273,21 @@ class SnapshotStore:
         self._background.raise_failure()
 
     def _write(self, prepared: Prepared, progress: ProgressCallback | None = None) -> SnapshotInfo:
-        """Write an archive from encoded values and commit it."""
-        staged = self._stage(prepared, progress)
-        self._commit_new(staged.info, staged.base, overwrite=prepared.overwrite, written=[staged.info.path])
-        logger.info("committed itr %d to %s (%d bytes)", staged.info.itr, self.url, staged.info.size)
-        return staged.info
+        """Plan, write and commit a save of this process alone (every save without a process group or
+        ``Sharded`` values goes through here; tests wrap it)."""
+        return self._pipeline.save(prepared, progress)
 
-    def _stage(self, prepared: Prepared, progress: ProgressCallback | None = None) -> _Staged:
-        """Write the objects of a save, not yet committed, and the generation they were written after."""
-        itr = prepared.itr
-        base = self._log.read()  # before any object is written: what gc may have swept since is told from it
-        if not prepared.overwrite and base.find(itr) is not None:
-            raise self._exists(itr)
-        created = datetime.now(timezone.utc)
-        token = uuid.uuid4().hex[:16]
-        written = write_archive(
-            self._storage,
-            f"{SNAPSHOT_DIR}/{itr:012d}-{token}.zip",
-            prepared.values,
-            meta(itr, created, prepared.metrics),
-            level=self.compression_level,
-            threads=self.compression_threads,
-            objects=StoredObjects(frozenset(base.referenced()), token),
-            progress=progress,
-        )
-        info = SnapshotInfo(
-            itr=itr,
-            path=written.path,
-            url=self._storage.url_of(written.path),
-            size=written.size,
-            created=created,
-            metrics=prepared.metrics,
-            members=written.members,
-            refs=written.refs,
-            checksums={written.path: written.checksum},
-        )
-        return _Staged(info, base)
+    def _stage(self, prepared: Prepared, progress: ProgressCallback | None = None) -> Staged:
+        """The plan and write steps of :meth:`_write`, committing nothing (for tests that interleave gc)."""
+        return self._pipeline.stage(prepared, progress)
 
     def _commit_new(self, info: SnapshotInfo, base: Manifest, *, overwrite: bool, written: list[str]) -> Manifest:
-        """Commit ``info``, whose objects were written or found referenced after reading ``base``.
-
-        Once the commit has landed nothing deletes its objects, and it is reported as committed: cleanup that
-        fails afterwards is a warning. ``written`` (this save's archives) are deleted only when this save's own
-        check refused the commit; when its outcome is unknown they are left to gc. The archive of a snapshot
-        an overwrite replaces is deleted through a sweep recorded by the commit (see :meth:`delete`).
-        """
-        doomed: set[str] = set()
-        refused: list[BaseException] = []
-
-        def add(current: Manifest) -> Manifest:
-            doomed.clear()
-            old = current.find(info.itr)
-            if old is not None and old.path == info.path:  # this very commit landed already (a lost response)
-                return current
-            try:
-                if old is not None and not overwrite:
-                    raise self._exists(info.itr)
-                check_not_swept(base, current, info.objects(), self.url)
-            except BucketsnapError as exc:
-                refused.append(exc)
-                raise
-            kept = [s for s in current.snapshots if s.itr != info.itr] + [info]
-            doomed.update(_archives_to_delete([old] if old is not None else [], kept))
-            return current.with_snapshots(kept).with_sweep(doomed)
-
-        try:
-            committed = self._log.commit_state(add)
-        except BaseException as exc:
-            if refused:  # refused by its own check: no generation references them
-                self._delete_quietly(written)
-                raise
-            # A lost response (or a conflict after one) can hide a create that succeeded: look before reporting.
-            try:
-                current: Manifest | None = self._log.read()
-            except Exception:
-                current = None
-            landed = None if current is None else current.find(info.itr)
-            if current is None or landed is None or landed.path != info.path:
-                if isinstance(exc, Exception):
-                    logger.warning(
-                        "the commit of itr %d to %s may not have landed; its objects are left to gc()",
-                        info.itr,
-                        self.url,
-                    )
-                raise
-            logger.warning("itr %d was committed to %s although the commit reported: %s", info.itr, self.url, exc)
-            committed = current
-        self._delete_swept(doomed, committed, f"itr {info.itr} is committed")
-        self._apply_retention(committed)
-        return committed
-
-    def _delete_quietly(self, paths: list[str]) -> None:
-        for rel in paths:
-            try:
-                self._storage.delete(rel)
-            except BucketsnapError as exc:  # unreferenced: gc removes it later
-                logger.warning("could not delete %s after a failed save: %s", self._storage.url_of(rel), exc)
+        """The commit step of a save staged after reading ``base`` (see :meth:`Committer.commit`)."""
+        return self._commits.commit(info, base, overwrite=overwrite, written=written)
 
     def _apply_retention(self, committed: Manifest) -> None:
-        """Commit a generation without the snapshots ``retention`` drops; leave their objects to :meth:`gc`.
-
-        Only the manifest changes, after the new snapshot is committed, so a run never lacks a loadable
-        snapshot, and a reader that resolved a dropped snapshot a moment ago can finish reading it. A failed
-        prune is logged, not raised (the save itself is committed), and redone by the next commit.
-        """
-        policy = self.retention
-        if policy is None or not split(policy, committed.snapshots)[1]:
-            return
-        dropped: list[int] = []
-
-        def prune(current: Manifest) -> list[SnapshotInfo]:
-            kept, gone = split(policy, current.snapshots)
-            dropped[:] = [s.itr for s in gone]
-            return kept
-
-        try:
-            self._log.commit(prune)
-        except Exception as exc:  # the save is committed: a failed prune must not turn it into a failure
-            logger.warning("could not apply %r to %s; the next commit retries: %s", policy, self.url, exc)
-            return
-        logger.info("retention %r dropped itrs %s from %s", policy, dropped, self.url)
+        """Apply :attr:`retention` after ``committed`` (see :meth:`Committer.apply_retention`)."""
+        self._commits.apply_retention(committed)
 
     def delete(self, itr: int) -> None:
         """Uncommit snapshot ``itr`` and delete its archive; the chunks it shared by content go with :meth:`gc`.
@@ -375,33 +298,7 @@ class SnapshotStore:
         Raises:
             SnapshotNotFoundError: no snapshot ``itr`` is committed.
         """
-        itr = check_itr(itr)
-        doomed: set[str] = set()
-        found: list[SnapshotInfo] = []
-
-        def remove(current: Manifest) -> Manifest:
-            if found and current.find(itr) is None:
-                # Found on an earlier attempt, gone now: our create landed although it reported a conflict (a
-                # lost response, retried), or another writer deleted it. Either way it is deleted.
-                return current
-            found[:] = [current.resolve(itr, self.url)]
-            kept = [s for s in current.snapshots if s.itr != itr]
-            doomed.clear()
-            doomed.update(_archives_to_delete(found, kept))
-            return current.with_snapshots(kept).with_sweep(doomed)
-
-        committed = self._log.commit_state(remove)
-        self._delete_swept(doomed, committed, f"itr {itr} is deleted from the manifest")
-
-    def _delete_swept(self, doomed: set[str], committed: Manifest, done: str) -> None:
-        """Delete the objects of ``doomed`` that a sweep recorded in ``committed`` deletes; a failure is a
-        warning (the objects are unreferenced: gc condemns and removes them later)."""
-        recorded = {rel for sweep in committed.sweeps for rel in sweep.deleting}
-        for rel in sorted(doomed & recorded):
-            try:
-                self._storage.delete(rel)
-            except BucketsnapError as exc:
-                logger.warning("%s at %s, but deleting %s failed (gc() removes it): %s", done, self.url, rel, exc)
+        self._commits.delete(check_itr(itr))
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -478,21 +375,7 @@ class SnapshotStore:
             CorruptSnapshotError: the source's bytes do not match what it committed; nothing is committed.
         """
         src = as_store(source)
-        info = src.info(which)
-        base = self._log.read()
-        if not overwrite and base.find(info.itr) is not None:
-            raise self._exists(info.itr)
-        deleting = {rel for sweep in base.sweeps for rel in sweep.deleting} - base.referenced()
-        if deleting & set(info.refs):
-            raise StorageError(
-                f"not copied to {self.url}: the snapshot shares {sorted(deleting & set(info.refs))[0]}, which a gc of "
-                "this run has committed to delete (it was dropped here before), so a copy of it could be lost to that "
-                "gc. Nothing was copied; copy into another run, or retry once gc has run a few more times here."
-            )
-        copied, written = copy_objects(src.storage, info, self._storage, progress=progress)
-        self._commit_new(copied, base, overwrite=overwrite, written=list(written))
-        logger.info("copied itr %d from %s to %s (%d bytes)", info.itr, src.url, self.url, copied.size)
-        return copied
+        return self._commits.copy(src.storage, src.info(which), overwrite=overwrite, progress=progress)
 
     # -- maintenance ---------------------------------------------------------------------------------------
 
@@ -528,28 +411,6 @@ class SnapshotStore:
         manifest; it never deletes anything.
         """
         return repair(self._log)
-
-    def _exists(self, itr: int) -> SnapshotExistsError:
-        return SnapshotExistsError(
-            f"itr {itr} is already committed at {self.url}; pass overwrite=True to replace it, or save a new itr"
-        )
-
-
-def _archives_to_delete(dropped: list[SnapshotInfo], kept: list[SnapshotInfo]) -> set[str]:
-    """The archives of ``dropped`` snapshots that no snapshot of ``kept`` needs.
-
-    Objects shared by content (``refs``: replay-buffer chunks) are left to gc, which condemns them first.
-    """
-    needed = set().union(*(s.objects() for s in kept))
-    return {rel for s in dropped for rel in s.objects() if rel not in s.refs} - needed
-
-
-@dataclass(frozen=True)
-class _Staged:
-    """A save whose objects are written, and the generation read before they were."""
-
-    info: SnapshotInfo
-    base: Manifest
 
 
 def as_store(url_or_store: str | SnapshotStore, *, storage_options: dict[str, Any] | None = None) -> SnapshotStore:
