@@ -4,8 +4,8 @@ The state is an MLP policy of about 134 MB of float32 weights (256 -> 4096 -> 40
 Adam state after one step (exp_avg and exp_avg_sq: about 402 MB in all), as ``{"policy": model.state_dict(),
 "optimizer": optimizer.state_dict(), "step": 1}``. Every alternative saves that same object, in the same
 process, to local disk, to S3 (LocalStack, started by this script as a separate process through
-``tests/servers.py``, or the endpoint in ``BUCKETSNAP_TEST_S3_ENDPOINT``) and, with ``--gcs``, to GCS
-(fake-gcs-server, likewise):
+``tests/servers.py``, or the endpoint in ``BUCKETSNAP_TEST_S3_ENDPOINT``), with ``--gcs`` to GCS
+(fake-gcs-server, likewise) and with ``--azure`` to Azure Blob Storage (Azurite, likewise):
 
 * ``torch.save`` to a local file, and through ``fsspec.open(url, "wb")`` to S3 and GCS; locally also
   followed by ``os.fsync``, which bucketsnap does before committing (remotely that row repeats ``torch.save``);
@@ -21,7 +21,7 @@ process, to local disk, to S3 (LocalStack, started by this script as a separate 
 Each figure is the median of ``--runs`` runs; ratios are to the first alternative (``torch.save``, or
 ``torch.load`` for restores). Run::
 
-    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--gcs] [--small]
+    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--gcs] [--azure] [--small]
 """
 
 from __future__ import annotations
@@ -244,6 +244,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-s3", action="store_true", help="no S3 column (and no restores)")
     parser.add_argument("--gcs", action="store_true", help="add a GCS column (fake-gcs-server)")
+    parser.add_argument("--azure", action="store_true", help="add an Azure Blob Storage column (Azurite)")
     parser.add_argument("--small", action="store_true", help="a 4 MB state, to check the script runs")
     parser.add_argument("--dir", default=None, help="local directory for the local-disk runs")
     args = parser.parse_args()
@@ -268,6 +269,11 @@ def main() -> None:
         started_servers.append(gcs)
         remotes["gcs"] = (f"gs://{gcs.create_bucket()}", servers.gcs_storage_options(gcs))
         print(f"GCS: {gcs.endpoint_url}")
+    if args.azure:
+        azure = servers.azure_server()
+        started_servers.append(azure)
+        remotes["azure"] = (f"az://{azure.create_container()}", servers.azure_storage_options(azure))
+        print("Azure: Azurite")
     places = Places(local_root, remotes)
     wheres = ["local", *remotes]
     try:

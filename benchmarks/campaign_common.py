@@ -81,6 +81,12 @@ def gcs_target(server: Any) -> Target:
     return Target("gcs", f"gs://{server.create_bucket()}", servers.gcs_storage_options(server))
 
 
+def azure_target(server: Any) -> Target:
+    import servers
+
+    return Target("azure", f"az://{server.create_container()}", servers.azure_storage_options(server))
+
+
 _CONTEXT: BaseContext | None = None
 
 

@@ -33,26 +33,29 @@ from benchmarks import (  # noqa: E402
     campaign_gc,
     campaign_readers,
 )
-from benchmarks.campaign_common import Target, gcs_target, local_target, s3_target  # noqa: E402
+from benchmarks.campaign_common import Target, azure_target, gcs_target, local_target, s3_target  # noqa: E402
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "short": {
-        "crash": {"local": {"kills": 4}, "s3": {"kills": 3}, "gcs": {"kills": 3}},
+        "crash": {"local": {"kills": 4}, "s3": {"kills": 3}, "gcs": {"kills": 3}, "azure": {"kills": 3}},
         "faults": {"memory": {"saves": 80}},
         "concurrent": {
             "local": {"writers": 4, "per_writer": 6},
             "s3": {"writers": 3, "per_writer": 4},
             "gcs": {"writers": 3, "per_writer": 4},
+            "azure": {"writers": 3, "per_writer": 4},
         },
         "readers": {
             "local": {"readers": 2, "saves": 10},
             "s3": {"readers": 2, "saves": 6},
             "gcs": {"readers": 2, "saves": 6},
+            "azure": {"readers": 2, "saves": 6},
         },
         "gc": {
             "local": {"writers": 2, "per_writer": 8},
             "s3": {"writers": 2, "per_writer": 4},
             "gcs": {"writers": 2, "per_writer": 4},
+            "azure": {"writers": 2, "per_writer": 4},
         },
     },
     "long": {
@@ -60,22 +63,26 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "local": {"kills": 200, "per_run": 10, "max_delay": 1.0},
             "s3": {"kills": 120, "per_run": 10},
             "gcs": {"kills": 120, "per_run": 10},
+            "azure": {"kills": 120, "per_run": 10},
         },
         "faults": {"memory": {"saves": 1000}, "s3": {"saves": 300}},
         "concurrent": {
             "local": {"writers": 8, "per_writer": 50},
             "s3": {"writers": 8, "per_writer": 50},
             "gcs": {"writers": 8, "per_writer": 50},
+            "azure": {"writers": 8, "per_writer": 50},
         },
         "readers": {
             "local": {"readers": 4, "saves": 150},
             "s3": {"readers": 4, "saves": 100},
             "gcs": {"readers": 4, "saves": 100},
+            "azure": {"readers": 4, "saves": 100},
         },
         "gc": {
             "local": {"writers": 4, "per_writer": 50},
             "s3": {"writers": 3, "per_writer": 25},
             "gcs": {"writers": 3, "per_writer": 25},
+            "azure": {"writers": 3, "per_writer": 25},
         },
     },
 }
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--short", dest="profile", action="store_const", const="short")
     size.add_argument("--long", dest="profile", action="store_const", const="long")
-    parser.add_argument("--backends", default="local,memory,s3", help="comma-separated: local, memory, s3, gcs")
+    parser.add_argument("--backends", default="local,memory,s3", help="comma-separated: local, memory, s3, gcs, azure")
     parser.add_argument("--only", default=",".join(CAMPAIGNS), help="comma-separated campaigns")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     started: list[Any] = []
     if "local" in backends:
         targets["local"] = local_target()
-    if "s3" in backends or "gcs" in backends:
+    if {"s3", "gcs", "azure"} & set(backends):
         import servers
 
         if "s3" in backends:
@@ -171,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if "gcs" in backends:
             started.append(servers.gcs_server())
             targets["gcs"] = gcs_target(started[-1])
+        if "azure" in backends:
+            started.append(servers.azure_server())
+            targets["azure"] = azure_target(started[-1])
     targets = {k: v for k, v in targets.items() if k in backends}
     try:
         results = run_all(args.profile or "short", targets, only=tuple(args.only.split(",")), seed=args.seed)
