@@ -202,6 +202,8 @@ class _Preemptible(Protocol):
 
     signals: tuple[int, ...]
 
+    def agreed(self, anywhere: bool) -> None: ...
+
 
 def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg = None) -> bool:
     """Collective, once per step on every rank: if any rank was signalled, make every rank's handler save.
@@ -210,7 +212,9 @@ def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg
     ``hold()`` block at the end of each step: it all-reduces "was I signalled" over the group, and on ranks that
     were not, sends the handler's first signal to this process. Every handler then runs as the ``hold()``
     block exits, at the same step on every rank, and their final saves form one collective save: one final
-    snapshot of all ranks, or none (never a part of one). Returns whether a preemption is under way.
+    snapshot of all ranks, or none (never a part of one). A signal that reaches a rank after its step's
+    agreement was made waits for the next step's (see :meth:`~bucketsnap.preemption.PreemptionHandler.agreed`).
+    Returns whether a preemption is under way.
 
     Example:
         >>> import signal, bucketsnap
@@ -229,6 +233,9 @@ def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg
     flag = torch.tensor([int(requested)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
     anywhere = bool(flag.item())
+    # Before the signal below: a signal that reached this rank after ``requested`` was read (so the others did
+    # not hear of it) must wait for the next agreement, not start a final save that no other rank joins.
+    handler.agreed(anywhere)
     if anywhere and not requested:
         os.kill(os.getpid(), handler.signals[0])  # handled when the hold() block exits
     return anywhere

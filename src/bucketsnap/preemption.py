@@ -27,7 +27,9 @@ Consistency. The handler runs between two Python bytecodes of the main thread. I
 bucketsnap or ``torch.optim`` (a save being prepared, an optimizer step half applied), the handler waits for
 it to leave, by re-sending itself the signal every 50 ms, for at most a fifth of the deadline. Code that must
 not be cut in two can say so explicitly: a signal arriving inside ``with handler.hold():`` is handled when the
-block exits.
+block exits. Across ranks, :func:`~bucketsnap.distributed.agree_on_preemption` decides the step: once it is in
+use, a signal is acted on only after an agreement that said "preempted", so every rank's final save starts at
+the same step (a signal that arrives after a step's agreement waits for the next step's).
 
 Trade-offs. A second signal during the window is logged and ignored: the final save goes on and nothing is
 written twice; only SIGKILL (which no handler sees) stops it, leaving the previous snapshots intact. If the
@@ -100,6 +102,8 @@ class PreemptionHandler:
         self._handling = False
         self._held = 0
         self._deferred = False
+        #: The last agreement of :func:`~bucketsnap.distributed.agree_on_preemption` (None: none yet, or alone).
+        self._agreed: bool | None = None
 
     def __repr__(self) -> str:
         return f"PreemptionHandler({self.store.url!r}, signals={[signal.Signals(s).name for s in self.signals]})"
@@ -131,6 +135,18 @@ class PreemptionHandler:
         """Whether a signal arrived (the final save is done, under way, or deferred)."""
         return self.signum is not None
 
+    def agreed(self, anywhere: bool) -> None:
+        """Record the outcome of a collective agreement (:func:`~bucketsnap.distributed.agree_on_preemption`
+        calls it on every rank, once per step).
+
+        Once ranks agree, a signal is acted on only after an agreement that said so: one that arrives after
+        this step's agreement was read (during its all-reduce, or between two :meth:`hold` blocks) waits for the
+        next step's, so that no rank starts its final, collective save while the others go on training.
+        """
+        self._agreed = anywhere
+        if anywhere and self._deferred and not self._held and not self._handling and self.signum is not None:
+            self._on_signal(self.signum, None)  # agreed outside a hold() block: nothing else would run it
+
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """A block the final save must not cut in two: a signal arriving inside is handled at its end."""
@@ -152,6 +168,9 @@ class PreemptionHandler:
             self.signum = signum
             self._started = time.monotonic()
             logger.warning("%s received: writing a final snapshot to %s", signal.Signals(signum).name, self.store.url)
+        if self._agreed is False:  # the ranks agreed on no preemption this step: wait for the next agreement
+            self._deferred = True
+            return
         if self._held or (self._elapsed() < self.deadline * _DEFER_SHARE and _in_unsafe_code(frame)):
             self._deferred = True
             if not self._held:  # come back soon: the main thread will have left that code

@@ -13,6 +13,9 @@ Scenarios:
                exists (through save_async): every rank must raise the same error; then a save that works
     kill       save itr 0; rank 1 SIGKILLs itself halfway through writing itr 1; the others report the error
     preempt    train in lockstep under on_preemption + agree_on_preemption until the test SIGTERMs one rank
+    preempt_after_agree, preempt_between_steps
+               as preempt, but rank 1 SIGTERMs itself at step 5: inside hold() just after agree_on_preemption
+               (which then said "no"), or between two hold() blocks; every rank must save at step 6 together
     landed     commits that landed although something failed after: itr 0 overwritten while rank 0 may not
                delete (a bucket policy denying DeleteObject); itr 1 whose manifest create on rank 0 lands but
                reports an error, and whose re-read fails too
@@ -185,6 +188,33 @@ def preempt(store: SnapshotStore, rank: int, world: int) -> None:
     emit(rank, "not preempted")
 
 
+def preempt_self(where: str) -> Any:
+    """The preempt scenario with the signal sent by rank 1 itself, at a chosen point of step 5."""
+
+    def scenario(store: SnapshotStore, rank: int, world: int) -> None:
+        from bucketsnap.preemption import on_preemption
+
+        store.save(0, state(0, rank))
+        itr = 0
+        with on_preemption(
+            store, lambda: state(itr, rank), itr_fn=lambda: itr, deadline=60, signals=[signal.SIGTERM]
+        ) as handler:
+            for _ in range(50):
+                with handler.hold():
+                    total = torch.ones(1)
+                    dist.all_reduce(total)
+                    itr += 1
+                    emit(rank, "step", itr=itr)
+                    agree_on_preemption(handler)
+                    if rank == 1 and itr == 5 and where == "after_agree":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                if rank == 1 and itr == 5 and where == "between_steps":
+                    os.kill(os.getpid(), signal.SIGTERM)
+        emit(rank, "not preempted")
+
+    return scenario
+
+
 def landed(store: SnapshotStore, rank: int, world: int) -> None:
     from bucketsnap import StorageError
     from bucketsnap.manifest import ManifestLog
@@ -244,6 +274,8 @@ def main() -> None:
             "errors": errors,
             "kill": kill,
             "preempt": preempt,
+            "preempt_after_agree": preempt_self("after_agree"),
+            "preempt_between_steps": preempt_self("between_steps"),
             "landed": landed,
         }
         scenarios[scenario](store, rank, world)
