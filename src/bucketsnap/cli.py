@@ -37,7 +37,7 @@ from bucketsnap._version import __version__
 from bucketsnap.cli_output import human_size, info_json, ls_table, show_text
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError, SnapshotNotFoundError
 from bucketsnap.export import format_of, write_safetensors, write_torch
-from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, Which
+from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, Which, parse_which
 from bucketsnap.progress import progress_bar
 from bucketsnap.snapshot import Snapshot
 from bucketsnap.store import SnapshotStore
@@ -69,14 +69,10 @@ class _Which(click.ParamType):  # type: ignore[type-arg]
     name = "last|first|N"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Which:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        text = str(value).strip()
-        if text in ("last", "first"):
-            return text
-        if text.isdigit():
-            return int(text)
-        self.fail(f"{value!r} is not 'last', 'first' or a non-negative integer itr", param, ctx)
+        try:
+            return parse_which(value.strip() if isinstance(value, str) else value, digits=True)
+        except ValueError:
+            self.fail(f"{value!r} is not 'last', 'first' or a non-negative integer itr", param, ctx)
 
 
 class _Group(click.Group):

@@ -22,12 +22,11 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-import uuid
 
 from bucketsnap.chunks import named_checksum
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, SnapshotNotFoundError, StorageError
 from bucketsnap.info import MemberInfo, SnapshotInfo, crc32_checksum
-from bucketsnap.manifest import SNAPSHOT_DIR
+from bucketsnap.manifest import archive_path, new_token
 from bucketsnap.progress import ByteCounter, ProgressCallback
 from bucketsnap.storage import Storage
 from bucketsnap.zipformat import crc32
@@ -51,9 +50,9 @@ def new_archive_path(itr: int, like: str | None = None) -> str:
     >>> new != old, new[:23], new[-10:], len(new) == len(old)
     (True, 'snapshots/000000000007-', '-rank1.zip', True)
     """
-    token = f"{itr:012d}-{uuid.uuid4().hex[:16]}"
     if like is None:
-        return f"{SNAPSHOT_DIR}/{token}.zip"
+        return archive_path(itr, new_token())
+    token = f"{itr:012d}-{new_token()}"
     directory, name = posixpath.split(like)
     rest = _UNIQUE_PREFIX.sub("", name, count=1)
     if rest == name:
