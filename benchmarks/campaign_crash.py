@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.campaign_common import PART_SIZE, Target, check_state, context, state_for
 
-from bucketsnap.storage import PROBE_PREFIX
+from bucketsnap._storage import PROBE_PREFIX
 
 
 @dataclass

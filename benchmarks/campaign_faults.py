@@ -57,7 +57,7 @@ def run(
     warnings.filterwarnings("ignore", message=".*no known atomic exclusive create")
     store = SnapshotStore(url, storage_options=options, part_size=PART_SIZE)
     if hasattr(store.storage, "retry"):  # the retry policy of issue 5, with short sleeps: faults are simulated
-        from bucketsnap.transport import Retry  # type: ignore[import-not-found,unused-ignore]
+        from bucketsnap._transport import Retry  # type: ignore[import-not-found,unused-ignore]
 
         store.storage.retry = Retry(attempts=store.storage.retry.attempts, initial=0.001, max_delay=0.004)
     reported: set[int] = set()

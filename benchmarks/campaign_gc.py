@@ -47,7 +47,7 @@ class GcFigures:
 
 
 def _state(itr: int) -> dict[str, Any]:
-    from bucketsnap.chunks import ChunkedArrays
+    from bucketsnap._chunks import ChunkedArrays
 
     # Rows depend on itr // 4 and on the chunk: saves share most chunks with their neighbours (and with orphans).
     rows = np.stack([np.full(16, (itr // 4 + r // 16) % 7, dtype=np.uint8) for r in range(ROWS)])
@@ -55,7 +55,7 @@ def _state(itr: int) -> dict[str, Any]:
 
 
 def _check_buffer(itr: int, table: Any, storage: Any, where: str) -> str | None:
-    from bucketsnap.chunks import ChunkTable, read_chunks
+    from bucketsnap._chunks import ChunkTable, read_chunks
 
     parsed = ChunkTable.parse(table, where)
     got = np.concatenate([rows["obs"] for _, rows in read_chunks(storage, parsed, where=where, verify=True)])
@@ -122,7 +122,7 @@ def collector(url: str, options: dict[str, Any], stop: Any, conn: Connection) ->
 
 def run(target: Target, *, writers: int = 4, per_writer: int = 40, max_pause: float = 2.0, seed: int = 0) -> GcFigures:
     from bucketsnap import BucketsnapError, SnapshotStore
-    from bucketsnap.maintenance import DATA_DIRS
+    from bucketsnap._maintenance import DATA_DIRS
 
     rng = random.Random(seed)
     figures = GcFigures(target.name, writers=writers, saves_attempted=writers * per_writer)

@@ -1,6 +1,6 @@
 """The layering that docs/architecture.md describes, held by reading the source.
 
-Storage knowledge lives in :mod:`bucketsnap.storage` and the backend modules under :mod:`bucketsnap._backends`;
+Storage knowledge lives in :mod:`bucketsnap._storage` and the backend modules under :mod:`bucketsnap._backends`;
 nothing above them imports fsspec, touches a filesystem object or names a protocol.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "bucketsnap"
-STORAGE_LAYER = {"storage.py"}
+STORAGE_LAYER = {"_storage.py"}
 #: Protocol names that would mean a module above the storage layer branches on the backend.
 PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "file", "memory"}
 
@@ -39,7 +39,7 @@ def test_nothing_above_the_storage_layer_touches_fsspec(module: Path) -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fsspec"
     ]
-    assert not imports, f"{module.name} imports {imports}: go through bucketsnap.storage.Storage"
+    assert not imports, f"{module.name} imports {imports}: go through bucketsnap._storage.Storage"
     touches = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "fs"]
     assert not touches, f"{module.name} uses a filesystem object (.fs) at lines {touches}"
 
@@ -58,7 +58,7 @@ def test_nothing_above_the_storage_layer_branches_on_a_protocol(module: Path) ->
 
 
 def test_backend_modules_do_not_import_what_is_above_them() -> None:
-    allowed = {"bucketsnap._backends", "bucketsnap.errors", "bucketsnap.transport", "bucketsnap.uploads"}
+    allowed = {"bucketsnap._backends", "bucketsnap.errors", "bucketsnap._transport", "bucketsnap._uploads"}
     for module in sorted((SRC / "_backends").glob("*.py")):
         tree = ast.parse(module.read_text(), str(module))
         for node in ast.walk(tree):

@@ -14,8 +14,8 @@ import torch
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 
 from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore, StorageError
+from bucketsnap._chunks import CHUNK_DIR
 from bucketsnap.buffers import TransitionStorage, buffer_state, restore_buffer
-from bucketsnap.chunks import CHUNK_DIR
 from conftest import Backend
 
 FRAME_SPACE = gymnasium.spaces.Box(0, 255, (4, 84, 84), np.uint8)
@@ -178,7 +178,7 @@ def test_a_delete_by_another_process_during_a_save_never_drops_a_chunk_the_save_
     """Another process deletes the snapshot whose chunks a save is reusing (and, with ``gc_between``, gc deletes
     those chunks) after the save found them: the save either commits a snapshot that restores, or fails with
     StorageError and commits nothing."""
-    from bucketsnap import chunks
+    from bucketsnap import _chunks as chunks
 
     store = SnapshotStore("memory://buffers/race")
     other = SnapshotStore(store.url)  # another process's store on the same run

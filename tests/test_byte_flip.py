@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 
 from bucketsnap import CorruptSnapshotError, Snapshot, SnapshotInfo, SnapshotStore
-from bucketsnap.chunks import ChunkedArrays
-from bucketsnap.cli import cli
+from bucketsnap._chunks import ChunkedArrays
+from bucketsnap._cli import cli
 
 #: XOR masks: a whole byte, its lowest bit, its highest bit.
 _PATTERNS = (0xFF, 0x01, 0x80)

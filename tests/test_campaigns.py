@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bucketsnap import SnapshotStore, StorageError
-from bucketsnap.transport import Retry
+from bucketsnap._transport import Retry
 from conftest import Backend
 from faulty_fs import ALL_KINDS, FaultPlan, FaultyFileSystem
 
@@ -216,7 +216,7 @@ def test_a_slow_writer_cannot_recreate_a_pruned_generation(memory_backend: Backe
     generations found N+1 pruned, created it again, and took its commit for done: a generation below the
     newest, which no reader ever reads.
     """
-    from bucketsnap.manifest import KEEP_GENERATIONS
+    from bucketsnap._manifest import KEEP_GENERATIONS
 
     url = memory_backend.url("slow-writer")
     slow, fast = SnapshotStore(url), SnapshotStore(url)

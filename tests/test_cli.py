@@ -21,9 +21,9 @@ import torch
 from click.testing import CliRunner, Result
 
 from bucketsnap import BucketsnapError, SnapshotStore
-from bucketsnap.cli import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE, cli
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.progress import progress_bar
+from bucketsnap._cli import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE, cli
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._progress import progress_bar
 from conftest import Backend
 
 SCRIPT = Path(sys.executable).parent / "bucketsnap"
@@ -365,7 +365,7 @@ def test_import_needs_no_cli_dependencies_and_adds_no_log_handler() -> None:
     code = (
         "import logging, sys, bucketsnap; "
         "early = [m for m in ('click', 'safetensors') if m in sys.modules]; "  # not tqdm: torch imports it
-        "import bucketsnap.cli, bucketsnap.progress, bucketsnap.export, bucketsnap.copying; "
+        "import bucketsnap._cli, bucketsnap._progress, bucketsnap._export, bucketsnap._copying; "
         "log = logging.getLogger('bucketsnap'); "
         "print(early, log.handlers, log.propagate, log.level, logging.getLogger().handlers)"
     )

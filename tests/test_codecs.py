@@ -1,4 +1,4 @@
-"""The value codec table (bucketsnap.values): the format it writes is pinned, and a new codec is one entry."""
+"""The value codec table (bucketsnap._values): the format it writes is pinned, and a new codec is one entry."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bucketsnap import CorruptSnapshotError, SnapshotStore
-from bucketsnap import values as values_mod
-from bucketsnap.values import Codec, Decoder, Encoder, decode, encode, register_codec
+from bucketsnap import _values as values_mod
+from bucketsnap._values import Codec, Decoder, Encoder, decode, encode, register_codec
 
 
 @pytest.fixture

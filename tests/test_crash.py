@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bucketsnap import SnapshotStore
-from bucketsnap.storage import PROBE_PREFIX
+from bucketsnap._storage import PROBE_PREFIX
 from conftest import Backend
 
 SAVER = str(Path(__file__).parent / "workers" / "saver.py")

@@ -287,7 +287,7 @@ def test_repair_does_not_recover_one_rank_of_an_uncommitted_save(local_backend: 
     store.save(1, {"policy": torch.ones(2), "opt": Sharded(torch.zeros(2))})
     rank_archive = store.info(1).path.replace("-rank0.zip", "-rank1.zip")
     with store.storage.write(rank_archive) as f:  # what a failed save of itr 2 could leave behind
-        from bucketsnap.archive import ArchiveWriter
+        from bucketsnap._archive import ArchiveWriter
 
         writer = ArchiveWriter(f)
         writer.add("opt@rank1", torch.zeros(2))

@@ -22,7 +22,7 @@ import pytest
 
 import servers
 from bucketsnap import SnapshotStore, StorageError
-from bucketsnap.storage import Storage
+from bucketsnap._storage import Storage
 
 KEY, SECRET = "AKIAPROBETEST", "s3cr3t-probe-test"  # must never appear in a message
 
@@ -274,7 +274,7 @@ def test_gcs_commits_after_its_probe(gcs_backend: Any) -> None:
 def test_a_backend_without_atomic_create_still_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     from fsspec.implementations.memory import MemoryFileSystem
 
-    monkeypatch.setattr("bucketsnap.storage._warned_protocols", set())
+    monkeypatch.setattr("bucketsnap._storage._warned_protocols", set())
     storage = Storage("dir://run", storage_options={"path": "/bucketsnap-dirfs", "fs": MemoryFileSystem()})
     assert not storage.atomic_create
     with pytest.warns(RuntimeWarning, match="no known atomic exclusive create"):

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bucketsnap import BucketsnapError
-from bucketsnap.archive import ArchiveWriter, load_member, verify_member
-from bucketsnap.info import MemberInfo
-from bucketsnap.zipformat import data_offset, read_directory
+from bucketsnap._archive import ArchiveWriter, load_member, verify_member
+from bucketsnap._info import MemberInfo
+from bucketsnap._zipformat import data_offset, read_directory
 
 FUZZ_SECONDS = float(os.environ.get("BUCKETSNAP_FUZZ_SECONDS", "3"))
 STATE: dict[str, Any] = {"policy": torch.arange(40, dtype=torch.float32), "step": 3, "meta": {"k": (1, "v")}}

@@ -16,7 +16,7 @@ from bucketsnap.retention import KeepLast
 def _gc_clock(monkeypatch: pytest.MonkeyPatch, ahead: float) -> None:
     """gc's clock ``ahead`` seconds ahead of this process's (objects' mtimes play no part any more)."""
     real = time.time
-    monkeypatch.setattr("bucketsnap.maintenance.time.time", lambda: real() + ahead)
+    monkeypatch.setattr("bucketsnap._maintenance.time.time", lambda: real() + ahead)
 
 
 def test_grace_counts_from_when_gc_condemned_an_object_not_when_it_was_written(
@@ -96,7 +96,7 @@ def _orphan(tmp_path: Path, itr: int) -> tuple[SnapshotStore, str]:
 def test_repair_does_not_recover_an_archive_a_concurrent_gc_swept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bucketsnap import maintenance
+    from bucketsnap import _maintenance as maintenance
 
     store, orphan = _orphan(tmp_path, 2)
     recover = maintenance._recover_info
@@ -116,7 +116,7 @@ def test_repair_does_not_recover_an_archive_a_concurrent_gc_swept(
 def test_repair_does_not_bring_back_what_a_delete_removes_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bucketsnap import maintenance
+    from bucketsnap import _maintenance as maintenance
 
     store = SnapshotStore(str(tmp_path / "run"))
     store.save(1, {"v": 1})
@@ -194,7 +194,7 @@ def test_gc_forgets_a_condemned_name_that_is_no_longer_stored(tmp_path: Path) ->
 def test_gc_leaves_a_young_exclusive_create_probe_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting a probe between its two creates would make another process take the store for one that
     ignores If-None-Match; a probe left by a crash goes once it is an hour old."""
-    from bucketsnap.storage import PROBE_PREFIX
+    from bucketsnap._storage import PROBE_PREFIX
 
     store = SnapshotStore(str(tmp_path / "run"))
     store.save(1, {"v": 1})
@@ -210,7 +210,7 @@ def test_a_probe_deleted_between_the_listing_and_its_age_check_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by the long gc campaign on S3: the probe deleted itself after gc listed it, and gc raised."""
-    from bucketsnap.storage import PROBE_PREFIX
+    from bucketsnap._storage import PROBE_PREFIX
 
     store = SnapshotStore(str(tmp_path / "run"))
     store.save(1, {"v": 1})

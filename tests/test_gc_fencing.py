@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from bucketsnap import SnapshotStore
+from bucketsnap._chunks import CHUNK_DIR
 from bucketsnap.buffers import TransitionStorage, restore_buffer
-from bucketsnap.chunks import CHUNK_DIR
 from conftest import Backend
 from workers.gc_fencing_worker import BUFFER_KEY, buffer_rows, make_state, policy
 

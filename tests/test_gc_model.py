@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from bucketsnap import SnapshotStore, StorageError
+from bucketsnap._chunks import ChunkedArrays, ChunkTable, read_chunks
+from bucketsnap._maintenance import DATA_DIRS, collect_garbage
 from bucketsnap._saving import prepare
-from bucketsnap.chunks import ChunkedArrays, ChunkTable, read_chunks
-from bucketsnap.maintenance import DATA_DIRS, collect_garbage
 from bucketsnap.retention import KeepLast
 
 ROWS = 8

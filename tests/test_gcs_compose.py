@@ -12,7 +12,7 @@ import torch
 
 from bucketsnap import SnapshotStore, StorageError
 from bucketsnap._backends.gcs import GcsComposeWriter
-from bucketsnap.uploads import PartUploader
+from bucketsnap._uploads import PartUploader
 from conftest import Backend
 
 KiB = 1024
@@ -126,7 +126,7 @@ def test_parts_double_in_size_every_256_parts_up_to_1024() -> None:
 
 def test_two_writers_of_one_object_never_touch_each_others_parts(gcs_backend: Backend) -> None:
     """Replay-buffer chunks are named by content, so two saves may upload the same object at once."""
-    from bucketsnap.transport import Retry
+    from bucketsnap._transport import Retry
 
     fs, root = fsspec.core.url_to_fs(gcs_backend.url(), **gcs_backend.options)
     path = f"{root}/chunks/0123abcd.zst"

@@ -28,12 +28,12 @@ from bucketsnap import (
     SnapshotStore,
     UnsafeLoadError,
 )
-from bucketsnap import values as values_mod
+from bucketsnap import _values as values_mod
+from bucketsnap._archive import FORMAT_VERSION, ArchiveWriter
+from bucketsnap._manifest import MANIFEST_DIR, generation_name
 from bucketsnap._saving import Prepared
-from bucketsnap.archive import FORMAT_VERSION, ArchiveWriter
-from bucketsnap.manifest import MANIFEST_DIR, generation_name
-from bucketsnap.values import MAGIC, EncodedValue
-from bucketsnap.zipformat import read_directory
+from bucketsnap._values import MAGIC, EncodedValue
+from bucketsnap._zipformat import read_directory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -434,7 +434,7 @@ def test_unknown_archive_format_version_names_it(store: SnapshotStore) -> None:
 def test_repair_keeps_a_newer_format_archive_but_loading_names_the_version(
     store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bucketsnap import archive
+    from bucketsnap import _archive as archive
 
     monkeypatch.setattr(archive, "FORMAT_VERSION", 9)  # as a newer bucketsnap writes it
     buf = io.BytesIO()

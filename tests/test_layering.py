@@ -1,9 +1,9 @@
 """The save path's layering: one pipeline below the store, imports running downward only.
 
-``store`` drives ``_pipeline``, which uses ``_saving``, ``_commit`` and ``manifest``. ``_distributed_save``
+``_store`` drives ``_pipeline``, which uses ``_saving``, ``_commit`` and ``_manifest``. ``_distributed_save``
 supplies the world of a process group, and ``distributed`` holds the public helpers. None of those imports the
-store, and no module but the store touches a ``SnapshotStore``'s private attributes: what the others need of a
-store is public (``preemption`` cancels queued saves with ``cancel_queued``).
+store, and no module but ``_store`` touches a ``SnapshotStore``'s private attributes: what the others need of a
+store is public (``_preemption`` cancels queued saves with ``cancel_queued``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bucketsnap"
 
 #: Modules below the store: they must not import it (at run time) and must not reach into a store.
-BELOW_STORE = ("_pipeline", "_commit", "_saving", "_distributed_save", "distributed", "manifest")
+BELOW_STORE = ("_pipeline", "_commit", "_saving", "_distributed_save", "distributed", "_manifest")
 #: Modules that use a store but must go through its public methods.
-STORE_USERS = ("preemption", "triggers", "resume", "snapshotter", "persistence")
+STORE_USERS = ("_preemption", "_triggers", "_resume", "_snapshotter", "persistence")
 #: What each layer of the save path may import from bucketsnap (besides the format and storage layers).
 MAY_NOT_IMPORT = {
-    "_pipeline": {"store", "_distributed_save", "distributed", "preemption"},
-    "_commit": {"store", "_pipeline", "_distributed_save", "distributed", "_saving"},
-    "_saving": {"store", "_pipeline", "_commit", "_distributed_save", "distributed"},
-    "_distributed_save": {"store", "preemption"},
-    "distributed": {"store", "_pipeline", "_commit", "_distributed_save", "preemption"},
-    "manifest": {"store", "_pipeline", "_commit", "_saving", "_distributed_save", "distributed"},
+    "_pipeline": {"_store", "_distributed_save", "distributed", "_preemption"},
+    "_commit": {"_store", "_pipeline", "_distributed_save", "distributed", "_saving"},
+    "_saving": {"_store", "_pipeline", "_commit", "_distributed_save", "distributed"},
+    "_distributed_save": {"_store", "_preemption"},
+    "distributed": {"_store", "_pipeline", "_commit", "_distributed_save", "_preemption"},
+    "_manifest": {"_store", "_pipeline", "_commit", "_saving", "_distributed_save", "distributed"},
 }
 
 
@@ -54,7 +54,7 @@ def _runtime_imports(tree: ast.Module) -> set[str]:
 
 def _store_privates() -> set[str]:
     """Every private attribute and method of SnapshotStore (``self._x`` and ``def _x``, dunders aside)."""
-    (store,) = [n for n in _tree("store").body if isinstance(n, ast.ClassDef) and n.name == "SnapshotStore"]
+    (store,) = [n for n in _tree("_store").body if isinstance(n, ast.ClassDef) and n.name == "SnapshotStore"]
     names = {n.name for n in store.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_")}
     for node in ast.walk(store):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bucketsnap import SnapshotStore
-from bucketsnap.manifest import Manifest
-from bucketsnap.values import decode, encode
+from bucketsnap._manifest import Manifest
+from bucketsnap._values import decode, encode
 from helpers import assert_same
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
 from bucketsnap import BucketsnapError, SnapshotStore, UnsafeLoadError
-from bucketsnap.cli import cli
+from bucketsnap._cli import cli
 from conftest import Backend
 
 SECRET = "Sup3rS3cretValue9f4a"

@@ -18,7 +18,7 @@ from bucketsnap import (
     Snapshotter,
     UnsafeLoadError,
 )
-from bucketsnap.manifest import Manifest
+from bucketsnap._manifest import Manifest
 from conftest import Backend
 
 
@@ -232,7 +232,7 @@ def test_last_mode_is_always_loadable_by_a_concurrent_reader(where: str, tmp_pat
 
 
 def test_load_resolves_last_again_when_its_archive_vanishes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bucketsnap.snapshot import Snapshot
+    from bucketsnap._snapshot import Snapshot
 
     url = "memory://m/vanishing"
     snap = Snapshotter(url, "last")

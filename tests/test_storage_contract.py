@@ -21,9 +21,9 @@ from fsspec.implementations.dirfs import DirFileSystem
 
 from bucketsnap._backends import backend_class
 from bucketsnap._backends.base import Backend as GenericBackend
+from bucketsnap._storage import Storage
+from bucketsnap._transport import Retry
 from bucketsnap.errors import StorageError
-from bucketsnap.storage import Storage
-from bucketsnap.transport import Retry
 from conftest import Backend
 
 KiB = 1024

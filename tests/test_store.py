@@ -258,7 +258,7 @@ def test_local_writeback_thread_commits_and_aborts_cleanly(tmp_path, monkeypatch
     assert torch.equal(store.load(1)["w"], weights)
     store.verify(1)
 
-    from bucketsnap.archive import ArchiveWriter
+    from bucketsnap._archive import ArchiveWriter
 
     real_add = ArchiveWriter.add_encoded
 

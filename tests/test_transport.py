@@ -16,10 +16,10 @@ import torch
 import zstandard
 
 from bucketsnap import SnapshotStore, StorageError
+from bucketsnap._archive import READ_AHEAD, READ_CHUNK, load_member
 from bucketsnap._backends import is_throttled, is_transient
 from bucketsnap._backends.s3 import S3MultipartWriter
-from bucketsnap.archive import READ_AHEAD, READ_CHUNK, load_member
-from bucketsnap.transport import Retry, ThreadedWriter
+from bucketsnap._transport import Retry, ThreadedWriter
 from conftest import Backend
 
 FAST = Retry(attempts=3, initial=0.001, max_delay=0.01)

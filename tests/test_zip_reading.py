@@ -1,4 +1,4 @@
-"""bucketsnap.zipformat's readers: one zip member reader and one byte-range reader, shared by every caller."""
+"""bucketsnap._zipformat's readers: one zip member reader and one byte-range reader, shared by every caller."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
+from bucketsnap._zipformat import READ_CHUNK, RangeReader, read_directory, read_member
 from bucketsnap.errors import CorruptSnapshotError
-from bucketsnap.zipformat import READ_CHUNK, RangeReader, read_directory, read_member
 
 
 def _zip(**members: tuple[bytes, int]) -> bytes:

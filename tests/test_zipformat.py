@@ -15,10 +15,10 @@ import pytest
 import torch
 import zstandard
 
+from bucketsnap._archive import ArchiveWriter, verify_object
 from bucketsnap._backends import local as local_backend
-from bucketsnap.archive import ArchiveWriter, verify_object
+from bucketsnap._zipformat import ZipStreamWriter, crc32, data_offset, read_directory
 from bucketsnap.errors import CorruptSnapshotError
-from bucketsnap.zipformat import ZipStreamWriter, crc32, data_offset, read_directory
 
 
 def _read_range(data: bytes) -> Any:

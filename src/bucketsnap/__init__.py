@@ -1,5 +1,30 @@
-"""bucketsnap: training-state snapshots in zstd zip archives at any fsspec URL, with an atomic commit log."""
+"""bucketsnap: training-state snapshots in zstd zip archives at any fsspec URL, with an atomic commit log.
 
+The API is this package's root and the documented modules :mod:`bucketsnap.buffers`, :mod:`bucketsnap.retention`,
+:mod:`bucketsnap.distributed`, :mod:`bucketsnap.persistence`, :mod:`bucketsnap.errors` and
+:mod:`bucketsnap.integrations`; every module whose name starts with ``_`` is internal (docs/architecture.md says
+which does what). The modules that were public before 0.2 (``bucketsnap.store``, ``bucketsnap.values``, ...)
+still import, with a ``DeprecationWarning``.
+"""
+
+import importlib as _importlib
+import importlib.abc as _importlib_abc
+import importlib.util as _importlib_util
+import sys as _sys
+import warnings as _warnings
+from types import ModuleType as _ModuleType
+
+from bucketsnap._background import SaveFuture
+from bucketsnap._info import MemberInfo, SnapshotInfo
+from bucketsnap._preemption import PreemptionHandler, on_preemption
+from bucketsnap._progress import progress_bar
+from bucketsnap._resume import Resumed, resume
+from bucketsnap._saving import ExternalValue
+from bucketsnap._snapshot import Snapshot
+from bucketsnap._snapshotter import Snapshotter
+from bucketsnap._store import SnapshotStore
+from bucketsnap._transport import Retry
+from bucketsnap._triggers import IntervalTrigger, PolicySaveTrigger
 from bucketsnap._version import __version__
 from bucketsnap.distributed import DistributedSaveError, Sharded
 from bucketsnap.errors import (
@@ -13,20 +38,14 @@ from bucketsnap.errors import (
     StorageError,
     UnsafeLoadError,
 )
-from bucketsnap.info import MemberInfo, SnapshotInfo
-from bucketsnap.preemption import PreemptionHandler, on_preemption
-from bucketsnap.resume import Resumed, resume
 from bucketsnap.retention import KeepAny, KeepBest, KeepEvery, KeepLast, RetentionPolicy
-from bucketsnap.snapshot import Snapshot
-from bucketsnap.snapshotter import Snapshotter
-from bucketsnap.store import SnapshotStore
-from bucketsnap.triggers import IntervalTrigger, PolicySaveTrigger
 
 __all__ = [
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
     "DistributedSaveError",
+    "ExternalValue",
     "IntervalTrigger",
     "KeepAny",
     "KeepBest",
@@ -39,6 +58,8 @@ __all__ = [
     "PreemptionHandler",
     "Resumed",
     "RetentionPolicy",
+    "Retry",
+    "SaveFuture",
     "Sharded",
     "Snapshot",
     "SnapshotExistsError",
@@ -50,5 +71,67 @@ __all__ = [
     "UnsafeLoadError",
     "__version__",
     "on_preemption",
+    "progress_bar",
     "resume",
 ]
+
+#: Modules renamed in 0.2, when the internal ones got a leading underscore: old name -> new name.
+_RENAMED = {
+    f"bucketsnap.{name}": f"bucketsnap._{name}"
+    for name in (
+        "archive",
+        "chunks",
+        "cli",
+        "cli_output",
+        "copying",
+        "export",
+        "info",
+        "maintenance",
+        "manifest",
+        "preemption",
+        "progress",
+        "resume",
+        "snapshot",
+        "snapshotter",
+        "storage",
+        "store",
+        "transport",
+        "triggers",
+        "uploads",
+        "values",
+        "zipformat",
+    )
+}
+
+
+class _RenamedModules(_importlib_abc.MetaPathFinder, _importlib_abc.Loader):
+    """Imports an old module name as its internal module, with a DeprecationWarning."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> _importlib.machinery.ModuleSpec | None:
+        if fullname not in _RENAMED:
+            return None
+        return _importlib_util.spec_from_loader(fullname, self)
+
+    def __init__(self) -> None:
+        self._own_specs: dict[str, _importlib.machinery.ModuleSpec | None] = {}
+
+    def create_module(self, spec: _importlib.machinery.ModuleSpec) -> _ModuleType:
+        new = _RENAMED[spec.name]
+        _warnings.warn(
+            f"{spec.name} is internal since bucketsnap 0.2 (now {new}): import what you need from bucketsnap, "
+            "or from the documented modules (docs/api.md)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        module = _importlib.import_module(new)
+        self._own_specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module: _ModuleType) -> None:
+        # The import system has just set the module's __spec__ to the old name's: give it its own back.
+        old = module.__spec__.name if module.__spec__ is not None else ""
+        module.__spec__ = self._own_specs.pop(old, module.__spec__)
+
+
+if not any(isinstance(finder, _RenamedModules) for finder in _sys.meta_path):
+    _sys.meta_path.append(_RenamedModules())

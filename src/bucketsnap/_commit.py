@@ -2,12 +2,12 @@
 
 The commit step of every save (:mod:`bucketsnap._pipeline`), of :meth:`SnapshotStore.copy_from
 <bucketsnap.SnapshotStore.copy_from>`, and deletions, as docs/protocol.md ("Saving", steps 3 to 7) describes
-them. Each is one :meth:`ManifestLog.commit_state <bucketsnap.manifest.ManifestLog.commit_state>` whose change
+them. Each is one :meth:`ManifestLog.commit_state <bucketsnap._manifest.ManifestLog.commit_state>` whose change
 checks the newest generation again on every retry.
 
 * **The fence.** A save reads its *base* generation before it writes anything (:meth:`Committer.base`), and
   its commit is refused if a sweep recorded since may have deleted an object it needs
-  (:func:`~bucketsnap.manifest.check_not_swept`). Deletions (``delete``, overwrites) record what they remove
+  (:func:`~bucketsnap._manifest.check_not_swept`). Deletions (``delete``, overwrites) record what they remove
   as a sweep in the generation that drops it, so that a commit built on an older base sees them.
 * **Cleanup.** A commit refused for sure (the itr exists, the fence) deletes the save's archives. One whose
   outcome is unknown (an error from the create, and no re-read shows it) leaves them to gc, because deleting
@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from bucketsnap.copying import copy_objects
+from bucketsnap._copying import copy_objects
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._manifest import Manifest, ManifestLog, check_not_swept
+from bucketsnap._progress import ProgressCallback
+from bucketsnap._storage import Storage
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.manifest import Manifest, ManifestLog, check_not_swept
-from bucketsnap.progress import ProgressCallback
 from bucketsnap.retention import RetentionPolicy, split
-from bucketsnap.storage import Storage
 
 __all__ = ["Committer", "exists_error"]
 
@@ -148,7 +148,7 @@ class Committer:
         self, source: Storage, info: SnapshotInfo, *, overwrite: bool, progress: ProgressCallback | None = None
     ) -> SnapshotInfo:
         """Copy committed snapshot ``info`` of the run at ``source`` into this run: a save whose write step
-        streams the source's objects (see :mod:`bucketsnap.copying`)."""
+        streams the source's objects (see :mod:`bucketsnap._copying`)."""
         base = self.base(info.itr, overwrite=overwrite)
         deleting = {rel for sweep in base.sweeps for rel in sweep.deleting} - base.referenced()
         if deleting & set(info.refs):

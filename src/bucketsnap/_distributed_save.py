@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bucketsnap._info import SnapshotInfo
 from bucketsnap._pipeline import Failure, SavePipeline
+from bucketsnap._progress import ProgressCallback
 from bucketsnap._saving import Share, prepare
+from bucketsnap._values import HostBuffer
 from bucketsnap.distributed import DistributedSaveError, ProcessGroupArg, Sharded, _process_group, shard_key
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.progress import ProgressCallback
-from bucketsnap.values import HostBuffer
 
 __all__ = ["save_job"]
 
@@ -52,7 +52,7 @@ def save_job(
     returned callable runs the pipeline (in the caller's thread for ``save``, in the background for
     ``save_async``), in the order the saves were called, which is the same on every rank. Errors met while
     preparing are not raised here: the other ranks must hear about them, so they are raised by the callable,
-    on every rank. ``copy`` and ``host_buffer`` are as in :func:`bucketsnap.values.encode`; buffers taken from
+    on every rank. ``copy`` and ``host_buffer`` are as in :func:`bucketsnap._values.encode`; buffers taken from
     ``host_buffer`` are read until the callable returns.
     """
     pg = _process_group(process_group)

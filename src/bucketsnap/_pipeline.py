@@ -1,8 +1,8 @@
 """The save pipeline: plan, write, commit. It is the same for a process saving alone and for every rank of a
 distributed save.
 
-Layering: :mod:`bucketsnap.store` drives it; it uses :mod:`bucketsnap._saving` (encode, write an archive),
-:mod:`bucketsnap._commit` (the commit) and :mod:`bucketsnap.manifest` (names, the base). It knows nothing of
+Layering: :mod:`bucketsnap._store` drives it; it uses :mod:`bucketsnap._saving` (encode, write an archive),
+:mod:`bucketsnap._commit` (the commit) and :mod:`bucketsnap._manifest` (names, the base). It knows nothing of
 ``torch.distributed``: ``bucketsnap._distributed_save`` supplies the world of a process group.
 
 A save runs in a :class:`World`, the processes that take part in it and the three collectives between them.
@@ -15,7 +15,7 @@ another world (``bucketsnap._distributed_save``). Every save takes the same step
    (unless ``overwrite``), and draws the save's token and creation time. ``all_gather``: every rank goes on,
    or every rank raises the same error.
 2. **write.** Each rank writes its members to its own archive, named after the token
-   (:func:`~bucketsnap.manifest.archive_path`). It may reuse only objects the base references
+   (:func:`~bucketsnap._manifest.archive_path`). It may reuse only objects the base references
    (:class:`~bucketsnap._saving.StoredObjects`).
 3. **gather.** Rank 0 collects every rank's member table, or its error.
 4. **commit.** Rank 0 builds the snapshot's entry and commits it on top of the newest generation
@@ -42,13 +42,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from bucketsnap._chunks import CHUNK_DIR
 from bucketsnap._commit import Committer
+from bucketsnap._info import MemberInfo, SnapshotInfo
+from bucketsnap._manifest import Manifest, archive_path, new_token, rank_token
+from bucketsnap._progress import ProgressCallback
 from bucketsnap._saving import Prepared, StoredObjects, meta, write_archive
-from bucketsnap.chunks import CHUNK_DIR
 from bucketsnap.errors import BucketsnapError
-from bucketsnap.info import MemberInfo, SnapshotInfo
-from bucketsnap.manifest import Manifest, archive_path, new_token, rank_token
-from bucketsnap.progress import ProgressCallback
 
 __all__ = ["ALONE", "Failure", "SavePipeline", "Staged", "World"]
 

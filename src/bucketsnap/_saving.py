@@ -18,13 +18,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from bucketsnap._archive import ArchiveWriter
+from bucketsnap._info import MemberInfo, Metric, check_metrics
+from bucketsnap._progress import ByteCounter, ProgressCallback
+from bucketsnap._storage import Storage
+from bucketsnap._values import EncodedValue, HostBuffer, encode
 from bucketsnap._version import __version__
-from bucketsnap.archive import ArchiveWriter
 from bucketsnap.errors import StorageError
-from bucketsnap.info import MemberInfo, Metric, check_metrics
-from bucketsnap.progress import ByteCounter, ProgressCallback
-from bucketsnap.storage import Storage
-from bucketsnap.values import EncodedValue, HostBuffer, encode
 
 __all__ = [
     "ExternalValue",
@@ -50,7 +50,7 @@ class StoredObjects:
 
     gc deletes only objects no committed snapshot needs, and orders its deletions against commits through the
     manifest log, so a save may reuse an object only if the generation it started from references it, and
-    must give each object it writes a name no other save uses (see :mod:`bucketsnap.maintenance`).
+    must give each object it writes a name no other save uses (see :mod:`bucketsnap._maintenance`).
 
     Attributes:
         committed: the objects (relative paths) that the generation the save started from references.
@@ -135,7 +135,7 @@ def prepare(
     share: Callable[[Mapping[str, Any]], Share] = alone,
 ) -> Prepared:
     """Validate a save request and encode this process's ``share`` of its state (``copy``: into private host
-    memory, taken from ``host_buffer`` when given; see :func:`bucketsnap.values.encode`)."""
+    memory, taken from ``host_buffer`` when given; see :func:`bucketsnap._values.encode`)."""
     itr = check_itr(itr)
     check_state(state)
     metric_values = check_metrics(dict(metrics or {}))

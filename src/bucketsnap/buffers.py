@@ -22,7 +22,7 @@ Wrap the buffer with :func:`buffer_state` in the state you save, and bring it ba
     restore_buffer(store, buffer)
 
 The buffer's rows are stored as content-addressed chunks shared by the run's snapshots
-(:mod:`bucketsnap.chunks`): a save after a thousand new transitions uploads the few chunks that changed.
+(:mod:`bucketsnap._chunks`): a save after a thousand new transitions uploads the few chunks that changed.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bucketsnap.chunks import ChunkedArrays, ChunkTable, read_chunks
-from bucketsnap.storage import Storage
-from bucketsnap.store import SnapshotStore, as_store
+from bucketsnap._chunks import ChunkedArrays, ChunkTable, read_chunks
+from bucketsnap._storage import Storage
+from bucketsnap._store import SnapshotStore, as_store
 
 __all__ = [
     "BufferKind",

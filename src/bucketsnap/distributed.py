@@ -55,13 +55,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._manifest import Which
+from bucketsnap._values import MapLocation
 from bucketsnap.errors import BucketsnapError
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.manifest import Which
-from bucketsnap.values import MapLocation
 
 if TYPE_CHECKING:
-    from bucketsnap.store import SnapshotStore
+    from bucketsnap._store import SnapshotStore
 
 __all__ = [
     "LOCAL",
@@ -195,7 +195,7 @@ def _current_rank(process_group: dist.ProcessGroup | None) -> int:
 
 
 class _Preemptible(Protocol):
-    """What :func:`agree_on_preemption` needs of a :class:`~bucketsnap.preemption.PreemptionHandler`."""
+    """What :func:`agree_on_preemption` needs of a :class:`~bucketsnap._preemption.PreemptionHandler`."""
 
     @property
     def requested(self) -> bool: ...
@@ -213,12 +213,12 @@ def agree_on_preemption(handler: _Preemptible, *, process_group: ProcessGroupArg
     were not, sends the handler's first signal to this process. Every handler then runs as the ``hold()``
     block exits, at the same step on every rank, and their final saves form one collective save: one final
     snapshot of all ranks, or none (never a part of one). A signal that reaches a rank after its step's
-    agreement was made waits for the next step's (see :meth:`~bucketsnap.preemption.PreemptionHandler.agreed`).
+    agreement was made waits for the next step's (see :meth:`~bucketsnap._preemption.PreemptionHandler.agreed`).
     Returns whether a preemption is under way.
 
     Example:
         >>> import signal, bucketsnap
-        >>> from bucketsnap.preemption import on_preemption
+        >>> from bucketsnap._preemption import on_preemption
         >>> store, step = bucketsnap.SnapshotStore("memory://doc/agree"), 0
         >>> with on_preemption(store, lambda: {"step": step}, itr_fn=lambda: step, signals=[signal.SIGUSR1]) as h:
         ...     with h.hold():

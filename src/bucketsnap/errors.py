@@ -31,7 +31,6 @@ __all__ = [
     "SnapshotNotFoundError",
     "StorageError",
     "UnsafeLoadError",
-    "redact",
 ]
 
 

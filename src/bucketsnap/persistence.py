@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.snapshot import Snapshot
-from bucketsnap.store import SnapshotStore, as_store
-from bucketsnap.values import MapLocation
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._snapshot import Snapshot
+from bucketsnap._store import SnapshotStore, as_store
+from bucketsnap._values import MapLocation
 
 __all__ = [
     "PersistEvent",

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from bucketsnap.info import SnapshotInfo
+from bucketsnap._info import SnapshotInfo
 
 __all__ = ["KeepAny", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "garage_mode", "split"]
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from bucketsnap import Sharded, SnapshotStore
-from bucketsnap.archive import ArchiveWriter
+from bucketsnap._archive import ArchiveWriter
 from bucketsnap.distributed import agree_on_preemption, load_rank, shard_keys
 
 #: Seconds a collective waits for a silent rank; a dead peer's closed socket is noticed at once on gloo.
@@ -170,7 +170,7 @@ def kill(store: SnapshotStore, rank: int, world: int) -> None:
 
 
 def preempt(store: SnapshotStore, rank: int, world: int) -> None:
-    from bucketsnap.preemption import on_preemption
+    from bucketsnap._preemption import on_preemption
 
     store.save(0, state(0, rank))
     itr = 0
@@ -192,7 +192,7 @@ def preempt_self(where: str) -> Any:
     """The preempt scenario with the signal sent by rank 1 itself, at a chosen point of step 5."""
 
     def scenario(store: SnapshotStore, rank: int, world: int) -> None:
-        from bucketsnap.preemption import on_preemption
+        from bucketsnap._preemption import on_preemption
 
         store.save(0, state(0, rank))
         itr = 0
@@ -217,7 +217,7 @@ def preempt_self(where: str) -> Any:
 
 def landed(store: SnapshotStore, rank: int, world: int) -> None:
     from bucketsnap import StorageError
-    from bucketsnap.manifest import ManifestLog
+    from bucketsnap._manifest import ManifestLog
 
     store.save(0, state(0, rank))
     storage = store.storage

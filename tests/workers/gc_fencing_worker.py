@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 import bucketsnap
+from bucketsnap._chunks import ChunkTable, read_chunks
 from bucketsnap.buffers import TransitionStorage, buffer_state
-from bucketsnap.chunks import ChunkTable, read_chunks
 
 BUFFER_KEY = "replay_buffer"
 OBS_DIM = 128

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 import fsspec
 
 from bucketsnap._backends.base import Backend, ObjectWriter
-from bucketsnap.transport import is_throttled as _is_throttled
-from bucketsnap.transport import is_transient as _is_transient
+from bucketsnap._transport import is_throttled as _is_throttled
+from bucketsnap._transport import is_transient as _is_transient
 
 __all__ = ["Backend", "ObjectWriter", "backend_class", "is_throttled", "is_transient", "register"]
 

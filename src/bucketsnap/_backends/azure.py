@@ -24,9 +24,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
 from bucketsnap._backends.base import Backend, PartWriter
+from bucketsnap._transport import Retry, chain
+from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
-from bucketsnap.transport import Retry, chain
-from bucketsnap.uploads import PartUploader
 
 __all__ = ["AzureBackend", "AzureBlockWriter"]
 

@@ -3,7 +3,7 @@
 A :class:`Backend` wraps one fsspec filesystem and speaks the filesystem's own paths. It knows how its store
 gets each guarantee (an atomic exclusive create, a streamed write invisible until committed, an abort that
 leaves nothing) and which of its errors are worth retrying; it knows nothing of runs, URLs or retries, which
-:class:`bucketsnap.storage.Storage` adds on top for every backend alike.
+:class:`bucketsnap._storage.Storage` adds on top for every backend alike.
 
 This base class is itself the backend for any fsspec filesystem without a module of its own: reads, lists and
 deletes through fsspec, streamed writes through ``fs.open(path, "wb")`` (discarded, not closed, on abort), and an
@@ -20,9 +20,9 @@ from typing import IO, Any, ClassVar, Protocol
 import fsspec
 from fsspec.spec import AbstractBufferedFile
 
+from bucketsnap._transport import Retry, ThreadedWriter, chain, is_throttled, is_transient
+from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import redact
-from bucketsnap.transport import Retry, ThreadedWriter, chain, is_throttled, is_transient
-from bucketsnap.uploads import PartUploader
 
 __all__ = ["Backend", "FsspecWriter", "ObjectWriter", "PartWriter", "timestamp"]
 
@@ -235,7 +235,7 @@ class FsspecWriter:
 
 
 class PartWriter:
-    """A part uploader (:mod:`bucketsnap.uploads`) as an :class:`ObjectWriter`: closing it publishes the object."""
+    """A part uploader (:mod:`bucketsnap._uploads`) as an :class:`ObjectWriter`: closing it publishes the object."""
 
     def __init__(self, uploader: PartUploader[Any]) -> None:
         self.file = uploader

@@ -15,9 +15,9 @@ import uuid
 from typing import Any, ClassVar
 
 from bucketsnap._backends.base import Backend, PartWriter
+from bucketsnap._transport import Retry, is_server_error
+from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
-from bucketsnap.transport import Retry, is_server_error
-from bucketsnap.uploads import PartUploader
 
 __all__ = ["GCS_COMPOSE_LIMIT", "GcsBackend", "GcsComposeWriter"]
 

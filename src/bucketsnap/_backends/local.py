@@ -3,7 +3,7 @@
 Objects are written to a temp file in the destination directory, fsynced, then ``os.replace``-d into place;
 exclusive creates ``os.link`` a fsynced temp file to the final name, which fails if the name exists. fsspec's
 local transactions are not used: they stage in ``$TMPDIR`` and move across devices. A directory the run needs is
-fsynced into its parent once per storage (see :meth:`bucketsnap.storage.Storage`), so that a power loss after
+fsynced into its parent once per storage (see :meth:`bucketsnap._storage.Storage`), so that a power loss after
 the first commit cannot lose the directories that hold it. A temp file removed before it is moved into place (by
 gc, or by hand, while the save was paused) fails the save with a :class:`~bucketsnap.errors.StorageError`.
 """

@@ -1,7 +1,7 @@
 """S3 and S3-compatible servers (s3fs): exclusive creates as ``If-None-Match: *``, concurrent multipart uploads.
 
 A create is exclusive by the condition ``If-None-Match: *`` (s3fs sends it for ``pipe_file(mode="create")``);
-some S3-compatible servers ignore it, so :class:`~bucketsnap.storage.Storage` probes it before a process first
+some S3-compatible servers ignore it, so :class:`~bucketsnap._storage.Storage` probes it before a process first
 relies on it (:attr:`~bucketsnap._backends.base.Backend.create_condition`). A streamed write is a multipart
 upload with ``upload_concurrency`` parts in flight (:class:`S3MultipartWriter`), which appears when
 ``complete_multipart_upload`` succeeds; an aborted one leaves nothing. Retries read botocore's error codes.
@@ -13,9 +13,9 @@ import logging
 from typing import Any, ClassVar
 
 from bucketsnap._backends.base import Backend, PartWriter
+from bucketsnap._transport import Retry, is_server_error
+from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
-from bucketsnap.transport import Retry, is_server_error
-from bucketsnap.uploads import PartUploader
 
 __all__ = ["S3Backend", "S3MultipartWriter"]
 

@@ -42,13 +42,13 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("bucketsnap.integrations.sb3 needs stable-baselines3: pip install 'bucketsnap[sb3]'") from exc
 
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._storage import Storage
+from bucketsnap._store import SnapshotStore, as_store
+from bucketsnap._zipformat import read_directory, read_member
 from bucketsnap.buffers import buffer_state, restore_buffer
 from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, redact
-from bucketsnap.info import SnapshotInfo
 from bucketsnap.integrations._sb3_data import encode_data, resolve_data
-from bucketsnap.storage import Storage
-from bucketsnap.store import SnapshotStore, as_store
-from bucketsnap.zipformat import read_directory, read_member
 
 __all__ = ["SB3Zip", "SnapshotCallback", "export_sb3_zip", "load_model", "load_sb3_zip", "save_model"]
 
@@ -399,7 +399,7 @@ def export_sb3_zip(
 def _object_storage(
     url: str, storage_options: dict[str, Any] | None, *, single_writer: bool = False
 ) -> tuple[Storage, str]:
-    """A :class:`~bucketsnap.storage.Storage` on the directory of the single object at ``url``, and its name.
+    """A :class:`~bucketsnap._storage.Storage` on the directory of the single object at ``url``, and its name.
 
     Raises:
         StorageError: the URL cannot be opened (an unknown protocol, a backend library not installed...).

@@ -3,17 +3,17 @@
 Layout (``unzip -l`` lists it; ``unzip -p snap.zip policy.zst | zstd -d`` recovers one member by hand)::
 
     <key>.zst     one per top-level key of the saved state, zip method STORED, holding one zstd frame
-                  of the payload described in :mod:`bucketsnap.values`: compressed with zstd's content
+                  of the payload described in :mod:`bucketsnap._values`: compressed with zstd's content
                   checksum, or, for incompressible members, stored as raw zstd blocks (see ``_StoredFrame``)
     ...
     meta.json     format version, library versions, itr, creation time, metrics, and per member its
                   codec, offset, raw and stored sizes and CRC-32
 
-Members are written through a forward-only stream (:mod:`bucketsnap.zipformat`), so every entry uses a zip
+Members are written through a forward-only stream (:mod:`bucketsnap._zipformat`), so every entry uses a zip
 data descriptor and ZIP64 sizes where needed; the same bytes come out whether the destination is a local file
 or a multipart upload. Each member's data offset is recorded in ``meta.json`` and in the manifest, so a reader
 fetches one member with one ranged request and never reads the central directory;
-:func:`bucketsnap.zipformat.read_directory` reads it for tools that only have the archive.
+:func:`bucketsnap._zipformat.read_directory` reads it for tools that only have the archive.
 
 This module reads and writes file objects and byte ranges only; it knows no URLs.
 """
@@ -29,11 +29,10 @@ from typing import IO, Any, BinaryIO
 
 import zstandard
 
-from bucketsnap import values as _values
-from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
-from bucketsnap.info import MemberInfo, crc32_checksum
-from bucketsnap.values import EncodedValue, MapLocation, decode, encode
-from bucketsnap.zipformat import (
+from bucketsnap import _values
+from bucketsnap._info import MemberInfo, crc32_checksum
+from bucketsnap._values import EncodedValue, MapLocation, decode, encode
+from bucketsnap._zipformat import (
     READ_AHEAD,
     READ_CHUNK,
     MemberSink,
@@ -42,6 +41,7 @@ from bucketsnap.zipformat import (
     ZipStreamWriter,
     crc32_combine,
 )
+from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -73,14 +73,14 @@ class ArchiveWriter:
 
     Args:
         dest: a writable binary file object (not closed by the writer); if it has a ``writev(pieces)`` method,
-            incompressible members go out through it in large batches of pieces (see :mod:`bucketsnap.zipformat`).
+            incompressible members go out through it in large batches of pieces (see :mod:`bucketsnap._zipformat`).
         level: zstd level for compressible members.
         threads: zstd worker threads (0: compress in the calling thread; -1: one per core).
         progress: called with each count of uncompressed bytes as it is written.
 
     Attributes:
         members: key -> :class:`MemberInfo` of each member written so far.
-        checksum: the whole archive's checksum (``"crc32:<8 hex>"``, see :func:`bucketsnap.info.crc32_checksum`)
+        checksum: the whole archive's checksum (``"crc32:<8 hex>"``, see :func:`bucketsnap._info.crc32_checksum`)
             once :meth:`finish` has written it; None before.
     """
 
@@ -244,7 +244,7 @@ def _member_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Ite
     if member.raw_size > _values.MAX_MEMBER_SIZE:  # refused before a byte is read: a zip bomb or a lie
         raise CorruptSnapshotError(
             f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit "
-            f"bucketsnap.values.MAX_MEMBER_SIZE = {_values.MAX_MEMBER_SIZE}; raise it only for a trusted snapshot"
+            f"bucketsnap._values.MAX_MEMBER_SIZE = {_values.MAX_MEMBER_SIZE}; raise it only for a trusted snapshot"
         )
     raw = RangeReader(read_range, member.offset, member.stored_size, where=where, read_ahead=READ_AHEAD)
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from bucketsnap._store import SnapshotStore, as_store
+from bucketsnap._values import MapLocation
 from bucketsnap.errors import SnapshotNotFoundError
-from bucketsnap.store import SnapshotStore, as_store
-from bucketsnap.values import MapLocation
 
 __all__ = ["Resumed", "resume"]
 

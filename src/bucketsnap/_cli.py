@@ -33,14 +33,14 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from bucketsnap._cli_output import human_size, info_json, ls_table, show_text
+from bucketsnap._export import format_of, write_safetensors, write_torch
+from bucketsnap._manifest import MANIFEST_DIR, SNAPSHOT_DIR, Which, parse_which
+from bucketsnap._progress import progress_bar
+from bucketsnap._snapshot import Snapshot
+from bucketsnap._store import SnapshotStore
 from bucketsnap._version import __version__
-from bucketsnap.cli_output import human_size, info_json, ls_table, show_text
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError, SnapshotNotFoundError
-from bucketsnap.export import format_of, write_safetensors, write_torch
-from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, Which, parse_which
-from bucketsnap.progress import progress_bar
-from bucketsnap.snapshot import Snapshot
-from bucketsnap.store import SnapshotStore
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "cli", "main"]
 

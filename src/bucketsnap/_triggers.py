@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from bucketsnap.info import SnapshotInfo, check_metrics
-from bucketsnap.store import SnapshotStore, as_store
+from bucketsnap._info import SnapshotInfo, check_metrics
+from bucketsnap._store import SnapshotStore, as_store
 
 __all__ = ["IntervalTrigger", "PolicySaveTrigger"]
 

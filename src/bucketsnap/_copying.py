@@ -23,13 +23,13 @@ import dataclasses
 import posixpath
 import re
 
-from bucketsnap.chunks import named_checksum
+from bucketsnap._chunks import named_checksum
+from bucketsnap._info import MemberInfo, SnapshotInfo, crc32_checksum
+from bucketsnap._manifest import archive_path, new_token
+from bucketsnap._progress import ByteCounter, ProgressCallback
+from bucketsnap._storage import Storage
+from bucketsnap._zipformat import crc32
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, SnapshotNotFoundError, StorageError
-from bucketsnap.info import MemberInfo, SnapshotInfo, crc32_checksum
-from bucketsnap.manifest import archive_path, new_token
-from bucketsnap.progress import ByteCounter, ProgressCallback
-from bucketsnap.storage import Storage
-from bucketsnap.zipformat import crc32
 
 __all__ = ["COPY_CHUNK", "copy_objects", "new_archive_path"]
 

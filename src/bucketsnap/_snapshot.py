@@ -10,13 +10,13 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
-from bucketsnap.archive import load_member, verify_member, verify_object
-from bucketsnap.chunks import named_checksum
+from bucketsnap._archive import load_member, verify_member, verify_object
+from bucketsnap._chunks import named_checksum
+from bucketsnap._info import MemberInfo, SnapshotInfo
+from bucketsnap._progress import ByteCounter, ProgressCallback
+from bucketsnap._storage import Storage
+from bucketsnap._values import MapLocation
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
-from bucketsnap.info import MemberInfo, SnapshotInfo
-from bucketsnap.progress import ByteCounter, ProgressCallback
-from bucketsnap.storage import Storage
-from bucketsnap.values import MapLocation
 
 __all__ = ["Snapshot"]
 
@@ -82,7 +82,7 @@ class Snapshot(Mapping[str, Any]):
     def load(self, keys: Iterable[str] | None = None, *, progress: ProgressCallback | None = None) -> dict[str, Any]:
         """The members ``keys`` (all if None) as a dict, in saved order.
 
-        ``progress(done, total)`` is called with the stored bytes read so far (see :mod:`bucketsnap.progress`).
+        ``progress(done, total)`` is called with the stored bytes read so far (see :mod:`bucketsnap._progress`).
         """
         wanted = list(self.info.members) if keys is None else list(keys)
         members = [self._member(key) for key in wanted]

@@ -16,7 +16,7 @@ chunks that changed since the last save, usually one or two per thousand transit
 
 A chunk is reused only if a committed snapshot refers to it, never on the strength of a listing: an
 unreferenced chunk (an orphan of a killed save, or one that retention dropped) may be condemned and deleted by
-gc at any moment, and gc's deletions are ordered only against commits (see :mod:`bucketsnap.maintenance`). A
+gc at any moment, and gc's deletions are ordered only against commits (see :mod:`bucketsnap._maintenance`). A
 chunk that is written is named with the save's token, so two saves never write, or gc never deletes, one
 another's objects. Runs written before names carried a CRC (``chunks/<sha256>.zst``) stay readable, and their
 chunks are reused.
@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zstandard
 
+from bucketsnap._storage import Storage
+from bucketsnap._zipformat import READ_CHUNK, RangeReader, crc32
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
-from bucketsnap.storage import Storage
-from bucketsnap.zipformat import READ_CHUNK, RangeReader, crc32
 
 if TYPE_CHECKING:
     from bucketsnap._saving import StoredObjects
@@ -104,7 +104,7 @@ class ChunkedArrays:
     """Rows ``[0, rows)`` of arrays that share their first axis, to be saved as content-addressed chunks.
 
     Pass one as a value of the state given to :meth:`SnapshotStore.save` (it implements
-    :class:`~bucketsnap.store.ExternalValue`); the member holds the chunk table and ``attrs``.
+    :class:`~bucketsnap._store.ExternalValue`); the member holds the chunk table and ``attrs``.
 
     Args:
         arrays: field name -> array; rows are along the first axis; only the first ``rows`` rows are saved.

@@ -67,7 +67,7 @@ _LEN = struct.Struct("<Q")
 #: Headers above this size are refused: a structure this large is a malformed or hostile member.
 MAX_HEADER_SIZE = 256 * 2**20
 #: Members that decompress to more than this many bytes are refused before they are read: a small stored
-#: member that claims a huge decompressed size is a zip bomb. Raise it (``bucketsnap.values.MAX_MEMBER_SIZE =
+#: member that claims a huge decompressed size is a zip bomb. Raise it (``bucketsnap._values.MAX_MEMBER_SIZE =
 #: ...``) to load larger members from a source you trust.
 MAX_MEMBER_SIZE = 64 * 2**30
 
@@ -259,7 +259,7 @@ class Decoder:
         if nbytes < 0 or nbytes > self.budget:
             raise CorruptSnapshotError(
                 f"{self.where}: a value of {nbytes} bytes is more than the member's declared size allows "
-                f"({self.budget} bytes left, limit bucketsnap.values.MAX_MEMBER_SIZE = {MAX_MEMBER_SIZE})"
+                f"({self.budget} bytes left, limit bucketsnap._values.MAX_MEMBER_SIZE = {MAX_MEMBER_SIZE})"
             )
         self.budget -= nbytes
         return nbytes

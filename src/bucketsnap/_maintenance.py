@@ -11,7 +11,7 @@ manifest log rather than by clocks:
 
 A save that commits after its objects were condemned but before a sweep simply makes them needed again (a
 commit un-condemns what it references). A save whose objects a sweep committed to delete finds that sweep in
-the generation it commits on (:func:`~bucketsnap.manifest.swept`) and fails with ``StorageError`` instead of
+the generation it commits on (:func:`~bucketsnap._manifest.swept`) and fails with ``StorageError`` instead of
 committing a reference to a deleted object: a writer that is paused for hours, that reuses a chunk another
 snapshot dropped, or whose clock disagrees with gc's, can fail a save, but never commit a broken one.
 ``min_age`` only decides how soon space comes back: it gives readers that resolved a dropped snapshot, and
@@ -30,11 +30,10 @@ import time
 import zipfile
 from dataclasses import replace
 
-from bucketsnap.archive import META_NAME
-from bucketsnap.chunks import CHUNK_DIR
-from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
-from bucketsnap.info import SnapshotInfo, crc32_checksum
-from bucketsnap.manifest import (
+from bucketsnap._archive import META_NAME
+from bucketsnap._chunks import CHUNK_DIR
+from bucketsnap._info import SnapshotInfo, crc32_checksum
+from bucketsnap._manifest import (
     KEEP_GENERATIONS,
     MANIFEST_DIR,
     SNAPSHOT_DIR,
@@ -45,9 +44,10 @@ from bucketsnap.manifest import (
     generation_name,
     swept,
 )
-from bucketsnap.snapshot import Snapshot
-from bucketsnap.storage import PROBE_PREFIX, Storage
-from bucketsnap.zipformat import RangeReader, read_directory, read_member
+from bucketsnap._snapshot import Snapshot
+from bucketsnap._storage import PROBE_PREFIX, Storage
+from bucketsnap._zipformat import RangeReader, read_directory, read_member
+from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
 
 __all__ = ["DATA_DIRS", "collect_garbage", "repair"]
 
@@ -102,7 +102,7 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
 
 
 def _young_probe(storage: Storage, directory: str, name: str, now: float) -> bool:
-    """An exclusive-create probe object (:mod:`bucketsnap.storage`) less than an hour old: one being made
+    """An exclusive-create probe object (:mod:`bucketsnap._storage`) less than an hour old: one being made
     now, whose deletion between its two creates would make the probe misjudge the store. Older ones are the
     leftovers of a crash, and removed."""
     if not name.startswith(PROBE_PREFIX):
@@ -138,7 +138,7 @@ def repair(log: ManifestLog) -> Manifest:
 
     A recovered archive is an object found by listing, so it is fenced as a save's objects are: it is not
     recovered if it, or a chunk it needs, is in a sweep recorded by the generation repair started from (a gc
-    may still be deleting it) or in a sweep committed since (see :func:`~bucketsnap.manifest.swept`).
+    may still be deleting it) or in a sweep committed since (see :func:`~bucketsnap._manifest.swept`).
     """
     storage = log.storage
     base = Manifest(0)

@@ -26,7 +26,7 @@ the single instant at which a snapshot becomes committed, which gives the four p
 The trade-off, as in Delta Lake's log: a commit rewrites the whole list, so a run with tens of thousands of
 snapshots has a manifest of a few MB; in exchange a reader needs no listing of ``snapshots/`` and no
 per-snapshot request. Backends without an atomic exclusive create weaken only the third property (see
-:mod:`bucketsnap.storage`).
+:mod:`bucketsnap._storage`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import SupportsIndex
 
-from bucketsnap.archive import FORMAT_VERSION
+from bucketsnap._archive import FORMAT_VERSION
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._storage import Storage
 from bucketsnap.errors import (
     BucketsnapError,
     CommitConflictError,
@@ -51,8 +53,6 @@ from bucketsnap.errors import (
     SnapshotNotFoundError,
     StorageError,
 )
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.storage import Storage
 
 __all__ = [
     "KEEP_GENERATIONS",

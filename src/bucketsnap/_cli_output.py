@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bucketsnap.info import Metric, SnapshotInfo
+from bucketsnap._info import Metric, SnapshotInfo
 
 __all__ = ["human_size", "info_json", "show_text", "table", "ls_table"]
 

@@ -4,7 +4,7 @@ Spot and preemptible VMs send SIGTERM and then a grace period (GCP 30 s, AWS 2 m
 :func:`on_preemption` installs a handler for that moment::
 
     store = bucketsnap.SnapshotStore("s3://bucket/run")
-    itr, state = bucketsnap.resume(store, {"model": model.state_dict(), "optim": optim.state_dict()})
+    itr, state = bucketsnap._resume(store, {"model": model.state_dict(), "optim": optim.state_dict()})
     with bucketsnap.on_preemption(store, lambda: {"model": model.state_dict(), "optim": optim.state_dict()},
                                   itr_fn=lambda: itr):
         for itr in range(itr + 1, n_iters):
@@ -49,9 +49,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import FrameType
 from typing import Any
 
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._store import SnapshotStore
 from bucketsnap.errors import SnapshotExistsError, SnapshotNotFoundError
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.store import SnapshotStore
 
 __all__ = ["DEFAULT_DEADLINE", "PreemptionHandler", "on_preemption"]
 

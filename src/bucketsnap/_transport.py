@@ -1,6 +1,6 @@
 """Moving bytes to and from object stores: retries with backoff, and pipelined writes.
 
-Two pieces, used by :mod:`bucketsnap.storage` and :mod:`bucketsnap.uploads`:
+Two pieces, used by :mod:`bucketsnap._storage` and :mod:`bucketsnap._uploads`:
 
 * :class:`Retry` runs a callable again after a *transient* failure (throttling such as S3's ``SlowDown`` or
   HTTP 429, 5xx responses, a reset or refused connection, a timeout), sleeping with capped exponential backoff
@@ -13,7 +13,7 @@ Two pieces, used by :mod:`bucketsnap.storage` and :mod:`bucketsnap.uploads`:
 * :class:`ThreadedWriter` puts a background thread in front of any other file object (gcsfs's resumable
   upload, whose chunks must be sent in order), so that compressing the next part overlaps uploading this one.
 
-Concurrent part uploads (S3 multipart, GCS composite) are in :mod:`bucketsnap.uploads`.
+Concurrent part uploads (S3 multipart, GCS composite) are in :mod:`bucketsnap._uploads`.
 """
 
 from __future__ import annotations

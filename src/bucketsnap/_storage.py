@@ -41,8 +41,8 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from bucketsnap._backends import Backend, backend_class
+from bucketsnap._transport import Retry
 from bucketsnap.errors import BucketsnapError, StorageError, redact
-from bucketsnap.transport import Retry
 
 __all__ = ["DEFAULT_PART_SIZE", "DEFAULT_UPLOAD_CONCURRENCY", "PROBE_PREFIX", "Storage"]
 

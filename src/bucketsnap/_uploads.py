@@ -20,8 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from bucketsnap._transport import Retry, is_transient
 from bucketsnap.errors import StorageError, redact
-from bucketsnap.transport import Retry, is_transient
 
 __all__ = ["PartUploader"]
 

@@ -15,12 +15,12 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._manifest import MANIFEST_DIR, SNAPSHOT_DIR, parse_which
+from bucketsnap._store import DATA_DIRS, SnapshotStore
+from bucketsnap._values import MapLocation
 from bucketsnap.errors import NotAFileError, SnapshotNotFoundError, StorageError
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.manifest import MANIFEST_DIR, SNAPSHOT_DIR, parse_which
 from bucketsnap.retention import garage_mode
-from bucketsnap.store import DATA_DIRS, SnapshotStore
-from bucketsnap.values import MapLocation
 
 __all__ = ["MODES", "Snapshotter"]
 

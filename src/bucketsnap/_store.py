@@ -5,7 +5,7 @@ The store orchestrates; it holds no format, storage or commit logic. A save is v
 (:mod:`bucketsnap._pipeline`), in the caller's thread or in the background (:mod:`bucketsnap._background`).
 A process saving alone runs it as a world of one; the ranks of a distributed save run it together
 (:mod:`bucketsnap._distributed_save`). A load resolves ``which`` in the newest manifest generation
-(:mod:`bucketsnap.manifest`) and streams only the requested members' byte ranges.
+(:mod:`bucketsnap._manifest`) and streams only the requested members' byte ranges.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._commit import Committer
 from bucketsnap._distributed_save import save_job
 from bucketsnap._host_copies import HostCopies
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._maintenance import DATA_DIRS, collect_garbage, repair
+from bucketsnap._manifest import Manifest, ManifestLog, Which
 from bucketsnap._pipeline import SavePipeline, Staged
+from bucketsnap._progress import ProgressCallback
 from bucketsnap._saving import ExternalValue, Prepared, check_itr, prepare
+from bucketsnap._snapshot import Snapshot
+from bucketsnap._storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
+from bucketsnap._values import MapLocation
 from bucketsnap.distributed import ProcessGroupArg
-from bucketsnap.info import SnapshotInfo
-from bucketsnap.maintenance import DATA_DIRS, collect_garbage, repair
-from bucketsnap.manifest import Manifest, ManifestLog, Which
-from bucketsnap.progress import ProgressCallback
 from bucketsnap.retention import RetentionPolicy
-from bucketsnap.snapshot import Snapshot
-from bucketsnap.storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
-from bucketsnap.values import MapLocation
 
 __all__ = ["DATA_DIRS", "ExternalValue", "SnapshotStore", "as_store"]
 
@@ -48,7 +48,7 @@ class SnapshotStore:
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
         upload_concurrency: parts of one save uploaded at once to S3 or GCS; a save holds at most
             ``(upload_concurrency + 1) * part_size`` bytes of upload buffers. On GCS, 1 uses gcsfs's
-            resumable upload instead of a parallel composite upload (see :mod:`bucketsnap.uploads`).
+            resumable upload instead of a parallel composite upload (see :mod:`bucketsnap._uploads`).
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
         keep_host_copies: keep :meth:`save_async`'s host copy of the state after its save, for the next save
             to copy into (several times faster than fresh memory); False frees it when the save ends.
@@ -160,7 +160,7 @@ class SnapshotStore:
 
         Each top-level key becomes one archive member that can be loaded alone. The snapshot is committed
         (visible to readers) only once the whole archive is stored. ``progress(done, total)`` is called with
-        the uncompressed bytes written so far (see :mod:`bucketsnap.progress`).
+        the uncompressed bytes written so far (see :mod:`bucketsnap._progress`).
 
         With ``torch.distributed`` initialised (or a ``process_group`` given) the save is collective: every
         rank calls it, writes its own members, and one commit makes them visible together; values wrapped in
@@ -244,7 +244,7 @@ class SnapshotStore:
     def cancel_queued(self) -> int:
         """Cancel the :meth:`save_async` calls that have not started yet; return how many were cancelled.
 
-        Their futures raise ``CancelledError``; saves already running go on. :mod:`bucketsnap.preemption` calls
+        Their futures raise ``CancelledError``; saves already running go on. :mod:`bucketsnap._preemption` calls
         it when the saves in flight outlast their share of the deadline.
         """
         return self._background.cancel_queued()
@@ -386,7 +386,7 @@ class SnapshotStore:
         needs (orphans of crashed or failed saves, snapshots dropped by retention, saves still in flight), then
         deletes, after another commit, those that an earlier call condemned at least ``min_age`` seconds ago
         (by this process's clock) and that are still unreferenced; also manifest generations older than the
-        newest :data:`~bucketsnap.manifest.KEEP_GENERATIONS`. Deletions are ordered against commits through the
+        newest :data:`~bucketsnap._manifest.KEEP_GENERATIONS`. Deletions are ordered against commits through the
         log, so no clock, pause or reuse can make a commit reference a deleted object: a save whose objects were
         deleted fails with ``StorageError`` instead. ``min_age`` gives readers of dropped snapshots and saves in
         flight that long; ``min_age=0`` deletes every unreferenced object in one call, failing saves in flight.
