@@ -375,3 +375,17 @@ def test_unsupported_buffers_are_refused_clearly() -> None:
         buffer_state([1, 2, 3])
     with pytest.raises(ValueError, match="insert a transition first"):
         buffer_state(TransitionStorage(4))
+
+
+def test_hash_threads_is_an_option_of_buffer_state() -> None:
+    buffer = TransitionStorage(8)
+    buffer.insert_transition({"obs": np.zeros(3, np.float32)})
+    assert buffer_state(buffer, hash_threads=1).hash_threads == 1
+    assert buffer_state(buffer).hash_threads >= 1
+    with pytest.raises(ValueError, match="hash_threads"):
+        buffer_state(buffer, hash_threads=0)
+    store = SnapshotStore("memory://hash-threads/run")
+    store.save(1, {"buffer": buffer_state(buffer, hash_threads=1)})
+    restored = TransitionStorage(8)
+    restore_buffer(store, restored, key="buffer")
+    assert len(restored) == 1

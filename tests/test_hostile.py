@@ -484,3 +484,15 @@ def test_no_case_writes_outside_the_memory_run(store: SnapshotStore) -> None:
     assert after == outside
     inside = [k.removeprefix(store.storage.root + "/") for k in MemoryFileSystem.store if k not in outside]
     assert all(k.startswith((f"{MANIFEST_DIR}/", "snapshots/")) for k in inside), inside
+
+
+def test_the_member_size_limit_is_a_store_option(store: SnapshotStore) -> None:
+    bomb = payload({"tree": {"$bytes": 64 * 2**20}}, bytes(64 * 2**20))
+    commit_raw(store, 1, {"bomb": bomb, "ok": payload({"tree": 1})})
+    strict = SnapshotStore(store.storage.url, max_member_size=16 * 2**20)
+    strict.storage.bytes_read = 0
+    expect_typed(lambda: strict.load(1, keys=["bomb"]), match="max_member_size")
+    expect_typed(lambda: strict.verify(1), match="max_member_size")
+    assert strict.storage.bytes_read < 2**16, "refused before downloading the member"
+    assert strict.load(1, keys=["ok"]) == {"ok": 1}
+    assert len(SnapshotStore(store.storage.url, max_member_size=2**30).load(1, keys=["bomb"])["bomb"]) == 64 * 2**20

@@ -273,3 +273,16 @@ def test_s3_save_with_concurrent_parts_and_injected_throttling(s3_backend: Backe
     bucket, _, _ = fs.split_path(store.storage.path(""))
     uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
     assert not [u for u in uploads if u["Key"].startswith(store.storage.root.split("/", 1)[1])], "upload not aborted"
+
+
+@pytest.mark.s3
+def test_the_retry_policy_is_a_store_option(s3_backend: Backend) -> None:
+    import servers
+
+    options = dict(s3_backend.options)
+    dead = f"http://127.0.0.1:{servers.free_port()}"
+    options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": dead}
+    options["config_kwargs"] = {**options["config_kwargs"], "retries": {"max_attempts": 1}, "connect_timeout": 1}
+    store = SnapshotStore(s3_backend.url(), storage_options=options, retry=Retry(attempts=2, initial=0, max_delay=0))
+    with pytest.raises(StorageError, match="failed 2 times"):
+        store.itrs()

@@ -238,13 +238,17 @@ class _LimitedReader(io.RawIOBase):
 
 
 @contextmanager
-def _member_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Iterator[BinaryIO]:
+def _member_stream(
+    read_range: ReadRange, member: MemberInfo, where: str, max_member_size: int | None = None
+) -> Iterator[BinaryIO]:
     if member.codec != "zstd":
         raise CorruptSnapshotError(f"{where}: unknown codec {member.codec!r}; upgrade bucketsnap")
-    if member.raw_size > _values.MAX_MEMBER_SIZE:  # refused before a byte is read: a zip bomb or a lie
+    limit = _values.MAX_MEMBER_SIZE if max_member_size is None else max_member_size  # read now: it may be set
+    if member.raw_size > limit:  # refused before a byte is read: a zip bomb or a lie
         raise CorruptSnapshotError(
-            f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit "
-            f"bucketsnap._values.MAX_MEMBER_SIZE = {_values.MAX_MEMBER_SIZE}; raise it only for a trusted snapshot"
+            f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit max_member_size = "
+            f"{limit} (default MAX_MEMBER_SIZE, 64 GiB); raise it, only for a trusted run, with "
+            "SnapshotStore(url, max_member_size=...)"
         )
     raw = RangeReader(read_range, member.offset, member.stored_size, where=where, read_ahead=READ_AHEAD)
     try:
@@ -269,29 +273,39 @@ def load_member(
     where: str,
     map_location: MapLocation = None,
     allow_pickle: bool = False,
+    max_member_size: int | None = None,
 ) -> Any:
-    """Decode one member, streaming its byte range; raise CorruptSnapshotError on any mismatch."""
+    """Decode one member, streaming its byte range; raise CorruptSnapshotError on any mismatch (or a member
+    declaring more than ``max_member_size`` bytes decompressed)."""
     if member.pickled and not allow_pickle:
         # Refuse before downloading a byte: this member cannot be restored without unpickling.
         raise UnsafeLoadError(
             f"{where} holds pickled values; unpickling runs code from the snapshot. Pass allow_pickle=True "
             "only if you trust where it came from, or load other keys."
         )
-    with _member_stream(read_range, member, where) as stream:
+    with _member_stream(read_range, member, where, max_member_size) as stream:
         value = decode(
             stream, map_location=map_location, allow_pickle=allow_pickle, where=where, max_size=member.raw_size
         )
     return value
 
 
-def verify_member(read_range: ReadRange, member: MemberInfo, *, where: str) -> None:
+def verify_member(read_range: ReadRange, member: MemberInfo, *, where: str, max_member_size: int | None = None) -> None:
     """Read one member whole, checking its CRC, its zstd checksum and its declared sizes."""
-    with _member_stream(read_range, member, where) as stream:
+    with _member_stream(read_range, member, where, max_member_size) as stream:
         while stream.read(READ_CHUNK):
             pass
 
 
-def verify_object(read_range: ReadRange, size: int, checksum: str, members: list[MemberInfo], *, where: str) -> None:
+def verify_object(
+    read_range: ReadRange,
+    size: int,
+    checksum: str,
+    members: list[MemberInfo],
+    *,
+    where: str,
+    max_member_size: int | None = None,
+) -> None:
     """Read a whole object of ``size`` bytes and check its CRC-32 against ``checksum`` (``"crc32:<8 hex>"``),
     checking each of the ``members`` it holds as :func:`verify_member` does.
 
@@ -312,7 +326,7 @@ def verify_object(read_range: ReadRange, size: int, checksum: str, members: list
                 f"past the object's {size} bytes; the manifest's member table is corrupt"
             )
         crc = _crc_of_range(read_range, pos, member.offset, crc, where)
-        verify_member(read_range, member, where=f"{where} member {member.name}")
+        verify_member(read_range, member, where=f"{where} member {member.name}", max_member_size=max_member_size)
         crc = crc32_combine(crc, int(member.crc32, 16), member.stored_size)  # checked just now
         pos = end
     crc = _crc_of_range(read_range, pos, size, crc, where)

@@ -124,6 +124,7 @@ class ChunkedArrays:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int | None = None,
         level: int = 3,
+        hash_threads: int | None = None,
     ) -> None:
         if not arrays:
             raise ValueError("a chunked value needs at least one array")
@@ -137,6 +138,9 @@ class ChunkedArrays:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
         self.level = level
+        if hash_threads is not None and hash_threads < 1:
+            raise ValueError(f"hash_threads must be at least 1, not {hash_threads}")
+        self.hash_threads = hash_threads or HASH_THREADS
 
     def __repr__(self) -> str:
         return f"ChunkedArrays(kind={self.kind!r}, rows={self.rows}, chunk_rows={self.chunk_rows})"
@@ -145,7 +149,13 @@ class ChunkedArrays:
         """A private copy of the saved rows, for a background save."""
         copies = {name: np.array(a[: self.rows], copy=True) for name, a in self.arrays.items()}
         return ChunkedArrays(
-            copies, self.rows, kind=self.kind, attrs=self.attrs, chunk_rows=self.chunk_rows, level=self.level
+            copies,
+            self.rows,
+            kind=self.kind,
+            attrs=self.attrs,
+            chunk_rows=self.chunk_rows,
+            level=self.level,
+            hash_threads=self.hash_threads,
         )
 
     def write_objects(self, storage: Storage, objects: StoredObjects) -> tuple[dict[str, Any], list[str]]:
@@ -155,7 +165,7 @@ class ChunkedArrays:
         chunks: list[dict[str, Any]] = []
         cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
         bounds = [(a, min(a + self.chunk_rows, self.rows)) for a in range(0, self.rows, self.chunk_rows)]
-        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="bucketsnap-sha256") as pool:
+        with ThreadPoolExecutor(self.hash_threads, thread_name_prefix="bucketsnap-sha256") as pool:
             # Hashing runs ahead in other threads (hashlib releases the GIL) while new chunks compress here.
             digests = [pool.submit(lambda a, b: _digest(self._views(a, b)), a, b) for a, b in bounds]
             for (start, end), digest in zip(bounds, digests, strict=True):

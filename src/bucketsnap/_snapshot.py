@@ -39,8 +39,10 @@ class Snapshot(Mapping[str, Any]):
         *,
         map_location: MapLocation = None,
         allow_pickle: bool = False,
+        max_member_size: int | None = None,
     ) -> None:
         self._storage = storage
+        self._max_member_size = max_member_size
         self.info = info
         self._map_location = map_location
         self._allow_pickle = allow_pickle
@@ -58,6 +60,7 @@ class Snapshot(Mapping[str, Any]):
             member,
             where=f"{self.info.url} member {member.name}",
             map_location=self._map_location,
+            max_member_size=self._max_member_size,
             allow_pickle=self._allow_pickle,
         )
 
@@ -130,10 +133,22 @@ class Snapshot(Mapping[str, Any]):
         for path, members in held.items():
             where = self._storage.url_of(path)
             if path in whole:
-                verify_object(self._read_object(path, on_read), sizes[path], whole[path], members, where=where)
+                verify_object(
+                    self._read_object(path, on_read),
+                    sizes[path],
+                    whole[path],
+                    members,
+                    where=where,
+                    max_member_size=self._max_member_size,
+                )
                 continue
             for member in members:
-                verify_member(self._reader(member, on_read), member, where=f"{where} member {member.name}")
+                verify_member(
+                    self._reader(member, on_read),
+                    member,
+                    where=f"{where} member {member.name}",
+                    max_member_size=self._max_member_size,
+                )
         return info
 
     def _member(self, key: str) -> MemberInfo:

@@ -27,6 +27,7 @@ from bucketsnap._progress import ProgressCallback
 from bucketsnap._saving import ExternalValue, Prepared, check_itr, prepare
 from bucketsnap._snapshot import Snapshot
 from bucketsnap._storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
+from bucketsnap._transport import Retry
 from bucketsnap._values import MapLocation
 from bucketsnap.distributed import ProcessGroupArg
 from bucketsnap.retention import RetentionPolicy
@@ -46,9 +47,13 @@ class SnapshotStore:
             detected by sampling and stored in raw zstd blocks, at the cost of a CRC pass.
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
-        upload_concurrency: parts of one save uploaded at once to S3 or GCS; a save holds at most
+        upload_concurrency: parts of one save uploaded at once to S3, GCS or Azure; a save holds at most
             ``(upload_concurrency + 1) * part_size`` bytes of upload buffers. On GCS, 1 uses gcsfs's
-            resumable upload instead of a parallel composite upload (see :mod:`bucketsnap._uploads`).
+            resumable upload instead of a parallel composite upload (see docs/backends.md).
+        retry: the :class:`~bucketsnap.Retry` policy for transient failures of remote stores (throttling, 5xx,
+            dropped connections): by default 5 tries with capped exponential backoff.
+        max_member_size: the most bytes one member may declare decompressed before a load or verify refuses it
+            unread (a zip bomb, or a lie); None: 64 GiB. Raise it only for runs you trust.
         max_in_flight: how many :meth:`save_async` calls may write in the background at once.
         keep_host_copies: keep :meth:`save_async`'s host copy of the state after its save, for the next save
             to copy into (several times faster than fresh memory); False frees it when the save ends.
@@ -76,6 +81,8 @@ class SnapshotStore:
         compression_threads: int = 0,
         part_size: int = DEFAULT_PART_SIZE,
         upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+        retry: Retry | None = None,
+        max_member_size: int | None = None,
         max_in_flight: int = 1,
         retention: RetentionPolicy | None = None,
         keep_host_copies: bool = True,
@@ -88,8 +95,10 @@ class SnapshotStore:
             storage_options=storage_options,
             part_size=part_size,
             upload_concurrency=upload_concurrency,
+            retry=retry,
             single_writer=single_writer,
         )
+        self.max_member_size = max_member_size
         self._log = ManifestLog(self._storage)
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"retention must be a bucketsnap.retention policy such as KeepLast(3), not {retention!r}")
@@ -321,7 +330,13 @@ class SnapshotStore:
 
     def open(self, which: Which = "last", *, map_location: MapLocation = None, allow_pickle: bool = False) -> Snapshot:
         """A lazy view of snapshot ``which``: members are read only when indexed."""
-        return Snapshot(self._storage, self.info(which), map_location=map_location, allow_pickle=allow_pickle)
+        return Snapshot(
+            self._storage,
+            self.info(which),
+            map_location=map_location,
+            allow_pickle=allow_pickle,
+            max_member_size=self.max_member_size,
+        )
 
     def load(
         self,

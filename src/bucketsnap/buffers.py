@@ -330,7 +330,9 @@ register_buffer_kind(_TransitionStorageKind())
 # -- saving and restoring -------------------------------------------------------------------------------------
 
 
-def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) -> ChunkedArrays:
+def buffer_state(
+    buffer: Any, *, chunk_rows: int | None = None, level: int = 3, hash_threads: int | None = None
+) -> ChunkedArrays:
     """Wrap ``buffer`` for :meth:`SnapshotStore.save`: it is stored as content-addressed chunks of rows.
 
     Args:
@@ -340,6 +342,7 @@ def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) 
         chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
             saves of a run, or no chunk is shared.
         level: zstd level of the chunks.
+        hash_threads: threads hashing chunks to find those already stored; by default one per core, up to 4.
 
     Raises:
         TypeError: ``buffer`` is none of those kinds (SB3's ``HerReplayBuffer`` is not supported).
@@ -348,7 +351,13 @@ def buffer_state(buffer: Any, *, chunk_rows: int | None = None, level: int = 3) 
         if kind.matches(buffer):
             state = kind.state(buffer)
             return ChunkedArrays(
-                state.arrays, state.rows, kind=kind.name, attrs=state.attrs, chunk_rows=chunk_rows, level=level
+                state.arrays,
+                state.rows,
+                kind=kind.name,
+                attrs=state.attrs,
+                chunk_rows=chunk_rows,
+                level=level,
+                hash_threads=hash_threads,
             )
     raise TypeError(
         f"cannot save a {type(buffer).__module__}.{type(buffer).__qualname__} as a buffer: pass an SB3 "
