@@ -97,9 +97,9 @@ def test_unpickling_is_confined_and_torch_load_is_weights_only() -> None:
                 "cloudpickle",
             ):
                 unpickle_sites.add(path.relative_to(SRC).as_posix())
-    # values.py and the SB3 readers unpickle only behind allow_pickle=True (tested above and in the SB3 tests);
+    # _values.py and the SB3 readers unpickle only behind allow_pickle=True (tested above and in the SB3 tests);
     # _distributed_save.py unpickles exceptions sent by the job's own ranks, never bytes from the bucket.
-    allowed = {"values.py", "integrations/sb3.py", "integrations/_sb3_data.py", "_distributed_save.py"}
+    allowed = {"_values.py", "integrations/sb3.py", "integrations/_sb3_data.py", "_distributed_save.py"}
     assert unpickle_sites <= allowed, unpickle_sites
 
 
