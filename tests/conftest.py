@@ -1,13 +1,13 @@
 """Fixtures: one contract suite over memory, local disk, S3 (LocalStack), GCS (fake-gcs-server) and Azure Blob
 Storage (Azurite).
 
-The servers start once per session on 127.0.0.1 (a server that fails to start fails the tests, with its log);
-each test gets its own bucket prefix, so no reset is needed between tests.
+The servers are the ``bucketsnap.testing`` plugin's, the one users get with ``bucketsnap[testing]``: they start
+once per session on 127.0.0.1 (a server that fails to start fails the tests, with its log) and the plugin reports
+which in pytest's header. Each test gets its own bucket prefix, so no reset is needed between tests.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -22,6 +22,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 sys.path.insert(0, str(Path(__file__).parent))
 
 import servers
+
+pytest_plugins = ["pytester"]  # the plugin's own tests run pytest as a user would
 
 BACKENDS = ["memory", "local", "s3", "gcs", "azure"]
 SERVER_BACKENDS = ("s3", "gcs", "azure")  # each has a marker of its name
@@ -54,24 +56,18 @@ def _clean_fsspec_state() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[servers.S3Server]:
-    server = servers.s3_server()
-    yield server
-    server.stop()
+def s3_server(bucketsnap_s3_server: servers.S3Server) -> servers.S3Server:
+    return bucketsnap_s3_server
 
 
 @pytest.fixture(scope="session")
-def gcs_server() -> Iterator[servers.GcsServer]:
-    server = servers.gcs_server()
-    yield server
-    server.stop()
+def gcs_server(bucketsnap_gcs_server: servers.GcsServer) -> servers.GcsServer:
+    return bucketsnap_gcs_server
 
 
 @pytest.fixture(scope="session")
-def azure_server() -> Iterator[servers.AzureServer]:
-    server = servers.azure_server()
-    yield server
-    server.stop()
+def azure_server(bucketsnap_azure_server: servers.AzureServer) -> servers.AzureServer:
+    return bucketsnap_azure_server
 
 
 @pytest.fixture(scope="session")
@@ -121,13 +117,3 @@ def process_backend(request: pytest.FixtureRequest) -> Backend:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "azure: needs the Azure Blob test server")
-
-
-def pytest_report_header() -> list[str]:
-    endpoint = os.environ.get(servers.S3_ENDPOINT_ENV)
-    external_azure = f"the account in {servers.AZURE_CONNECTION_STRING_ENV}"
-    azure = external_azure if os.environ.get(servers.AZURE_CONNECTION_STRING_ENV) else "Azurite started by the tests"
-    return [
-        f"bucketsnap S3 test server: {endpoint or 'LocalStack started by the tests'}",
-        f"bucketsnap Azure test server: {azure}",
-    ]

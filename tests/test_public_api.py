@@ -88,6 +88,7 @@ PUBLIC_SURFACE = {
         "load_sb3_zip",
         "save_model",
     ],
+    "bucketsnap.testing": ["Run"],
 }
 ROOT = [
     "BucketsnapError",
