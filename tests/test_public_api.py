@@ -88,7 +88,17 @@ PUBLIC_SURFACE = {
         "load_sb3_zip",
         "save_model",
     ],
-    "bucketsnap.testing": ["Run"],
+    "bucketsnap.testing": [
+        "AfterCommits",
+        "Attempt",
+        "DuringSave",
+        "Moment",
+        "Preempted",
+        "Run",
+        "assert_same_state",
+        "preempt",
+        "run_training",
+    ],
 }
 ROOT = [
     "BucketsnapError",
