@@ -191,6 +191,21 @@ def test_azurite_not_installed_fails_with_how_to_install_it(
     result.stdout.fnmatch_lines(["*Azurite not found*npm install --prefix .azurite azurite@3.35.0*"])
 
 
+@pytest.mark.s3
+def test_on_an_external_endpoint_the_sessions_bucket_is_deleted(
+    pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch
+) -> None:
+    with servers.MotoServer() as external:
+        external.create_bucket("someone-elses")
+        clean_env.setenv(servers.S3_ENDPOINT_ENV, external.endpoint_url)
+        pytester.makepyfile(FRESH_RUNS.format(fixtures=["bucketsnap_s3_run"]))
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines(["bucketsnap: S3 server: the endpoint in BUCKETSNAP_TEST_S3_ENDPOINT*"])
+        buckets = external.client().list_buckets()["Buckets"]
+        assert [bucket["Name"] for bucket in buckets] == ["someone-elses"]
+
+
 SERVER_PID = """
 import time
 import uuid

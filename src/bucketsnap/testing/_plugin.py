@@ -8,7 +8,8 @@ parametrized ``bucketsnap_run`` (each test once per backend of ``--bucketsnap-ba
 
 A server starts the first time a test needs it, once per session, on a free port of 127.0.0.1, and stops at
 the session's end. Each server backend has one bucket (container) per session and each run its own prefix
-in it, so no test sees another's objects and nothing has to be reset between tests. A server that cannot
+in it, so no test sees another's objects and nothing has to be reset between tests; on an external endpoint
+(``BUCKETSNAP_TEST_S3_ENDPOINT``...) that bucket is deleted at the session's end. A server that cannot
 start fails every test that needs it, with the tail of its log; none is ever skipped. A memory run's objects
 are deleted after its test (``MemoryFileSystem.store`` is one dict for the whole process).
 """
@@ -176,18 +177,24 @@ def bucketsnap_azure_server() -> Iterator[AzureServer]:
 
 
 @pytest.fixture(scope="session")
-def _bucketsnap_s3_bucket(bucketsnap_s3_server: S3Server) -> str:
-    return _started("S3", bucketsnap_s3_server.create_bucket)
+def _bucketsnap_s3_bucket(bucketsnap_s3_server: S3Server) -> Iterator[str]:
+    yield _started("S3", bucketsnap_s3_server.create_bucket)
+    if not bucketsnap_s3_server.owns_all_buckets:  # an endpoint someone else runs: remove what we made
+        bucketsnap_s3_server.reset()
 
 
 @pytest.fixture(scope="session")
-def _bucketsnap_gcs_bucket(bucketsnap_gcs_server: GcsServer) -> str:
-    return _started("GCS", bucketsnap_gcs_server.create_bucket)
+def _bucketsnap_gcs_bucket(bucketsnap_gcs_server: GcsServer) -> Iterator[str]:
+    yield _started("GCS", bucketsnap_gcs_server.create_bucket)
+    if not bucketsnap_gcs_server.owns_all_buckets:
+        bucketsnap_gcs_server.reset()
 
 
 @pytest.fixture(scope="session")
-def _bucketsnap_azure_container(bucketsnap_azure_server: AzureServer) -> str:
-    return _started("Azure", bucketsnap_azure_server.create_container)
+def _bucketsnap_azure_container(bucketsnap_azure_server: AzureServer) -> Iterator[str]:
+    yield _started("Azure", bucketsnap_azure_server.create_container)
+    if not bucketsnap_azure_server.owns_all_containers:
+        bucketsnap_azure_server.reset()
 
 
 # -- runs, one per test ----------------------------------------------------------------------------------------
