@@ -13,20 +13,12 @@ import importlib.util as _importlib_util
 import sys as _sys
 import warnings as _warnings
 from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-from bucketsnap._background import SaveFuture
 from bucketsnap._info import MemberInfo, SnapshotInfo
-from bucketsnap._preemption import PreemptionHandler, on_preemption
-from bucketsnap._progress import progress_bar
-from bucketsnap._resume import Resumed, resume
-from bucketsnap._saving import ExternalValue
-from bucketsnap._snapshot import Snapshot
-from bucketsnap._snapshotter import Snapshotter
-from bucketsnap._store import SnapshotStore
 from bucketsnap._transport import Retry
-from bucketsnap._triggers import IntervalTrigger, PolicySaveTrigger
 from bucketsnap._version import __version__
-from bucketsnap.distributed import DistributedSaveError, Sharded
 from bucketsnap.errors import (
     BucketsnapError,
     CommitConflictError,
@@ -39,6 +31,51 @@ from bucketsnap.errors import (
     UnsafeLoadError,
 )
 from bucketsnap.retention import KeepAny, KeepBest, KeepEvery, KeepLast, RetentionPolicy
+
+if _TYPE_CHECKING:
+    from bucketsnap._background import SaveFuture
+    from bucketsnap._preemption import PreemptionHandler, on_preemption
+    from bucketsnap._progress import progress_bar
+    from bucketsnap._resume import Resumed, resume
+    from bucketsnap._saving import ExternalValue
+    from bucketsnap._snapshot import Snapshot
+    from bucketsnap._snapshotter import Snapshotter
+    from bucketsnap._store import SnapshotStore
+    from bucketsnap._triggers import IntervalTrigger, PolicySaveTrigger
+    from bucketsnap.distributed import DistributedSaveError, Sharded
+
+#: Names imported on first use, and their modules: these import torch (and fsspec), which ``import bucketsnap``
+#: and the command line's ``--help``, ``ls``, ``gc`` and ``cp`` never need.
+_LAZY = {
+    "DistributedSaveError": "bucketsnap.distributed",
+    "ExternalValue": "bucketsnap._saving",
+    "IntervalTrigger": "bucketsnap._triggers",
+    "PolicySaveTrigger": "bucketsnap._triggers",
+    "PreemptionHandler": "bucketsnap._preemption",
+    "Resumed": "bucketsnap._resume",
+    "SaveFuture": "bucketsnap._background",
+    "Sharded": "bucketsnap.distributed",
+    "Snapshot": "bucketsnap._snapshot",
+    "SnapshotStore": "bucketsnap._store",
+    "Snapshotter": "bucketsnap._snapshotter",
+    "on_preemption": "bucketsnap._preemption",
+    "progress_bar": "bucketsnap._progress",
+    "resume": "bucketsnap._resume",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bucketsnap' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "BucketsnapError",

@@ -23,15 +23,14 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
-from bucketsnap import _values
 from bucketsnap._info import MemberInfo, crc32_checksum
-from bucketsnap._values import EncodedValue, MapLocation, decode, encode
 from bucketsnap._zipformat import (
     READ_AHEAD,
     READ_CHUNK,
@@ -42,6 +41,9 @@ from bucketsnap._zipformat import (
     crc32_combine,
 )
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
+
+if TYPE_CHECKING:  # _values imports torch: imported where a value is encoded or decoded, so verify needs no torch
+    from bucketsnap._values import EncodedValue, MapLocation
 
 __all__ = [
     "FORMAT_VERSION",
@@ -101,6 +103,8 @@ class ArchiveWriter:
 
     def add(self, key: str, value: Any) -> MemberInfo:
         """Encode ``value`` and write it as member ``<key>.zst``."""
+        from bucketsnap._values import encode
+
         return self.add_encoded(key, encode(value))
 
     def add_encoded(self, key: str, encoded: EncodedValue) -> MemberInfo:
@@ -237,13 +241,24 @@ class _LimitedReader(io.RawIOBase):
         return n
 
 
+#: The default of ``bucketsnap._values.MAX_MEMBER_SIZE`` (64 GiB), for reads that do not import it.
+_MAX_MEMBER_SIZE = 64 * 2**30
+
+
+def _max_member_size() -> int:
+    # _values imports torch, which a verify never needs; its deprecated MAX_MEMBER_SIZE global can only have
+    # been raised by code that imported it.
+    values = sys.modules.get("bucketsnap._values")
+    return int(values.MAX_MEMBER_SIZE) if values is not None else _MAX_MEMBER_SIZE
+
+
 @contextmanager
 def _member_stream(
     read_range: ReadRange, member: MemberInfo, where: str, max_member_size: int | None = None
 ) -> Iterator[BinaryIO]:
     if member.codec != "zstd":
         raise CorruptSnapshotError(f"{where}: unknown codec {member.codec!r}; upgrade bucketsnap")
-    limit = _values.MAX_MEMBER_SIZE if max_member_size is None else max_member_size  # read now: it may be set
+    limit = _max_member_size() if max_member_size is None else max_member_size  # read now: it may be set
     if member.raw_size > limit:  # refused before a byte is read: a zip bomb or a lie
         raise CorruptSnapshotError(
             f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit max_member_size = "
@@ -283,6 +298,8 @@ def load_member(
             f"{where} holds pickled values; unpickling runs code from the snapshot. Pass allow_pickle=True "
             "only if you trust where it came from, or load other keys."
         )
+    from bucketsnap._values import decode
+
     with _member_stream(read_range, member, where, max_member_size) as stream:
         value = decode(
             stream, map_location=map_location, allow_pickle=allow_pickle, where=where, max_size=member.raw_size

@@ -20,8 +20,10 @@ ended; :meth:`SnapshotStore.close` releases it, and ``SnapshotStore(keep_host_co
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["HostCopies", "HostLease"]
 
@@ -74,6 +76,8 @@ class HostCopies:
                 self.reused += 1
                 return buffer
             self.allocated += 1
+        import torch  # here, not at the top: importing bucketsnap (the CLI) needs no torch
+
         try:
             # outside the lock, so that background returns need not wait; a normal tensor even under
             # inference_mode, since torch refuses in-place writes to an inference tensor outside it
@@ -103,6 +107,8 @@ class HostLease:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A flat ``uint8`` CPU tensor of ``nbytes`` bytes, reused if the pool has one; contents undefined."""
+        import torch
+
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8, device="cpu")
         buffer = self._pool._take(nbytes)

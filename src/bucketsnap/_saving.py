@@ -13,18 +13,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from bucketsnap._archive import ArchiveWriter
 from bucketsnap._info import MemberInfo, Metric, check_metrics
 from bucketsnap._progress import ByteCounter, ProgressCallback
 from bucketsnap._storage import Storage
-from bucketsnap._values import EncodedValue, HostBuffer, encode
 from bucketsnap._version import __version__
 from bucketsnap.errors import StorageError
+
+if TYPE_CHECKING:  # _values imports torch: only what encodes imports it
+    from bucketsnap._values import EncodedValue, HostBuffer
 
 __all__ = [
     "ExternalValue",
@@ -148,11 +149,15 @@ def prepare_value(value: Any, *, copy: bool, host_buffer: HostBuffer | None = No
     """Encode one top-level value, or (for an :class:`ExternalValue`) take it, or its host copy, as it is."""
     if isinstance(value, ExternalValue):
         return value.host_copy() if copy else value
+    from bucketsnap._values import encode
+
     return encode(value, copy=copy, host_buffer=host_buffer)
 
 
 def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:
     """The ``meta.json`` of an archive, less the member table the archive writer adds."""
+    import torch
+
     return {
         "format": "bucketsnap",
         "itr": itr,
@@ -220,6 +225,8 @@ def write_archive(
         StorageError: the backend failed, or kept other bytes than were written (then nothing is left at
             ``path``, so it can never be committed).
     """
+    from bucketsnap._values import EncodedValue, encode
+
     refs: set[str] = set()
     encoded: dict[str, EncodedValue] = {}
     for key, value in values.items():

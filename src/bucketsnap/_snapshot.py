@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from bucketsnap._archive import load_member, verify_member, verify_object
 from bucketsnap._chunks import named_checksum
 from bucketsnap._info import MemberInfo, SnapshotInfo
 from bucketsnap._progress import ByteCounter, ProgressCallback
 from bucketsnap._storage import Storage
-from bucketsnap._values import MapLocation
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
+
+if TYPE_CHECKING:
+    from bucketsnap._values import MapLocation
 
 __all__ = ["Snapshot"]
 

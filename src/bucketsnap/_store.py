@@ -13,11 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bucketsnap._background import BackgroundSaves, SaveFuture
 from bucketsnap._commit import Committer
-from bucketsnap._distributed_save import save_job
 from bucketsnap._host_copies import HostCopies
 from bucketsnap._info import SnapshotInfo
 from bucketsnap._maintenance import DATA_DIRS, collect_garbage, repair
@@ -28,9 +27,11 @@ from bucketsnap._saving import ExternalValue, Prepared, check_itr, prepare
 from bucketsnap._snapshot import Snapshot
 from bucketsnap._storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY, Storage
 from bucketsnap._transport import Retry
-from bucketsnap._values import MapLocation
-from bucketsnap.distributed import ProcessGroupArg
 from bucketsnap.retention import RetentionPolicy
+
+if TYPE_CHECKING:  # both import torch, which only saves and loads need (the CLI's ls, gc, cp do not)
+    from bucketsnap._values import MapLocation
+    from bucketsnap.distributed import ProcessGroupArg
 
 __all__ = ["DATA_DIRS", "ExternalValue", "SnapshotStore", "as_store"]
 
@@ -182,6 +183,8 @@ class SnapshotStore:
             StorageError: the backend failed; nothing was committed.
             Exception: the error of an earlier :meth:`save_async` that nobody has seen raised yet.
         """
+        from bucketsnap._distributed_save import save_job
+
         self._raise_background_error()
         job = save_job(
             self._pipeline, itr, state, metrics, overwrite=overwrite, process_group=process_group, progress=progress
@@ -219,6 +222,8 @@ class SnapshotStore:
         in :meth:`save`, from the background thread. ``process_group`` is as in :meth:`save`; the collectives
         run in the background thread too, and every error (even a bad key) is raised by the future, on every rank.
         """
+        from bucketsnap._distributed_save import save_job
+
         self._raise_background_error()
         lease = self._host_copies.lease()
         try:
