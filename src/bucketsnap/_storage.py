@@ -22,8 +22,18 @@ of them:
   only one process ever writes.
 * **A warning where there is no atomic create.** fsspec's generic ``mode="create"`` is check-then-write;
   bucketsnap warns once per protocol and uses it: two writers racing on such a backend can lose a commit.
+* **A store that cannot be used fails at once.** A process's first request to a store (per endpoint and
+  bucket) is a listing of at most one object under the run, given :attr:`Retry.connect_timeout
+  <bucketsnap.Retry.connect_timeout>` (10 s) in all, whatever the store client's own retries would take: a
+  refused connection, a host name that does not resolve or a server that does not answer raises
+  :class:`UnreachableError`; no credentials or refused ones :class:`CredentialsError`; a bucket that does not
+  exist :class:`BucketNotFoundError`. Each says in one line which it is and what to do. Once the store has
+  answered, its connection errors are transient like any other and retried.
 * **One kind of error.** Backend errors other than "not found" and "exists" are raised as
   :class:`~bucketsnap.errors.StorageError` naming the URL with credentials redacted.
+
+The three :class:`~bucketsnap.errors.StorageError` subclasses are internal for now (``except StorageError``
+catches them); the command line turns a missing bucket into its "not found" exit code.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import logging
 import os
 import posixpath
 import threading
+import time
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,11 +52,19 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from bucketsnap._backends import Backend, backend_class
-from bucketsnap._transport import Retry
+from bucketsnap._backends import Backend, Problem, backend_class, backend_for, known_protocols
+from bucketsnap._transport import Retry, diagnose
 from bucketsnap.errors import BucketsnapError, StorageError, redact
 
-__all__ = ["DEFAULT_PART_SIZE", "DEFAULT_UPLOAD_CONCURRENCY", "PROBE_PREFIX", "Storage"]
+__all__ = [
+    "DEFAULT_PART_SIZE",
+    "DEFAULT_UPLOAD_CONCURRENCY",
+    "PROBE_PREFIX",
+    "BucketNotFoundError",
+    "CredentialsError",
+    "Storage",
+    "UnreachableError",
+]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -59,6 +79,24 @@ _probe_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _PROBE_LOCK = threading.Lock()
 #: Roots already warned about committing check-then-write under ``single_writer=True``.
 _warned_single_writer: set[tuple[str, str, str]] = set()
+#: (protocol, endpoint, bucket) of the stores that have answered this process; guarded by _PROBE_LOCK.
+_reached: set[tuple[str, str, str]] = set()
+_reach_locks: dict[tuple[str, str, str], threading.Lock] = {}
+#: The packages fsspec needs for bucketsnap's object stores, and the extra that installs each.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+
+class UnreachableError(StorageError):
+    """The store did not answer: a refused connection, a host name that does not resolve, no answer in time."""
+
+
+class CredentialsError(StorageError):
+    """No credentials for the store were found, or the store refused them."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket (or container) the URL names does not exist."""
+
 
 #: Part size for streamed uploads to object stores: a part is uploaded each time this much is buffered, so it
 #: bounds the memory a save needs beyond the state itself.
@@ -99,13 +137,16 @@ class Storage:
         if not url:
             raise ValueError("url is empty: pass a local path or an fsspec URL such as s3://bucket/run")
         self.url = redact(url.rstrip("/") or url)
+        protocol = fsspec.utils.get_protocol(url)
+        options = backend_for(protocol).prepare_options(dict(storage_options or {}))
         try:
-            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise BucketsnapError(
-                f"cannot open {self.url}: {exc}. For s3:// install bucketsnap[s3], for gs:// bucketsnap[gcs], "
-                "for az:// bucketsnap[azure]."
-            ) from exc
+            fs, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as exc:
+            extra = _EXTRAS.get(protocol)
+            hint = f"pip install 'bucketsnap[{extra}]'" if extra else "install the package fsspec names"
+            raise BucketsnapError(f"cannot open {self.url}: {protocol}:// needs {_redacted(exc)}: {hint}") from exc
+        except ValueError as exc:
+            raise _open_error(self.url, protocol, exc) from exc
         self.root: str = root.rstrip("/") if root not in ("/", "") else root
         self.part_size = part_size
         self.upload_concurrency = upload_concurrency
@@ -152,7 +193,7 @@ class Storage:
 
     def read(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         """Read ``rel`` whole, or the byte range ``[start, end)``. Raises FileNotFoundError if missing."""
-        data = self._call(rel, lambda: self.backend.read(self.path(rel), start, end))
+        data = self._call(rel, lambda: self.backend.read(self.path(rel), start, end), reading=True)
         with self._stats_lock:
             self.bytes_read += len(data)
             self.read_requests += 1
@@ -160,28 +201,28 @@ class Storage:
 
     def size(self, rel: str) -> int:
         """The size in bytes of ``rel`` (a fresh request, not a cached listing)."""
-        return self._call(rel, lambda: self.backend.size(self.path(rel)))
+        return self._call(rel, lambda: self.backend.size(self.path(rel)), reading=True)
 
     def modified(self, rel: str) -> float | None:
         """The modification time of ``rel`` as a POSIX timestamp, or None where the backend has none."""
-        return self._call(rel, lambda: self.backend.modified(self.path(rel)))
+        return self._call(rel, lambda: self.backend.modified(self.path(rel)), reading=True)
 
     def list(self, rel_dir: str) -> list[str]:
         """Names (not paths) of the objects directly under ``rel_dir``; empty if it does not exist."""
-        return sorted(self._call(rel_dir, lambda: self.backend.list(self.path(rel_dir))))
+        return sorted(self._call(rel_dir, lambda: self.backend.list(self.path(rel_dir)), reading=True))
 
     def list_sizes(self, rel_dir: str) -> dict[str, int]:
         """Name -> size in bytes of the objects directly under ``rel_dir`` (one listing); empty if it does not exist."""
-        entries = self._call(rel_dir, lambda: self.backend.list(self.path(rel_dir)))
+        entries = self._call(rel_dir, lambda: self.backend.list(self.path(rel_dir)), reading=True)
         return {name: size for name, size in entries.items() if size is not None}
 
     def is_file(self, rel: str = "") -> bool:
         """Whether ``rel`` (the root itself by default) is a single object rather than a directory or nothing."""
-        return self._call(rel, lambda: self.backend.is_file(self.path(rel)))
+        return self._call(rel, lambda: self.backend.is_file(self.path(rel)), reading=True)
 
     def exists(self, rel: str) -> bool:
         """Whether ``rel`` exists (a fresh check, not a cached listing)."""
-        return self._call(rel, lambda: self.backend.exists(self.path(rel)))
+        return self._call(rel, lambda: self.backend.exists(self.path(rel)), reading=True)
 
     def delete(self, rel: str) -> None:
         """Delete ``rel``; a missing object is not an error."""
@@ -306,24 +347,31 @@ class Storage:
         fn: Callable[[], T],
         *,
         writing: bool = False,
+        reading: bool = False,
         retryable: Callable[[BaseException], bool] | None = None,
     ) -> T:
         """Run ``fn``, translating backend errors into bucketsnap's at this boundary.
 
         "Not found" and "exists" pass through for the protocol to interpret, except when ``writing``: a
-        write that finds no parent directory is a storage failure, not a missing snapshot. On remote stores,
-        failures that ``retryable`` accepts (by default: the backend's transient errors) are retried with
-        :attr:`retry`.
+        write that finds no parent directory is a storage failure, not a missing snapshot; and a missing
+        bucket is never a missing object. On remote stores the store is reached first (see the module
+        docstring), then failures that ``retryable`` accepts (by default: the backend's transient errors) are
+        retried with :attr:`retry`. ``reading``: ``fn`` writes nothing (the advice when retries run out).
         """
         try:
             if not self.backend.remote:
                 return fn()
+            self._reach()
             return self.retry.call(
                 fn,
                 what=f"storage operation on {self.url_of(rel)}",
                 retryable=retryable or self.backend.is_transient,
+                advice="Retry later." if reading else "Retry later, or lower the upload concurrency.",
             )
         except FileNotFoundError as exc:
+            found = self.backend.problem(exc)
+            if found is not None and found.kind == "bucket":
+                raise self._problem_error(found) from exc
             if not writing:
                 raise
             raise StorageError(
@@ -331,18 +379,139 @@ class Storage:
             ) from exc
         except (FileExistsError, BucketsnapError):
             raise
-        except PermissionError as exc:
-            raise StorageError(
-                f"permission denied on {self.url_of(rel)}: {exc}. Check the credentials and the bucket policy."
-            ) from exc
         except Exception as exc:
+            found = self.backend.problem(exc)
+            if found is not None:
+                raise self._problem_error(found, self.url_of(rel)) from exc
+            if isinstance(exc, PermissionError):
+                raise StorageError(
+                    f"permission denied on {self.url_of(rel)}: {exc}. Check the credentials and the bucket policy."
+                ) from exc
             raise StorageError(
                 f"storage operation on {self.url_of(rel)} failed: {type(exc).__name__}: {_redacted(exc)}"
             ) from exc
 
+    # -- reaching the store --------------------------------------------------------------------------------
+
+    def _reach(self) -> None:
+        """Before this process's first request to the store (per endpoint and bucket), make sure it answers."""
+        key = (self.protocol, self._endpoint, self.backend.bucket(self.root))
+        if key in _reached:
+            return
+        with _PROBE_LOCK:
+            lock = _reach_locks.setdefault(key, threading.Lock())
+        with lock:  # concurrent first requests wait for one answer
+            if key not in _reached:
+                self._first_contact()
+                _reached.add(key)
+
+    def _first_contact(self) -> None:
+        """List at most one object under the root, with :attr:`Retry.connect_timeout` in all.
+
+        Raises:
+            UnreachableError: no answer (refused, no such host, no answer in time) in ``connect_timeout``
+                seconds or ``attempts`` tries.
+            CredentialsError, BucketNotFoundError: the answer says so.
+        """
+        timeout = self.retry.connect_timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        last: BaseException | None = None
+        tries = 0
+        while tries < self.retry.attempts and (left := deadline - time.monotonic()) > 0:
+            tries += 1
+            try:
+                found = self.backend.reach(self.root, timeout=left)
+            except Exception as exc:
+                found = self.backend.problem(exc)
+                if found is None:
+                    if not self.backend.is_transient(exc):
+                        return  # an answer this layer cannot read: the request itself will report it
+                    last = exc
+                    time.sleep(max(0.0, min(self.retry.delay(tries - 1), deadline - time.monotonic())))
+                    continue
+                if found.kind != "denied":
+                    raise self._problem_error(found) from exc
+                return
+            if found is not None and found.kind != "denied":  # denied: the request itself says on what
+                raise self._problem_error(found)
+            return
+        raise self._unreachable(last, tries, time.monotonic() - start) from last
+
+    def _server(self) -> str:
+        address = self.backend.address()
+        if self.backend.endpoint:
+            return f"the {self.backend.name} server at {address}"
+        return f"{self.backend.name} ({address})" if address else self.backend.name
+
+    def _unreachable(self, last: BaseException | None, tries: int, elapsed: float) -> UnreachableError:
+        timeout = self.retry.connect_timeout
+        address = self.backend.address()
+        why = diagnose(address, timeout=min(2.0, timeout)) if address else ""
+        if not why and last is not None and "Timeout" not in type(last).__name__:
+            why = f"{type(last).__name__}: {_redacted(last)[:200]}"
+        if not why:  # the connection itself works (or goes through a proxy)
+            why = f"{urllib.parse.urlsplit(address).netloc or 'it'} sent no answer within {timeout:g} s"
+        return UnreachableError(
+            f"{self.url}: cannot reach {self._server()}: {why} (failed {tries} time{'s' if tries != 1 else ''} "
+            f"in {elapsed:.1f} s){self.backend.caveat()}. Check the endpoint URL, the network and that the server is running; "
+            f"Retry(connect_timeout=...) or --connect-timeout sets how long to wait ({timeout:g} s)."
+        )
+
+    def _problem_error(self, found: Problem, where: str | None = None) -> StorageError:
+        word = self.backend.bucket_word
+        bucket = self.backend.bucket(self.root)
+        what = {
+            "credentials": f"no {self.backend.name} credentials ({found.detail})",
+            "rejected": f"{self._server()} refused the credentials ({found.detail})",
+            "bucket": f"the {word} {bucket!r} does not exist at {self._server()} ({found.detail})",
+            "denied": f"access denied on {where or self.url} ({found.detail})",
+        }[found.kind]
+        cls = {"credentials": CredentialsError, "rejected": CredentialsError, "bucket": BucketNotFoundError}
+        return cls.get(found.kind, StorageError)(f"{self.url}: {what}. {self.backend.advice(found.kind)}")
+
 
 def _never(exc: BaseException) -> bool:
     return False
+
+
+def _open_error(url: str, protocol: str, exc: ValueError) -> BucketsnapError:
+    """The error for a URL fsspec cannot open: an unknown protocol (the nearest known one suggested), or the
+    filesystem's own refusal of its options (a backend's advice on credentials where it is about them)."""
+    message = _redacted(exc)
+    if "Protocol not known" in message or "not known" in message.lower():
+        known = [*known_protocols(), *sorted(fsspec.available_protocols())]
+        nearest = _nearest(protocol, known)
+        hint = f"did you mean {nearest}://?" if nearest else f"known protocols: {', '.join(known_protocols())}"
+        return BucketsnapError(f"cannot open {url}: {protocol}:// is no protocol fsspec knows; {hint}")
+    backend = backend_for(protocol)
+    if any(word in message.lower() for word in ("credential", "account", "connection_string", "token", "key")):
+        return CredentialsError(f"cannot open {url}: {message}. {backend.advice('credentials')}")
+    return BucketsnapError(f"cannot open {url}: {message}")
+
+
+def _nearest(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to ``word`` in edits (a transposition is one), if close enough to be a typo.
+
+    >>> _nearest("s4", ["file", "s3", "gs"]), _nearest("memroy", ["memory", "file"]), _nearest("xyz", ["s3"])
+    ('s3', 'memory', None)
+    """
+    scored = [(_distance(word.lower(), c), c[:1] != word[:1], i, c) for i, c in enumerate(candidates)]
+    best = min(scored, default=None)
+    if best is None or best[0] > max(1, len(word) // 3):
+        return None
+    return best[3]
+
+
+def _distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) from ``a`` to ``b``."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _redacted(exc: BaseException) -> str:

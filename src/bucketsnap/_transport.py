@@ -9,7 +9,11 @@ Two pieces, used by :mod:`bucketsnap._storage` and :mod:`bucketsnap._uploads`:
   into ``OSError(EBUSY)`` and a 500 into ``OSError(EREMOTEIO)``; aiohttp has its connection error classes) and
   asks the backend for its client's own (botocore's error codes, gcsfs's ``HttpError``, azure-core's
   exceptions: see :mod:`bucketsnap._backends`). The clients already retry a few times on their own; this layer
-  adds patience for longer bursts and a single, clear error at the end.
+  adds patience for longer bursts and a single, clear error at the end. Its :attr:`Retry.connect_timeout`
+  bounds the other case, a store that never answered: :class:`bucketsnap._storage.Storage` gives a process's
+  first request to a store that long, whatever the clients' own retries would do, then says why the store
+  could not be reached (:func:`diagnose` tries the connection itself: refused, a name that does not resolve,
+  no answer).
 * :class:`ThreadedWriter` puts a background thread in front of any other file object (gcsfs's resumable
   upload, whose chunks must be sent in order), so that compressing the next part overlaps uploading this one.
 
@@ -22,15 +26,18 @@ import errno
 import logging
 import queue
 import random
+import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from bucketsnap.errors import StorageError, redact
 
-__all__ = ["Retry", "ThreadedWriter", "chain", "is_server_error", "is_throttled", "is_transient"]
+__all__ = ["Retry", "ThreadedWriter", "chain", "diagnose", "is_server_error", "is_throttled", "is_transient"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -118,11 +125,23 @@ class Retry:
         attempts: tries in all (1: no retry).
         initial: the first backoff, in seconds; each next one doubles, up to ``max_delay``.
         max_delay: the longest sleep between two tries.
+        connect_timeout: seconds a store gets to answer a process's first request (at most ``attempts``
+            tries): a store that refuses the connection, whose name does not resolve or that does not answer
+            in time fails with a :class:`~bucketsnap.StorageError` saying which, instead of waiting for the
+            store clients' own retries. Once a store has answered, its connection errors are retried as
+            transient.
     """
 
     attempts: int = 5
     initial: float = 0.25
     max_delay: float = 8.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        if not self.connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive, not {self.connect_timeout}")
 
     def delay(self, attempt: int) -> float:
         """The sleep after failed try number ``attempt`` (0-based): uniform in [0, min(max, initial * 2**n)]."""
@@ -134,8 +153,12 @@ class Retry:
         *,
         what: str,
         retryable: Callable[[BaseException], bool] = is_transient,
+        advice: str = "Retry later, or lower the upload concurrency.",
     ) -> T:
         """Run ``fn``; on a failure ``retryable`` accepts, sleep and try again, up to :attr:`attempts` tries.
+
+        ``advice`` ends the message of the error raised when the tries run out (what to do: a read has no
+        upload concurrency to lower).
 
         Raises:
             StorageError: the last failure was retryable but the attempts ran out (its cause is that failure).
@@ -151,12 +174,61 @@ class Retry:
                     raise StorageError(
                         f"{what} failed {self.attempts} times with transient errors, last: {type(exc).__name__}: "
                         f"{redact(str(exc))[:300]}. The store may be throttling or unreachable; committed "
-                        "snapshots are intact. Retry later, or lower the upload concurrency."
+                        f"snapshots are intact. {advice}"
                     ) from exc
                 sleep = self.delay(attempt)
                 logger.warning("%s: transient %s, retrying in %.2fs: %s", what, type(exc).__name__, sleep, exc)
                 time.sleep(sleep)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def diagnose(url: str, timeout: float = 3.0) -> str:
+    """Why a TCP connection to ``url``'s host and port fails, in words; "" if it connects (or goes through a
+    proxy, which a direct connection would not test).
+
+    >>> diagnose("http://no-such-host.invalid:9000")
+    'the host name no-such-host.invalid does not resolve (DNS)'
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{url} has no valid port"
+    if _proxied(parts.scheme or "https", host):
+        return ""
+    found: list[str] = []
+
+    def connect() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            found.append(f"the host name {host} does not resolve (DNS)")
+            return
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except ConnectionRefusedError:
+            found.append(f"{host}:{port} refused the connection (nothing listens there)")
+        except TimeoutError:
+            found.append(f"{host}:{port} did not accept a connection within {timeout:g} s")
+        except OSError as exc:
+            found.append(f"cannot connect to {host}:{port} ({exc.strerror or exc})")
+
+    thread = threading.Thread(target=connect, name="bucketsnap-diagnose", daemon=True)
+    thread.start()
+    thread.join(timeout + 2.0)
+    if thread.is_alive():
+        return f"looking up the host name {host} took more than {timeout + 2:g} s (DNS)"
+    return found[0] if found else ""
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(host)
 
 
 class ThreadedWriter:

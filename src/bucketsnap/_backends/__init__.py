@@ -22,11 +22,21 @@ from collections.abc import Iterable
 
 import fsspec
 
-from bucketsnap._backends.base import Backend, ObjectWriter
+from bucketsnap._backends.base import Backend, ObjectWriter, Problem
 from bucketsnap._transport import is_throttled as _is_throttled
 from bucketsnap._transport import is_transient as _is_transient
 
-__all__ = ["Backend", "ObjectWriter", "backend_class", "is_throttled", "is_transient", "register"]
+__all__ = [
+    "Backend",
+    "ObjectWriter",
+    "Problem",
+    "backend_class",
+    "backend_for",
+    "is_throttled",
+    "is_transient",
+    "known_protocols",
+    "register",
+]
 
 #: Built-in backends: protocol -> "module:class", imported on first use (so s3fs, gcsfs, adlfs load only when used).
 _BUILT_IN = {
@@ -58,13 +68,25 @@ def backend_class(fs: fsspec.AbstractFileSystem) -> type[Backend]:
         if isinstance(protocols, str):
             protocols = [protocols]
         for protocol in protocols if isinstance(protocols, (tuple, list)) else ():
-            if protocol in _registered:
-                return _registered[protocol]
-            if protocol in _BUILT_IN:
-                module, name = _BUILT_IN[protocol].split(":")
-                cls: type[Backend] = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-                return cls
+            if protocol in _registered or protocol in _BUILT_IN:
+                return backend_for(protocol)
     return Backend
+
+
+def backend_for(protocol: str) -> type[Backend]:
+    """The backend for filesystems of ``protocol``, before one is made (the generic one if none is known)."""
+    if protocol in _registered:
+        return _registered[protocol]
+    if protocol in _BUILT_IN:
+        module, name = _BUILT_IN[protocol].split(":")
+        cls: type[Backend] = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        return cls
+    return Backend
+
+
+def known_protocols() -> list[str]:
+    """The protocols with a backend of their own, built in first."""
+    return [*_BUILT_IN, *(p for p in _registered if p not in _BUILT_IN)]
 
 
 def _known() -> list[type[Backend]]:

@@ -13,17 +13,20 @@ deletes go through adlfs.
   what was written when the ``with`` block raises, and its ``discard()`` does nothing.
 * **Errors:** azure-core's ``ServiceRequestError`` / ``ServiceResponseError`` (connection, timeout) and answers
   408, 429, 500, 502, 503 and 504 are transient; 503 ``ServerBusy``, 500 ``OperationTimedOut`` and 429 are
-  throttling.
+  throttling. ``AuthenticationFailed`` is a refused account key or SAS token, ``NoAuthenticationInformation``
+  or an azure-identity credential that found nothing are missing credentials, ``ContainerNotFound`` a
+  container that does not exist.
 """
 
 from __future__ import annotations
 
 import posixpath
+import urllib.parse
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
-from bucketsnap._backends.base import Backend, PartWriter
+from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
 from bucketsnap._transport import Retry, chain
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
@@ -37,6 +40,9 @@ _MAX_BLOCKS = 50_000
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_CLASS_NAMES = {"ServiceRequestError", "ServiceResponseError", "DecodeError", "IncompleteReadError"}
 _THROTTLE_CODES = {"ServerBusy", "OperationTimedOut"}
+_REJECTED_CODES = {"AuthenticationFailed", "InvalidAuthenticationInfo"}
+_DENIED_CODES = {"AuthorizationFailure", "AuthorizationPermissionMismatch", "AuthorizationResourceTypeMismatch"}
+_NO_CREDENTIAL_CLASSES = {"CredentialUnavailableError"}
 
 
 class AzureBackend(Backend):
@@ -45,6 +51,65 @@ class AzureBackend(Backend):
     name: ClassVar[str] = "Azure"
     atomic_create: ClassVar[bool] = True
     create_condition: ClassVar[str | None] = "If-None-Match: *"
+    bucket_word: ClassVar[str] = "container"
+
+    def address(self) -> str:
+        url = str(getattr(getattr(self.fs, "service_client", None), "url", "") or "")
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) if url else ""  # no SAS
+
+    def bucket(self, path: str) -> str:
+        return str(self.fs.split_path(path)[0])
+
+    def reach(self, path: str, *, timeout: float) -> Problem | None:
+        container, blob, _ = self.fs.split_path(path)
+        if not container:
+            return None
+        prefix = blob.rstrip("/") + "/" if blob else ""
+
+        async def run() -> None:  # the listing every run needs anyway, of one blob at most, SDK retries off
+            async with self.fs.service_client.get_container_client(container) as client:
+                pages = client.list_blobs(name_starts_with=prefix, results_per_page=1, retry_total=0).by_page()
+                async for page in pages:
+                    async for _ in page:
+                        break
+                    break
+
+        from fsspec.asyn import sync
+
+        sync(self.fs.loop, run, timeout=timeout)
+        return None
+
+    def problem(self, exc: BaseException) -> Problem | None:
+        for current in chain(exc):
+            name = type(current).__name__
+            code = _code(current)
+            if code == "AuthorizationFailure" and "failed to authenticate" in str(current):
+                code = "AuthenticationFailed"  # Azurite's answer to a wrong account key
+            if name in _NO_CREDENTIAL_CLASSES or code == "NoAuthenticationInformation":
+                return Problem("credentials", f"{code or name}: {str(current).splitlines()[0][:200]}")
+            if "DefaultAzureCredential failed" in str(current):
+                return Problem("credentials", str(current).splitlines()[0][:200])
+            if code in _REJECTED_CODES:
+                return Problem("rejected", code)
+            if code in _DENIED_CODES:
+                return Problem("denied", code)
+            if code == "ContainerNotFound":
+                return Problem("bucket", code)
+        return None
+
+    @classmethod
+    def advice(cls, kind: ProblemKind) -> str:
+        return {
+            "credentials": "Pass the storage options account_name with account_key or sas_token, or "
+            "connection_string (or set AZURE_STORAGE_CONNECTION_STRING).",
+            "rejected": "Check account_key, sas_token or connection_string: the key or token is not this "
+            "account's, or has expired.",
+            "bucket": "Check the container name (az://CONTAINER/path), or create the container: bucketsnap "
+            "does not create containers.",
+            "denied": "Check the SAS token's permissions or the role assignments: bucketsnap lists, reads, "
+            "writes and deletes under the run.",
+        }[kind]
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         if (start is not None and start < 0) or (end is not None and end < 0):
@@ -154,13 +219,12 @@ class AzureBackend(Backend):
     def vendor_throttled(cls, exc: BaseException) -> bool:
         if not any(c.__name__ == "HttpResponseError" for c in type(exc).__mro__):
             return False
-        return getattr(exc, "status_code", None) == 429 or str(getattr(exc, "error_code", "")) in _THROTTLE_CODES
+        return getattr(exc, "status_code", None) == 429 or _code(exc) in _THROTTLE_CODES
 
     @classmethod
     def is_precondition_failure(cls, exc: BaseException) -> bool:
         return any(
-            "BlobAlreadyExists" in str(getattr(e, "error_code", "")) or type(e).__name__ == "ResourceExistsError"
-            for e in chain(exc)
+            _code(e) == "BlobAlreadyExists" or type(e).__name__ == "ResourceExistsError" for e in chain(exc)
         ) or super().is_precondition_failure(exc)
 
 
@@ -221,6 +285,12 @@ class AzureBlockWriter(PartUploader[str]):
 
     def _discard(self) -> None:
         """Nothing to undo: staged blocks stay invisible, and Azure drops them after a week."""
+
+
+def _code(exc: BaseException) -> str:
+    """The service's error code of an azure-core error ("" if none): the SDK gives an enum member or a string."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
 
 
 def _status(exc: BaseException) -> int | None:

@@ -8,14 +8,20 @@ leaves nothing) and which of its errors are worth retrying; it knows nothing of 
 This base class is itself the backend for any fsspec filesystem without a module of its own: reads, lists and
 deletes through fsspec, streamed writes through ``fs.open(path, "wb")`` (discarded, not closed, on abort), and an
 exclusive create that is fsspec's check-then-write (``atomic_create`` is False, so the storage warns).
+
+A store that cannot be used at all is told apart from one that failed a request: :meth:`Backend.reach` makes
+one small request that needs the server, the credentials and the bucket, and :meth:`Backend.problem` reads the
+client's errors as a :class:`Problem` (no credentials, credentials refused, no such bucket, access denied),
+for :class:`bucketsnap._storage.Storage` to say in one line, with :meth:`Backend.advice` on what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any, ClassVar, Protocol
+from typing import IO, Any, ClassVar, Literal, Protocol
 
 import fsspec
 from fsspec.spec import AbstractBufferedFile
@@ -24,7 +30,24 @@ from bucketsnap._transport import Retry, ThreadedWriter, chain, is_throttled, is
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import redact
 
-__all__ = ["Backend", "FsspecWriter", "ObjectWriter", "PartWriter", "timestamp"]
+__all__ = ["Backend", "FsspecWriter", "ObjectWriter", "PartWriter", "Problem", "timestamp"]
+
+#: What can make a store unusable, as :class:`Problem` names it.
+ProblemKind = Literal["credentials", "rejected", "bucket", "denied"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a store's answer says is wrong, beyond one failed request.
+
+    Attributes:
+        kind: ``credentials`` (none were found), ``rejected`` (the store refused them), ``bucket`` (the bucket
+            or container does not exist), ``denied`` (the credentials may not do this).
+        detail: the store's own words, such as ``InvalidAccessKeyId``.
+    """
+
+    kind: ProblemKind
+    detail: str
 
 
 class ObjectWriter(Protocol):
@@ -61,6 +84,8 @@ class Backend:
     create_condition: ClassVar[str | None] = None
     #: Whether requests cross a network (then failures that :meth:`is_transient` accepts are retried).
     remote: ClassVar[bool] = True
+    #: What a bucket is called in this store's messages.
+    bucket_word: ClassVar[str] = "bucket"
     #: Fields of ``fs.info()`` that may hold the modification time, in the order they are tried.
     mtime_fields: ClassVar[tuple[str, ...]] = (
         "mtime",
@@ -84,6 +109,12 @@ class Backend:
         self.upload_concurrency = upload_concurrency
         self.retry = retry
 
+    @classmethod
+    def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The storage options to make the filesystem with, given the user's: a backend may add defaults that
+        make a store that cannot be used fail fast (what the user set always wins)."""
+        return options
+
     @property
     def endpoint(self) -> str:
         """The endpoint the filesystem talks to, as passed in its options ("" for the service's default)."""
@@ -91,6 +122,42 @@ class Backend:
         client = options.get("client_kwargs") or {}
         endpoint = options.get("endpoint_url") or client.get("endpoint_url") or getattr(self.fs, "endpoint_url", None)
         return redact(str(endpoint)) if endpoint else ""
+
+    def address(self) -> str:
+        """The URL requests go to (the service's own where no endpoint was given), "" where there is none."""
+        return self.endpoint
+
+    def bucket(self, path: str) -> str:
+        """The bucket (container) holding ``path``, "" on a store without buckets."""
+        return ""
+
+    def reach(self, path: str, *, timeout: float) -> Problem | None:
+        """One small request that needs the server, the credentials and the bucket of ``path`` (a listing of
+        at most one object under it), answered within ``timeout`` seconds (``FSTimeoutError`` otherwise).
+
+        Returns the problem its answer shows where only this request can tell (a listing that finds no bucket),
+        None where the store answered; raises what the client raises. This generic backend sends nothing: it
+        does not know which request of an arbitrary filesystem is cheap.
+        """
+        return None
+
+    def problem(self, exc: BaseException) -> Problem | None:
+        """What ``exc`` (or an exception in its chain) says is wrong with the store, None for a failed request."""
+        return None
+
+    def caveat(self) -> str:
+        """What else is wrong, for the message about a store that cannot be reached ("" if nothing)."""
+        return ""
+
+    @classmethod
+    def advice(cls, kind: ProblemKind) -> str:
+        """What to do about a :class:`Problem` of ``kind``, one sentence."""
+        return {
+            "credentials": "Pass the store's credentials as storage options (-s KEY=VALUE on the command line).",
+            "rejected": "Check the credentials in the storage options and the environment.",
+            "bucket": f"Check the {cls.bucket_word} name in the URL, or create the {cls.bucket_word}.",
+            "denied": "Check what the credentials may do: bucketsnap lists, reads, writes and deletes under the run.",
+        }[kind]
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -116,7 +183,7 @@ class Backend:
         self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=True)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing, or a path under a file (local disk)
             return {}
         out: dict[str, int | None] = {}
         for entry in entries:

@@ -4,18 +4,25 @@ A create is exclusive by the precondition ``ifGenerationMatch=0`` (gcsfs sends i
 ``pipe_file(mode="create")``), probed before a process first relies on it like S3's. A streamed write is a
 parallel composite upload (:class:`GcsComposeWriter`) unless ``upload_concurrency`` is 1, then gcsfs's own
 resumable upload behind a thread. Retries read gcsfs's ``HttpError`` codes.
+
+Without a ``token`` option gcsfs looks for credentials itself and, finding none, asks the GCE metadata server
+for 15 s before it falls back to anonymous requests. google-auth has already answered whether this machine is
+on GCE by then, so :meth:`GcsBackend.prepare_options` asks google-auth once per process and, where it found
+no credentials (and gcsfs has no cached token), passes ``token="anon"`` at once: the same requests, 15 s
+sooner, and a refused one then says that no credentials were found.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from typing import Any, ClassVar
 
-from bucketsnap._backends.base import Backend, PartWriter
-from bucketsnap._transport import Retry, is_server_error
+from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
+from bucketsnap._transport import Retry, chain, is_server_error
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
 
@@ -29,6 +36,41 @@ GCS_COMPOSE_LIMIT = 32
 _GCS_MAX_COMPONENTS = 1024
 #: GCS parts double in size every this many parts, so that 1024 parts of 16 MiB and up cover 60 GiB.
 _GCS_PARTS_PER_SIZE = 256
+
+_lookup_lock = threading.Lock()
+#: Why this process found no Google credentials (None: not looked up yet, "": found some, or left to gcsfs).
+_no_credentials: str | None = None
+#: google-auth's exceptions that mean the credentials it has were refused when it used them.
+_REFUSED_AUTH = {"RefreshError", "InvalidGrant", "ReauthFailError", "UserAccessTokenError"}
+
+
+def _missing_credentials(options: dict[str, Any]) -> str:
+    """Why no Google credentials are to be found, or "" where there are some (or gcsfs may find some)."""
+    global _no_credentials
+    with _lookup_lock:
+        if _no_credentials is None:
+            _no_credentials = _look_up_credentials(options.get("access", "full_control"))
+        return _no_credentials
+
+
+def _look_up_credentials(access: str) -> str:
+    import google.auth
+    import google.auth.exceptions
+    from gcsfs.credentials import GoogleCredentials
+
+    try:  # the environment's file, gcloud's application default credentials, then the GCE metadata server
+        google.auth.default(scopes=[f"https://www.googleapis.com/auth/devstorage.{access}"])
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        GoogleCredentials.load_tokens()
+        if GoogleCredentials.tokens:  # gcsfs's own cache of browser logins: let it use them
+            return ""
+        variable = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if variable:
+            return f"GOOGLE_APPLICATION_CREDENTIALS={variable} cannot be used: {str(exc).splitlines()[0]}"
+        return "no Google credentials were found (GOOGLE_APPLICATION_CREDENTIALS, gcloud login, GCE metadata)"
+    except Exception:  # a metadata server that failed to answer, say: gcsfs's own lookup decides
+        return ""
+    return ""
 
 
 class GcsBackend(Backend):
@@ -51,6 +93,70 @@ class GcsBackend(Backend):
                 where=where,
             )
         )
+
+    @classmethod
+    def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        import fsspec.config
+
+        configured = {**fsspec.config.conf.get("gcs", {}), **fsspec.config.conf.get("gs", {}), **options}
+        if configured.get("token") is not None or _missing_credentials(configured) == "":
+            return options
+        return {**options, "token": "anon"}  # what gcsfs would fall back to after 15 s of metadata requests
+
+    def address(self) -> str:
+        return str(getattr(self.fs, "_location", "") or self.endpoint or "https://storage.googleapis.com")
+
+    def bucket(self, path: str) -> str:
+        return str(self.fs.split_path(path)[0])
+
+    def reach(self, path: str, *, timeout: float) -> Problem | None:
+        if not hasattr(self.fs, "call"):
+            return None
+        bucket, key, _ = self.fs.split_path(path)
+        if not bucket:
+            return None
+        if self._anonymous() and (_no_credentials or "").startswith("GOOGLE_APPLICATION_CREDENTIALS"):
+            return Problem("credentials", _no_credentials or "")  # credentials were meant, and cannot be used
+        try:  # the listing every run needs anyway (storage.objects.list), of one object at most
+            prefix = key.rstrip("/") + "/" if key else ""
+            self.fs.call("GET", "b/{}/o", bucket, prefix=prefix, maxResults=1, json_out=True, timeout=timeout)
+        except FileNotFoundError:  # listing the objects of a bucket that does not exist
+            return Problem("bucket", "404 Not Found")
+        return None
+
+    def caveat(self) -> str:
+        return f"; besides, {_no_credentials}" if self._anonymous() and _no_credentials else ""
+
+    def _anonymous(self) -> bool:
+        return getattr(getattr(self.fs, "credentials", None), "method", None) == "anon"
+
+    def problem(self, exc: BaseException) -> Problem | None:
+        for current in chain(exc):
+            name = type(current).__name__
+            code = getattr(current, "code", None)
+            forbidden = code == 403 or (type(current) is OSError and str(current).startswith("Forbidden"))
+            if (code == 401 or forbidden) and self._anonymous():
+                why = _no_credentials or "the requests are anonymous (token=anon)"
+                return Problem("credentials", f"{why}; the server answered {code or 403}")
+            if code == 401 or name in _REFUSED_AUTH:
+                return Problem("rejected", f"{name}: {str(current).splitlines()[0][:200]}")
+            if forbidden:
+                return Problem("denied", str(current).splitlines()[-1][:200] or "403 Forbidden")
+            if name == "DefaultCredentialsError":
+                return Problem("credentials", str(current).splitlines()[0][:200])
+        return None
+
+    @classmethod
+    def advice(cls, kind: ProblemKind) -> str:
+        return {
+            "credentials": "Set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, run gcloud auth "
+            "application-default login, or pass the storage option token (token=anon reads a public bucket).",
+            "rejected": "Check GOOGLE_APPLICATION_CREDENTIALS or the token storage option: the credentials are "
+            "invalid, revoked or expired.",
+            "bucket": "Check the bucket name in the URL (and --endpoint-url), or create the bucket.",
+            "denied": "Check the bucket's IAM roles for these credentials: bucketsnap lists, reads, writes and "
+            "deletes under the run (roles/storage.objectAdmin).",
+        }[kind]
 
     @classmethod
     def vendor_transient(cls, exc: BaseException) -> bool:

@@ -4,7 +4,9 @@ A create is exclusive by the condition ``If-None-Match: *`` (s3fs sends it for `
 some S3-compatible servers ignore it, so :class:`~bucketsnap._storage.Storage` probes it before a process first
 relies on it (:attr:`~bucketsnap._backends.base.Backend.create_condition`). A streamed write is a multipart
 upload with ``upload_concurrency`` parts in flight (:class:`S3MultipartWriter`), which appears when
-``complete_multipart_upload`` succeeds; an aborted one leaves nothing. Retries read botocore's error codes.
+``complete_multipart_upload`` succeeds; an aborted one leaves nothing. Retries read botocore's error codes, and
+so do the problems a store can have: no credentials (``NoCredentialsError``), refused ones
+(``InvalidAccessKeyId``, ``SignatureDoesNotMatch``...), no such bucket, access denied.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from bucketsnap._backends.base import Backend, PartWriter
-from bucketsnap._transport import Retry, is_server_error
+from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
+from bucketsnap._transport import Retry, chain, is_server_error
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
 
@@ -49,6 +51,21 @@ _TRANSIENT_CLASS_NAMES = {
     "IncompleteReadError",
 }
 
+#: botocore's exceptions for credentials it could not find.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+#: Error codes of credentials the server refused.
+_REJECTED_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}
+
 
 class S3Backend(Backend):
     """``s3://`` through s3fs, on AWS or any S3-compatible server (``endpoint_url``)."""
@@ -70,6 +87,59 @@ class S3Backend(Backend):
                 where=where,
             )
         )
+
+    def address(self) -> str:
+        client = getattr(self.fs, "_s3", None)  # the aiobotocore client, once a request made it
+        return self.endpoint or str(
+            getattr(getattr(client, "meta", None), "endpoint_url", "") or "https://s3.amazonaws.com"
+        )
+
+    def bucket(self, path: str) -> str:
+        return str(self.fs.split_path(path)[0])
+
+    def reach(self, path: str, *, timeout: float) -> Problem | None:
+        if not hasattr(self.fs, "call_s3"):
+            return None
+        bucket, key, _ = self.fs.split_path(path)
+        if not bucket:
+            return None
+        prefix = key.rstrip("/") + "/" if key else ""
+        try:  # the listing every run needs anyway (s3:ListBucket), of one key at most; fsspec's sync cuts it off
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1, timeout=timeout)
+        except FileNotFoundError as exc:  # s3fs's NoSuchBucket, or a bare 404 from a server that is no S3
+            found = self.problem(exc)
+            return found or Problem("bucket", f"404 Not Found: {exc}")
+        return None
+
+    def problem(self, exc: BaseException) -> Problem | None:
+        for current in chain(exc):
+            name = type(current).__name__
+            if name in _NO_CREDENTIALS:
+                return Problem("credentials", f"{name}: {current}")
+            response = getattr(current, "response", None)
+            if not isinstance(response, dict):
+                continue
+            code = str((response.get("Error") or {}).get("Code") or "")
+            if code in _REJECTED_CODES:
+                return Problem("rejected", code)
+            if code in _DENIED_CODES:
+                return Problem("denied", code)
+            if code == "NoSuchBucket":
+                return Problem("bucket", code)
+        return None
+
+    @classmethod
+    def advice(cls, kind: ProblemKind) -> str:
+        return {
+            "credentials": "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass the storage "
+            "options key and secret; anon=true reads a public bucket.",
+            "rejected": "Check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the key and secret "
+            "storage options), and that they are this endpoint's.",
+            "bucket": "Check the bucket name in the URL and the endpoint (--endpoint-url, the region), or create "
+            "the bucket.",
+            "denied": "Check the bucket policy and the credentials' permissions: bucketsnap lists, reads, writes "
+            "and deletes under the run.",
+        }[kind]
 
     @classmethod
     def vendor_transient(cls, exc: BaseException) -> bool:
