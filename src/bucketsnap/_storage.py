@@ -454,8 +454,8 @@ class Storage:
             why = f"{urllib.parse.urlsplit(address).netloc or 'it'} sent no answer within {timeout:g} s"
         return UnreachableError(
             f"{self.url}: cannot reach {self._server()}: {why} (failed {tries} time{'s' if tries != 1 else ''} "
-            f"in {elapsed:.1f} s){self.backend.caveat()}. Check the endpoint URL, the network and that the server is running; "
-            f"Retry(connect_timeout=...) or --connect-timeout sets how long to wait ({timeout:g} s)."
+            f"in {elapsed:.1f} s){self.backend.caveat()}. Check the endpoint URL, the network and that the server "
+            f"is running; Retry(connect_timeout=...) or --connect-timeout sets how long to wait ({timeout:g} s)."
         )
 
     def _problem_error(self, found: Problem, where: str | None = None) -> StorageError:
