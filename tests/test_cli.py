@@ -371,3 +371,155 @@ def test_import_needs_no_cli_dependencies_and_adds_no_log_handler() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "[]", "True", "0", "[]"]
+
+
+# -- a new user's first commands (issue 16) -----------------------------------------------------------------
+
+
+def test_ls_of_a_folder_lists_the_runs_in_it(local_backend: Backend) -> None:
+    folder = Path(local_backend.base) / "runs"
+    first, second = SnapshotStore(str(folder / "ppo")), SnapshotStore(str(folder / "sac"))
+    seed(first)
+    second.save(7, {"step": 7})
+    (folder / "notes.txt").write_text("not a run")
+    (folder / "empty").mkdir()
+    listed = invoke("ls", str(folder))
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "SNAPSHOTS", "LAST", "ITR", "LAST", "WRITE", "(UTC)"]
+    assert [line.split()[:3] for line in lines[1:]] == [[first.url, "3", "30"], [second.url, "1", "7"]]
+    assert "holds 2 runs" in listed.stderr
+    runs = json.loads(invoke("ls", str(folder), "--json").stdout)
+    assert [(r["url"], r["snapshots"], r["last_itr"]) for r in runs] == [(first.url, 3, 30), (second.url, 1, 7)]
+    assert all(r["last_write"].endswith("+00:00") for r in runs)
+    shown = invoke("show", str(folder))
+    assert shown.exit_code == EXIT_NOT_FOUND and f"bucketsnap ls {folder}" in shown.stderr and first.url in shown.stderr
+
+
+@pytest.mark.s3
+def test_ls_of_a_bucket_prefix_lists_the_runs_under_it(s3_backend: Backend) -> None:
+    prefix = s3_backend.url("prefix")
+    for name in ("a", "b"):
+        SnapshotStore(f"{prefix}/{name}", storage_options=s3_backend.options).save(1, {"step": 1})
+    listed = invoke("ls", prefix, *s3_args(s3_backend))
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == [f"{prefix}/a", f"{prefix}/b"]
+
+
+def test_a_file_given_as_the_run_is_not_a_run_and_names_its_run(local_backend: Backend, tmp_path: Path) -> None:
+    store = local_backend.store()
+    seed(store)
+    archive = f"{store.url}/{store.info(20).path}"
+    shown = invoke("show", archive)
+    assert shown.exit_code == EXIT_NOT_FOUND
+    assert f"the snapshot archive of itr 20 of the run at {store.url}" in shown.stderr
+    assert f"bucketsnap show {store.url} --itr 20" in shown.stderr
+    generation = store.storage.list("manifest")[-1]
+    listed = invoke("ls", f"{store.url}/manifest/{generation}")
+    assert listed.exit_code == EXIT_NOT_FOUND and f"of the run at {store.url}" in listed.stderr
+    folder = invoke("verify", f"{store.url}/snapshots")
+    assert folder.exit_code == EXIT_NOT_FOUND and f"snapshots/ folder of the run at {store.url}" in folder.stderr
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    plain = invoke("ls", str(other))
+    assert plain.exit_code == EXIT_NOT_FOUND and "is a file, not a bucketsnap run" in plain.stderr
+    for result in (shown, listed, folder, plain):
+        assert result.stderr.count("\n") == 1 and "NotADirectoryError" not in result.stderr
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("s4", "s3"), ("memroy", "memory"), ("gss", "gs"), ("fiel", "file")])
+def test_a_scheme_typo_suggests_the_nearest_protocol(typo: str, meant: str) -> None:
+    result = invoke("ls", f"{typo}://bucket/run")
+    assert result.exit_code == EXIT_FAILURE
+    assert f"did you mean {meant}://?" in result.stderr and "install" not in result.stderr
+
+
+def test_restore_to_a_missing_directory_fails_before_downloading(memory_backend: Backend) -> None:
+    store = memory_backend.store()
+    seed(store)
+    for url, name in ((store.url, "x.pt"), (store.url, "x.safetensors"), (f"{memory_backend.base}/no-run", "x.pt")):
+        result = invoke("restore", url, "--key", "policy", "-o", f"/no-such-dir/{name}")
+        assert result.exit_code == EXIT_FAILURE
+        expected = f"cannot write /no-such-dir/{name}: the directory /no-such-dir does not exist"
+        assert result.stderr == f"bucketsnap: error: {expected}\n", "checked first, and no temp file named"
+
+
+def test_restore_writes_a_bare_array_under_its_key_with_the_permissions_of_any_file(
+    memory_backend: Backend, tmp_path: Path
+) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    store = memory_backend.store()
+    rollouts = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.save(59, {"rollouts": rollouts, "policy": {"w": torch.ones(2)}, "step": 59})
+    old = os.umask(0o027)
+    try:
+        st, pt = tmp_path / "r.safetensors", tmp_path / "r.pt"
+        result = invoke("restore", store.url, "--key", "rollouts", "-o", str(st))
+        assert result.exit_code == 0 and "1 tensor (safetensors)" in result.stdout, result.output
+        assert invoke("restore", store.url, "--key", "rollouts", "-o", str(pt)).exit_code == 0
+    finally:
+        os.umask(old)
+    assert list(load_file(st)) == ["rollouts"] and np.array_equal(load_file(st)["rollouts"], rollouts)
+    assert st.stat().st_mode & 0o777 == pt.stat().st_mode & 0o777 == 0o640
+    refused = invoke("restore", store.url, "--key", "step", "-o", str(tmp_path / "s.safetensors"))
+    assert refused.exit_code == EXIT_FAILURE and "is an int," in refused.stderr
+
+
+def test_a_whole_snapshot_pt_with_numpy_arrays_loads_with_weights_only(memory_backend: Backend, tmp_path: Path) -> None:
+    import numpy as np
+
+    store = memory_backend.store()
+    frames = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    store.save(3, {"policy": {"w": torch.ones(2)}, "frames": frames, "scale": np.float32(0.5), "step": 3})
+    out = tmp_path / "all.pt"
+    result = invoke("restore", store.url, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote itr 3 to {out}: 2 tensors (1 from a numpy array) (torch.save)\n"
+    loaded = torch.load(out, weights_only=True)
+    assert torch.equal(loaded["frames"], torch.from_numpy(frames)) and loaded["scale"] == 0.5 and loaded["step"] == 3
+    assert "note:" not in result.stderr
+
+
+def test_a_pt_that_weights_only_refuses_says_so(memory_backend: Backend, tmp_path: Path) -> None:
+    import datetime
+
+    store = memory_backend.store()
+    store.save(1, {"when": {"at": datetime.date(2026, 12, 1)}}, metrics={})
+    result = invoke("restore", store.url, "--key", "when", "-o", str(tmp_path / "when.pt"), "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert "note: torch.load(" in result.stderr and "weights_only=False" in result.stderr
+
+
+def test_gc_with_the_default_min_age_says_what_it_kept_and_why(local_backend: Backend) -> None:
+    store = local_backend.store()
+    seed(store)
+    orphan = "snapshots/000000000040-deadbeefdeadbeef.zip"
+    store.storage.fs.pipe_file(store.storage.path(orphan), b"PK\x03\x04 half an upload")
+    dry = invoke("gc", store.url, "--dry-run")
+    assert dry.stdout == "" and "would remove 0 objects; 3 committed snapshots kept" in dry.stderr
+    assert "kept 1 object no snapshot needs: not condemned yet" in dry.stderr
+    first = invoke("gc", store.url)
+    assert first.stdout == "" and "removed 0 objects" in first.stderr
+    assert "kept 1 object no snapshot needs: condemned 0 s ago, less than --min-age 3600 s" in first.stderr
+    assert "--min-age 0" in first.stderr and store.storage.exists(orphan)
+    done = invoke("gc", store.url, "--min-age", "0")
+    assert done.stdout.splitlines() == [f"removed {orphan}"] and "removed 1 object;" in done.stderr
+    assert "kept" not in done.stderr.replace("snapshots kept", "")
+
+
+def test_the_connect_timeout_is_an_option_and_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "--connect-timeout" in invoke("ls", "--help").stdout
+    seen: list[float] = []
+
+    def remember(self: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(kwargs["retry"].connect_timeout)
+        raise BucketsnapError("stop here")
+
+    monkeypatch.setattr(SnapshotStore, "__init__", remember)
+    invoke("ls", "memory://bucket/run", "--connect-timeout", "2.5")
+    monkeypatch.setenv("BUCKETSNAP_CONNECT_TIMEOUT", "4")
+    invoke("ls", "memory://bucket/run")
+    assert seen == [2.5, 4.0]
+    assert invoke("ls", "memory://bucket/run", "--connect-timeout", "0").exit_code == EXIT_USAGE

@@ -7,7 +7,7 @@ from typing import Any
 
 from bucketsnap._info import Metric, SnapshotInfo
 
-__all__ = ["human_size", "info_json", "show_text", "table", "ls_table"]
+__all__ = ["count", "human_size", "info_json", "ls_table", "runs_table", "show_text", "table"]
 
 
 def human_size(n: int) -> str:
@@ -91,3 +91,26 @@ def show_text(info: SnapshotInfo) -> str:
     stored = sum(m.stored_size for m in info.members.values())
     total = ["(total)", human_size(raw), human_size(stored), f"{raw / stored if stored else 1.0:.2f}", "", "", ""]
     return "\n".join(lines) + "\n\n" + table(header, [*rows, total], right=[1, 2, 3])
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1.
+
+    >>> count(1, "tensor"), count(3, "tensor"), count(0, "object")
+    ('1 tensor', '3 tensors', '0 objects')
+    """
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    """The ``ls`` table of a folder of runs: URL, snapshot count, last itr, last write (UTC)."""
+    rows = [
+        [
+            r["url"],
+            str(r["snapshots"]),
+            "-" if r["last_itr"] is None else str(r["last_itr"]),
+            "-" if r["last_write"] is None else r["last_write"].strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        for r in runs
+    ]
+    return table(["RUN", "SNAPSHOTS", "LAST ITR", "LAST WRITE (UTC)"], rows, right=[1, 2])
