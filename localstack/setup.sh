@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the isolated LocalStack venv that tests/servers.py starts LocalStack from.
+# Create the isolated LocalStack venv that the bucketsnap.testing plugin (src/bucketsnap/testing/_s3.py) starts LocalStack from.
 #
 #   localstack/setup.sh                # -> <repo>/.venv-localstack
 #   BUCKETSNAP_LOCALSTACK_VENV=/path localstack/setup.sh
@@ -18,7 +18,7 @@ packages=(
     "service_identity"
 )
 marker="$venv/.bucketsnap-localstack-complete"
-catalog_dir="$venv/bucketsnap-service-catalog" # must match CATALOG_CACHE_DIR in tests/servers.py
+catalog_dir="$venv/bucketsnap-service-catalog" # must match CATALOG_CACHE_DIR in src/bucketsnap/testing/_s3.py
 wanted="$(printf '%s\n' "${packages[@]}")"
 
 if [[ -f "$marker" && "$(cat "$marker")" == "$wanted" ]] && "$venv/bin/python" -c "import localstack" 2>/dev/null; then
