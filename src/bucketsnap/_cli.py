@@ -41,7 +41,7 @@ import click
 from bucketsnap._cli_output import count, human_size, info_json, ls_table, runs_table, show_text
 from bucketsnap._transport import Retry
 from bucketsnap._version import __version__
-from bucketsnap.errors import BucketsnapError, SnapshotExistsError, SnapshotNotFoundError
+from bucketsnap.errors import BucketsnapError, SnapshotExistsError, SnapshotNotFoundError, StorageError
 
 if TYPE_CHECKING:
     from bucketsnap._manifest import Which
@@ -231,7 +231,12 @@ def _store(url: str, options: dict[str, Any]) -> SnapshotStore:
 
 def _is_run(store: SnapshotStore, need: tuple[str, ...] = (MANIFEST_DIR,)) -> bool:
     """Whether any of the ``need`` folders of ``store`` holds anything."""
-    return any(store.storage.list(d) for d in need)
+    try:
+        return any(store.storage.list(d) for d in need)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, NotADirectoryError):  # a local file given as the run
+            return False
+        raise
 
 
 def _open_run(

@@ -183,7 +183,7 @@ class Backend:
         self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=True)
-        except (FileNotFoundError, NotADirectoryError):  # nothing, or a path under a file (local disk)
+        except FileNotFoundError:
             return {}
         out: dict[str, int | None] = {}
         for entry in entries:
