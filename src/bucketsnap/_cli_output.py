@@ -79,9 +79,8 @@ def show_text(info: SnapshotInfo) -> str:
         f"metrics   {_metrics(info.metrics) or '-'}",
     ]
     if info.refs:
-        lines.append(
-            f"refs      {len(info.refs)} objects: {', '.join(info.refs[:3])}{', ...' if len(info.refs) > 3 else ''}"
-        )
+        more = ", ..." if len(info.refs) > 3 else ""
+        lines.append(f"refs      {count(len(info.refs), 'object')}: {', '.join(info.refs[:3])}{more}")
     rows = []
     for key, m in info.members.items():
         row = [key, human_size(m.raw_size), human_size(m.stored_size), f"{m.ratio:.2f}", m.crc32]
