@@ -7,6 +7,10 @@
 4. An "inference host" restores only the policy member, prints how many bytes that read against the
    snapshot's size, and runs the greedy policy.
 
+The run is deterministic (the seed is set before the policy is built, episodes are seeded by itr, and the RNG
+state is in the snapshot), so the resumed run ends with the same policy as one never killed. It ends with the
+``bucketsnap`` commands that look at the run.
+
 Run with ``./scripts/demo.sh`` (local directory ``bucketsnap-demo/``), or on any fsspec URL:
 ``./scripts/demo.sh --url s3://bucket/demo --endpoint-url http://127.0.0.1:4566``.
 """
@@ -46,27 +50,28 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_episode(env: gym.Env[Any, Any], policy: nn.Module, *, greedy: bool, seed: int | None = None) -> tuple:
+    """One episode without gradients (the log-probabilities are computed afterwards, in one batch)."""
     obs, _ = env.reset(seed=seed)
-    observations, log_probs, rewards = [], [], []
+    observations, actions, rewards = [], [], []
     done = False
-    while not done:
-        logits = policy(torch.as_tensor(obs, dtype=torch.float32))
-        dist = torch.distributions.Categorical(logits=logits)
-        action = logits.argmax() if greedy else dist.sample()
-        observations.append(obs)
-        log_probs.append(dist.log_prob(action))
-        obs, reward, terminated, truncated, _ = env.step(int(action))
-        rewards.append(float(reward))
-        done = terminated or truncated
-    return observations, log_probs, rewards
+    with torch.no_grad():
+        while not done:
+            logits = policy(torch.as_tensor(obs, dtype=torch.float32))
+            action = int(logits.argmax()) if greedy else int(torch.multinomial(logits.softmax(-1), 1))
+            observations.append(obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(float(reward))
+            done = terminated or truncated
+    return observations, actions, rewards
 
 
 def train(args: argparse.Namespace) -> None:
     """One training process: resume, train, save every few itrs; optionally SIGKILL itself mid-save."""
     store = SnapshotStore(args.url, storage_options=storage_options(args))
+    torch.manual_seed(0)  # before the policy's weights are drawn: every run starts from the same ones
     policy = make_policy()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=5e-3)
     defaults = {
         "policy": policy.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -87,10 +92,12 @@ def train(args: argparse.Namespace) -> None:
     for itr in range(resumed.next_itr, args.iterations):
         batch_returns, losses = [], []
         for episode in range(8):
-            observations, log_probs, rewards = run_episode(env, policy, greedy=False, seed=itr * 100 + episode)
+            observations, actions, rewards = run_episode(env, policy, greedy=False, seed=itr * 100 + episode)
             returns = torch.tensor(np.cumsum(rewards[::-1])[::-1].copy(), dtype=torch.float32)
             returns = (returns - returns.mean()) / (returns.std() + 1e-8)
-            losses.append(-(torch.stack(log_probs) * returns).sum())
+            logits = policy(torch.as_tensor(np.array(observations), dtype=torch.float32))
+            log_probs = torch.distributions.Categorical(logits=logits).log_prob(torch.tensor(actions))
+            losses.append(-(log_probs * returns).sum())
             batch_returns.append(sum(rewards))
             for o in observations:
                 rollouts[pos % BUFFER_SIZE] = o
@@ -131,9 +138,10 @@ def infer(args: argparse.Namespace) -> None:
     with torch.no_grad():
         returns = [sum(run_episode(env, policy, greedy=True, seed=10_000 + i)[2]) for i in range(10)]
     info = snapshot.info
+    others = ", ".join(k for k in info.members if k != "policy")
     print(
-        f"[inference] itr {info.itr}: read {read:,} bytes of a {info.size:,}-byte snapshot "
-        f"({100 * read / info.size:.2f} %), members {', '.join(info.members)}"
+        f"[inference] itr {info.itr}: read the policy alone, {read:,} bytes of a {info.size:,}-byte snapshot "
+        f"({100 * read / info.size:.2f} %; not read: {others})"
     )
     print(f"[inference] greedy policy return over 10 episodes: {np.mean(returns):.1f} (max 500)")
 
@@ -175,6 +183,11 @@ def main() -> None:
     store.verify("last")
     subprocess.run([sys.executable, __file__, "--role", "infer", *forwarded], check=True)
     print(json.dumps({"run": run_url, "itrs": store.itrs(), "seconds": round(time.monotonic() - started, 1)}))
+    endpoint = f" --endpoint-url {args.endpoint_url}" if args.endpoint_url else ""
+    print("[demo] look at the run:")
+    for command in ("ls", "show", "verify --all", "restore --key policy -o policy.safetensors"):
+        name, _, rest = command.partition(" ")
+        print(f"  bucketsnap {name} {run_url}{endpoint}{' ' + rest if rest else ''}")
 
 
 if __name__ == "__main__":
