@@ -108,7 +108,8 @@ class S3Backend(Backend):
             self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1, timeout=timeout)
         except FileNotFoundError as exc:  # s3fs's NoSuchBucket, or a bare 404 from a server that is no S3
             found = self.problem(exc)
-            return found or Problem("bucket", f"404 Not Found: {exc}")
+            said = "" if str(exc) in ("", "Not Found", path) else f": {exc}"
+            return found or Problem("bucket", f"404 Not Found{said}")
         return None
 
     def problem(self, exc: BaseException) -> Problem | None:
