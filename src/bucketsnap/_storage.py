@@ -39,6 +39,7 @@ catches them); the command line turns a missing bucket into its "not found" exit
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import posixpath
@@ -421,7 +422,7 @@ class Storage:
         while tries < self.retry.attempts and (left := deadline - time.monotonic()) > 0:
             tries += 1
             try:
-                found = self.backend.reach(self.root, timeout=left)
+                found = _within(left, functools.partial(self.backend.reach, self.root, timeout=left))
             except Exception as exc:
                 found = self.backend.problem(exc)
                 if found is None:
@@ -473,6 +474,33 @@ class Storage:
 
 def _never(exc: BaseException) -> bool:
     return False
+
+
+def _within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()``, or TimeoutError once ``seconds`` have passed without an answer.
+
+    The clients' own timeouts do not bound a first request: gcsfs, for one, retries a refused connection for a
+    minute whatever ``timeout`` it is given. A request still running when this gives up goes on in its daemon
+    thread and its outcome is dropped; it is only ever the read-only first listing of a store.
+    """
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="bucketsnap-first-contact", daemon=True).start()
+    if not done.wait(max(0.0, seconds)):
+        raise TimeoutError(f"no answer within {seconds:.1f} s")
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
 def _open_error(url: str, protocol: str, exc: ValueError) -> BucketsnapError:
