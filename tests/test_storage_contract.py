@@ -317,3 +317,19 @@ class TestGenericFsspec(StorageContract):
         fs = fsspec.filesystem("dir", **options)
         assert isinstance(fs, DirFileSystem) and backend_class(fs) is GenericBackend
         return Place("dir://run", options)
+
+
+def test_a_412_in_an_error_text_is_not_a_refused_create() -> None:
+    """Only a status field or an error code says "the name exists": a port, a host or a request id may hold 412."""
+    refused = ConnectionRefusedError("Cannot connect to host 10.0.0.5:41250")
+    assert not GenericBackend.is_precondition_failure(refused)
+    assert not GenericBackend.is_precondition_failure(OSError("http://s3.internal:9412/bucket: 500 InternalError"))
+    assert GenericBackend.is_precondition_failure(OSError("412 Precondition Failed"))
+    answer = OSError("conditional request failed")
+    answer.response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}  # type: ignore[attr-defined]
+    assert GenericBackend.is_precondition_failure(answer)
+
+
+def test_a_part_size_below_one_byte_is_refused() -> None:
+    with pytest.raises(ValueError, match="part_size"):
+        Storage("memory://x/run", part_size=0)

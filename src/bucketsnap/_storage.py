@@ -132,6 +132,8 @@ class Storage:
     ) -> None:
         if upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be at least 1, not {upload_concurrency}")
+        if part_size < 1:
+            raise ValueError(f"part_size must be at least 1 byte, not {part_size}")
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"url must be a string or path, not {type(url).__name__}")
         url = os.fspath(url)

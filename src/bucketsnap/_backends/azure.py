@@ -231,8 +231,9 @@ class AzureBackend(Backend):
 class AzureBlockWriter(PartUploader[str]):
     """Streams one blob as blocks staged ``concurrency`` at a time, published by one Put Block List.
 
-    Block IDs are random and all of one length (Azure refuses a block list mixing lengths), so two writers of
-    one name never touch each other's blocks.
+    Block IDs are random and all of one length (Azure refuses a block list mixing lengths). Two writers must not
+    stream one name at once (a commit drops the other's staged blocks); bucketsnap never does: every object a save
+    writes is named with its token.
     """
 
     def __init__(

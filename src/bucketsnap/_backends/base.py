@@ -18,6 +18,7 @@ for :class:`bucketsnap._storage.Storage` to say in one line, with :meth:`Backend
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -255,11 +256,27 @@ class Backend:
 
     @classmethod
     def is_precondition_failure(cls, exc: BaseException) -> bool:
-        """Whether ``exc`` says a conditional create found the name taken."""
-        return any(
-            "PreconditionFailed" in text or "412" in text or "conditionNotMet" in text
-            for text in (f"{type(e).__name__} {e}" for e in chain(exc))
-        )
+        """Whether ``exc`` says a conditional create found the name taken: an HTTP 412 in the error's own status
+        field, or a precondition error code. Never a bare "412" in the text, which a port, a request id or a
+        host name may hold."""
+        for e in chain(exc):
+            response = getattr(e, "response", None)
+            statuses = [getattr(e, "status_code", None), getattr(e, "status", None), getattr(e, "code", None)]
+            if isinstance(response, dict):
+                statuses.append((response.get("ResponseMetadata") or {}).get("HTTPStatusCode"))
+                statuses.append((response.get("Error") or {}).get("Code"))
+            if 412 in statuses or any(str(s) in _PRECONDITION_CODES for s in statuses if s is not None):
+                return True
+            text = f"{type(e).__name__} {e}"
+            if any(code in text for code in _PRECONDITION_CODES) or _PRECONDITION_TEXT.search(text):
+                return True
+        return False
+
+
+#: Error codes of a failed precondition: S3's, GCS's (JSON API) and Azure's.
+_PRECONDITION_CODES = ("PreconditionFailed", "conditionNotMet", "ConditionNotMet")
+#: An HTTP status line saying so ("412 Precondition Failed"), as some clients put it in their messages.
+_PRECONDITION_TEXT = re.compile(r"\b412\b\W{0,3}(Precondition|Conditional)", re.IGNORECASE)
 
 
 class FsspecWriter:
