@@ -32,7 +32,7 @@ from conftest import Backend
 SCRIPT = Path(sys.executable).parent / "bucketsnap"
 #: The connect timeout of these tests: each failure must come within it, plus the diagnosis (2 s at most).
 TIMEOUT = 3.0
-SLACK = 4.0
+SLACK = 10.0  # generous: a loaded 2-core CI machine; what it guards against took 34-189 s
 SECRET = "PLANTED-s3cr3t-4c3b2a"
 SERVERS = ["s3", "gcs", "azure"]
 
@@ -155,6 +155,7 @@ def unanswered_endpoint() -> Iterator[str]:
 
 
 def test_a_wrong_port_is_unreachable_at_once(server_backend: Backend, tmp_path: Path) -> None:
+    server_backend.store().itrs()  # the real server has answered about this bucket: another endpoint is another store
     options = with_endpoint(server_backend, f"http://127.0.0.1:{servers.free_port()}")
     url = server_backend.url()
     storage = Storage(url, storage_options=options, retry=Retry(connect_timeout=TIMEOUT))

@@ -188,6 +188,47 @@ class AzureBackend(Backend):
         )
         return PartWriter(writer)
 
+    def list(self, path: str) -> dict[str, int | None]:
+        # Through the SDK with its retries off, as reads are: adlfs lists with the SDK's default retries, which
+        # turn an outage into minutes per listing.
+        from fsspec.asyn import sync
+
+        container, key, _ = self.fs.split_path(path)
+        if not container:
+            return super().list(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+
+        async def walk() -> dict[str, int | None]:
+            out: dict[str, int | None] = {}
+            async with self.fs.service_client.get_container_client(container) as client:
+                try:
+                    async for item in client.walk_blobs(name_starts_with=prefix, delimiter="/", retry_total=0):
+                        name = str(item.name)[len(prefix) :].rstrip("/")
+                        if name:
+                            out[name] = int(item.size) if hasattr(item, "size") else None
+                except Exception as exc:
+                    if type(exc).__name__ == "ResourceNotFoundError":
+                        raise FileNotFoundError(path) from exc
+                    raise
+            return out
+
+        try:
+            result: dict[str, int | None] = sync(self.fs.loop, walk)
+        except FileNotFoundError:
+            return {}
+        return result
+
+    def delete(self, path: str) -> None:
+        async def remove(client: Any) -> None:
+            await client.delete_blob(retry_total=0)
+
+        try:
+            self._blob(path, remove)
+        except FileNotFoundError:
+            pass
+        finally:
+            self.fs.invalidate_cache(path)
+
     def _blob(self, path: str, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
         """Run ``fn`` with the SDK's async client of blob ``path`` on adlfs's event loop."""
         from fsspec.asyn import sync
