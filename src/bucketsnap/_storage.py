@@ -163,6 +163,9 @@ class Storage:
         #: Whether the exclusive create is probed before the first write or commit (an object store's, unverified).
         self._probes = self.backend.create_condition is not None and not single_writer
         self._endpoint = self.backend.endpoint
+        #: Which store :meth:`_reach` asks about: the address requests go to (an Azure connection string's account,
+        #: which is no endpoint option), and the bucket.
+        self._store_key = (self.protocol, self.backend.address(), self.backend.bucket(self.root))
         #: Bytes and requests read through :meth:`read` since creation (what a restore really downloaded).
         self.bytes_read = 0
         self.read_requests = 0
@@ -398,7 +401,7 @@ class Storage:
 
     def _reach(self) -> None:
         """Before this process's first request to the store (per endpoint and bucket), make sure it answers."""
-        key = (self.protocol, self._endpoint, self.backend.bucket(self.root))
+        key = self._store_key
         if key in _reached:
             return
         with _PROBE_LOCK:
