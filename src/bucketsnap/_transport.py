@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -225,6 +224,8 @@ def diagnose(url: str, timeout: float = 3.0) -> str:
 
 
 def _proxied(scheme: str, host: str) -> bool:
+    import urllib.request  # here: it imports http.client, email and ssl, which importing bucketsnap never needs
+
     proxies = urllib.request.getproxies()
     if not (proxies.get(scheme) or proxies.get("all")):
         return False
