@@ -56,7 +56,15 @@ fi
 rm -f "$marker"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "Installing ${packages[*]}"
-"$venv/bin/python" -m pip install -q "${packages[@]}"
+# pip's output is shown only when it fails (less the index's "Location ... ignored" warnings).
+pip_log="$(mktemp)"
+if ! "$venv/bin/python" -m pip install -q "${packages[@]}" >"$pip_log" 2>&1; then
+    grep -v "^WARNING: Location" "$pip_log" >&2 || true
+    rm -f "$pip_log"
+    echo "error: 'pip install ${packages[*]}' into $venv failed (pip's output is above)" >&2
+    exit 1
+fi
+rm -f "$pip_log"
 
 # Prebuild LocalStack's service-catalog index (else every start spends ~3 s on it).
 rm -rf "$catalog_dir"

@@ -47,8 +47,27 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "==> installing bucketsnap[$extras] into $venv (torch pinned by constraints.txt)" >&2
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-script-location)
-"${pip[@]}" --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"${pip[@]}" -c constraints.txt torch 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"${pip[@]}" -c constraints.txt -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+# pip's output is kept and shown only when it fails (then whole, less the index's "Location ... ignored"
+# warnings), so that a failed install stops here with pip's own error, not later at an import.
+run_pip() {
+    local log status=0
+    log="$(mktemp)"
+    "${pip[@]}" "$@" >"$log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ]; then
+        grep -v "^WARNING: Location" "$log" >&2 || true
+        echo "error: 'pip install $*' failed with exit status $status (pip's output is above)" >&2
+    fi
+    rm -f "$log"
+    return "$status"
+}
+run_pip --upgrade pip
+run_pip -c constraints.txt torch
+run_pip -c constraints.txt -e ".[$extras]"
+if [ "$extras" = "dev" ]; then
+    # pytorchrl (tests/test_pytorchrl.py) pins ray and other heavy packages it does not need for its storages:
+    # installed without its dependencies, plus the two its storages import (gym, PyYAML).
+    run_pip -c constraints.txt "gym==0.26.2" "pyyaml>=6"
+    run_pip --no-deps "pytorchrl==3.2.15"
+fi
 "$venv/bin/python" -c "import torch, bucketsnap; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "$want" > "$stamp"

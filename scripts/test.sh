@@ -45,4 +45,4 @@ echo "==> mypy" >&2
 echo "==> mkdocs build" >&2
 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 echo "==> pytest" >&2
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=15 "$@"
