@@ -32,6 +32,12 @@ def test_errors_inherit_the_matching_builtins() -> None:
     assert issubclass(bucketsnap.CommitConflictError, FileExistsError)
     assert issubclass(bucketsnap.SnapshotExistsError, bucketsnap.CommitConflictError)
     assert issubclass(bucketsnap.StorageError, OSError)
+    for name in ("UnreachableError", "CredentialsError", "BucketNotFoundError"):
+        error = getattr(bucketsnap.errors, name)
+        assert issubclass(error, bucketsnap.StorageError) and getattr(bucketsnap, name) is error
+    from bucketsnap._storage import BucketNotFoundError
+
+    assert BucketNotFoundError is bucketsnap.BucketNotFoundError  # the class the storage layer raises
     for name in bucketsnap.__all__:
         obj = getattr(bucketsnap, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
@@ -70,14 +76,17 @@ PUBLIC_SURFACE = {
         "World",
     ],
     "bucketsnap.errors": [
+        "BucketNotFoundError",
         "BucketsnapError",
         "CommitConflictError",
         "CorruptSnapshotError",
+        "CredentialsError",
         "NotAFileError",
         "NotASnapshotError",
         "SnapshotExistsError",
         "SnapshotNotFoundError",
         "StorageError",
+        "UnreachableError",
         "UnsafeLoadError",
     ],
     "bucketsnap.integrations.sb3": [
@@ -101,9 +110,11 @@ PUBLIC_SURFACE = {
     ],
 }
 ROOT = [
+    "BucketNotFoundError",
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
+    "CredentialsError",
     "DistributedSaveError",
     "ExternalValue",
     "IntervalTrigger",
@@ -128,6 +139,7 @@ ROOT = [
     "SnapshotStore",
     "Snapshotter",
     "StorageError",
+    "UnreachableError",
     "UnsafeLoadError",
     "__version__",
     "on_preemption",

@@ -20,14 +20,17 @@ from bucketsnap._info import MemberInfo, SnapshotInfo
 from bucketsnap._transport import Retry
 from bucketsnap._version import __version__
 from bucketsnap.errors import (
+    BucketNotFoundError,
     BucketsnapError,
     CommitConflictError,
     CorruptSnapshotError,
+    CredentialsError,
     NotAFileError,
     NotASnapshotError,
     SnapshotExistsError,
     SnapshotNotFoundError,
     StorageError,
+    UnreachableError,
     UnsafeLoadError,
 )
 from bucketsnap.retention import KeepAny, KeepBest, KeepEvery, KeepLast, RetentionPolicy
@@ -78,9 +81,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BucketNotFoundError",
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
+    "CredentialsError",
     "DistributedSaveError",
     "ExternalValue",
     "IntervalTrigger",
@@ -105,6 +110,7 @@ __all__ = [
     "SnapshotStore",
     "Snapshotter",
     "StorageError",
+    "UnreachableError",
     "UnsafeLoadError",
     "__version__",
     "on_preemption",

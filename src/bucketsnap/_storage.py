@@ -32,8 +32,8 @@ of them:
 * **One kind of error.** Backend errors other than "not found" and "exists" are raised as
   :class:`~bucketsnap.errors.StorageError` naming the URL with credentials redacted.
 
-The three :class:`~bucketsnap.errors.StorageError` subclasses are internal for now (``except StorageError``
-catches them); the command line turns a missing bucket into its "not found" exit code.
+The three :class:`~bucketsnap.errors.StorageError` subclasses are defined in :mod:`bucketsnap.errors` (and
+re-exported here); the command line turns a missing bucket into its "not found" exit code.
 """
 
 from __future__ import annotations
@@ -55,7 +55,14 @@ import fsspec
 
 from bucketsnap._backends import Backend, Problem, backend_class, backend_for, known_protocols
 from bucketsnap._transport import Retry, diagnose
-from bucketsnap.errors import BucketsnapError, StorageError, redact
+from bucketsnap.errors import (
+    BucketNotFoundError,
+    BucketsnapError,
+    CredentialsError,
+    StorageError,
+    UnreachableError,
+    redact,
+)
 
 __all__ = [
     "DEFAULT_PART_SIZE",
@@ -85,18 +92,6 @@ _reached: set[tuple[str, str, str]] = set()
 _reach_locks: dict[tuple[str, str, str], threading.Lock] = {}
 #: The packages fsspec needs for bucketsnap's object stores, and the extra that installs each.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
-
-
-class UnreachableError(StorageError):
-    """The store did not answer: a refused connection, a host name that does not resolve, no answer in time."""
-
-
-class CredentialsError(StorageError):
-    """No credentials for the store were found, or the store refused them."""
-
-
-class BucketNotFoundError(StorageError):
-    """The bucket (or container) the URL names does not exist."""
 
 
 #: Part size for streamed uploads to object stores: a part is uploaded each time this much is buffered, so it

@@ -11,6 +11,9 @@ subclass inherits it too, so ``except FileNotFoundError`` written for a plain ``
     │   └── SnapshotExistsError                        the itr is already committed and overwrite=False
     ├── UnsafeLoadError         (PermissionError)      a pickled value met without allow_pickle=True
     ├── StorageError            (OSError)              the backend failed (network, permissions, throttling)
+    │   ├── UnreachableError                           the store did not answer its first request
+    │   ├── CredentialsError                           no credentials were found, or the store refused them
+    │   └── BucketNotFoundError                        the bucket or container the URL names does not exist
     └── DistributedSaveError                           a rank of a collective save failed or vanished
                                                        (defined in bucketsnap.distributed)
 
@@ -22,14 +25,17 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "BucketNotFoundError",
     "BucketsnapError",
     "CommitConflictError",
     "CorruptSnapshotError",
+    "CredentialsError",
     "NotAFileError",
     "NotASnapshotError",
     "SnapshotExistsError",
     "SnapshotNotFoundError",
     "StorageError",
+    "UnreachableError",
     "UnsafeLoadError",
 ]
 
@@ -68,6 +74,22 @@ class UnsafeLoadError(BucketsnapError, PermissionError):
 
 class StorageError(BucketsnapError, OSError):
     """The storage backend failed; the message names the URL and the backend's own error."""
+
+
+class UnreachableError(StorageError):
+    """The store did not answer: a refused connection, a host name that does not resolve, no answer in time.
+
+    Raised by a process's first request to a store (per endpoint and bucket), within
+    :attr:`Retry.connect_timeout <bucketsnap.Retry.connect_timeout>`.
+    """
+
+
+class CredentialsError(StorageError):
+    """No credentials for the store were found, or the store refused them (at the first request)."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket (or container) the URL names does not exist (at the first request)."""
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]*@")
