@@ -226,7 +226,10 @@ class BufferKind(ABC):
 _KINDS: list[BufferKind] = []
 #: Framework module -> the bucketsnap module registering its kinds: imported once the framework has been (a
 #: buffer cannot come from a framework that was never imported, so bucketsnap never imports one itself).
-_FRAMEWORK_KINDS = {"stable_baselines3": "bucketsnap.integrations._sb3_buffers"}
+_FRAMEWORK_KINDS = {
+    "stable_baselines3": "bucketsnap.integrations._sb3_buffers",
+    "pytorchrl": "bucketsnap.integrations._pytorchrl_buffers",
+}
 _loaded: set[str] = set()
 _lock = threading.Lock()
 
