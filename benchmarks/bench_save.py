@@ -16,12 +16,16 @@ process, to local disk, to S3 (LocalStack, started by this script as a separate 
   time until the snapshot is committed; the first save_async of a store is reported apart (it allocates the
   host copy, which later saves reuse);
 * restoring the policy alone from S3 (what an inference host does): bucketsnap ``load(keys=["policy"])`` and
-  DCP ``dcp.load({"policy": ...})`` versus ``torch.load`` of the whole object, in seconds and bytes read.
+  DCP ``dcp.load({"policy": ...})`` versus ``torch.load`` of the whole object, in seconds and bytes read;
+* against the store's ceiling (``benchmarks/_ceiling.py``), on each object store: bucketsnap's blocking save,
+  whole restore and policy-only restore, each next to the same store's raw transfer of the same bytes in the
+  same run (parts of bucketsnap's part size at its upload concurrency, ranged GETs of its read chunk at its
+  read-ahead), as a fraction of it, with the load average.
 
 Each figure is the median of ``--runs`` runs; ratios are to the first alternative (``torch.save``, or
 ``torch.load`` for restores). Run::
 
-    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--gcs] [--azure] [--small]
+    python benchmarks/bench_save.py [--runs 3] [--skip-s3] [--gcs] [--azure] [--small] [--ceiling-only]
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _ceiling import Ceiling, fraction
 
 from bucketsnap import SnapshotStore
 
@@ -239,6 +246,80 @@ def restores(places: Places, state: dict[str, Any], runs: int) -> list[tuple[str
     return out
 
 
+def against_ceiling(places: Places, where: str, state: dict[str, Any], runs: int) -> list[tuple[str, ...]]:
+    """bucketsnap's save, whole restore and policy restore on ``where``, each against the store's raw transfer
+    of the same bytes, interleaved run by run (the order alternates, so that a change in load hits both).
+
+    The saves are a training loop's: one store, a first save not timed (it makes the first contact and probes
+    the exclusive create), then one save per run. Each restore is an inference host's: a new store object, as
+    ``restores`` opens. Rows: (operation, MB, bucketsnap s, ceiling s, fraction, load averages).
+    """
+    options = places.options(where)
+    url = places.url(where, "bsnap-ceiling")
+    store = SnapshotStore(url, storage_options=options)
+    storage = store.storage
+    ceiling = Ceiling(
+        places.url(where, "ceiling"),
+        options,
+        part_size=storage.part_size,
+        upload_concurrency=storage.upload_concurrency,
+    )
+    store.save(0, state)
+    times: dict[str, list[tuple[float, float]]] = {"save": [], "restore, whole": [], "restore, policy only": []}
+    sizes: dict[str, int] = {}
+    loads: list[float] = []
+
+    def bsnap_save(itr: int) -> float:
+        seconds = timed(lambda: store.save(itr, state))[0]
+        store.delete(itr - 1)
+        sizes["save"] = store.info(itr).size
+        return seconds
+
+    def bsnap_load(name: str, keys: list[str] | None) -> float:
+        reader = SnapshotStore(url, storage_options=options)
+        seconds, loaded = timed(lambda: reader.load("last", keys=keys))
+        sizes[name] = reader.storage.bytes_read
+        assert all(torch.equal(loaded["policy"][k], v) for k, v in state["policy"].items())
+        return seconds
+
+    def both(name: str, bsnap: Callable[[], float], raw: Callable[[], float], ceiling_first: bool) -> None:
+        gc.collect()
+        if ceiling_first:
+            raw_s = raw()
+            times[name].append((bsnap(), raw_s))
+        else:
+            bsnap_s = bsnap()
+            times[name].append((bsnap_s, raw()))
+
+    put: list[str] = []  # the ceiling's object of this run
+
+    def raw_put() -> float:
+        seconds, path = ceiling.put(sizes["save"])
+        put[:] = [path]
+        return seconds
+
+    for run in range(runs):  # run 0 goes bucketsnap first: the ceiling's transfers take bucketsnap's sizes
+        loads.append(os.getloadavg()[0])
+        ceiling_first = run % 2 == 1
+
+        both("save", lambda run=run: bsnap_save(run + 1), raw_put, ceiling_first)
+        for name, keys in [("restore, whole", None), ("restore, policy only", ["policy"])]:
+            raw_get = functools.partial(lambda path, name: ceiling.get(path, sizes[name]), put[0], name)
+            both(name, functools.partial(bsnap_load, name, keys), raw_get, ceiling_first)
+        ceiling.delete(put[0])
+    loads.append(os.getloadavg()[0])
+    store.close()
+    places.clear(where)
+    load = f"{min(loads):.1f}-{max(loads):.1f}"
+    rows = []
+    for name, pairs_s in times.items():
+        bsnap_s = statistics.median(b for b, _ in pairs_s)
+        raw_s = statistics.median(r for _, r in pairs_s)
+        share = statistics.median(fraction(r, b) for b, r in pairs_s)
+        rows.append((name, f"{sizes[name] / MB:.0f}", f"{bsnap_s:.2f}", f"{raw_s:.2f}", f"{share:.0%}", load))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -247,6 +328,7 @@ def main() -> None:
     parser.add_argument("--azure", action="store_true", help="add an Azure Blob Storage column (Azurite)")
     parser.add_argument("--small", action="store_true", help="a 4 MB state, to check the script runs")
     parser.add_argument("--dir", default=None, help="local directory for the local-disk runs")
+    parser.add_argument("--ceiling-only", action="store_true", help="only the table against the store's ceiling")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -278,7 +360,7 @@ def main() -> None:
     wheres = ["local", *remotes]
     try:
         rows: dict[str, dict[str, float]] = {}
-        for where in wheres:
+        for where in [] if args.ceiling_only else wheres:
             for name, make in [
                 ("torch.save", torch_save),
                 ("torch.save + fsync (local)", torch_save_fsync),
@@ -295,6 +377,15 @@ def main() -> None:
             rows.setdefault("bucketsnap save_async: stall, a store's first save", {})[where] = first
             rows.setdefault("bucketsnap save_async: stall, later saves", {})[where] = stall
             rows.setdefault("bucketsnap save_async: until committed, later saves", {})[where] = total
+        if remotes:
+            print()
+            print("| against the store's ceiling | MB | bucketsnap: s | ceiling: s | of the ceiling | load (1 min) |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for where in remotes:
+                for row in against_ceiling(places, where, state, args.runs):
+                    print(f"| {where}: {row[0]} | " + " | ".join(row[1:]) + " |")
+        if args.ceiling_only:
+            return
         print()
         print("| save, " + f"{size / MB:.0f} MB | " + " | ".join(f"{w}: s | ratio" for w in wheres) + " |")
         print("|---|" + "---:|---:|" * len(wheres))
