@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -163,6 +164,8 @@ def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]
         "itr": itr,
         "created": created.isoformat(),
         "metrics": metrics,
+        # tensor data is written in this machine's byte order (numpy arrays carry theirs in their dtype)
+        "byteorder": sys.byteorder,
         "library": {
             "bucketsnap": __version__,
             "torch": torch.__version__,

@@ -27,8 +27,9 @@ is offered to each codec's ``accepts`` once, then remembered), loading by the no
 one :func:`register_codec` call; the built-in codecs at the end of this module are the examples.
 
 Buffers are laid out in the order a depth-first walk of the tree meets them, so a reader decodes the data in
-one forward pass and can read each tensor straight into its final memory. Array bytes are in the machine's
-native (little-endian on every platform torch supports) order, C-contiguous.
+one forward pass and can read each tensor straight into its final memory. Array bytes are C-contiguous; a
+numpy array's are in the byte order its dtype descr names, a tensor's in the writing machine's (which the
+archive's ``meta.json`` records as ``byteorder``).
 
 Trade-off: tensors that shared storage when saved (views of one another) are stored and restored as separate
 copies, as safetensors does; ``torch.save`` would keep the sharing.
@@ -441,7 +442,7 @@ def _encode_ndarray(enc: Encoder, v: np.ndarray | np.generic) -> Any:
 def _decode_ndarray(dec: Decoder, n: dict[str, Any]) -> np.ndarray | np.generic:
     spec = n["$ndarray"]
     descr = spec["dtype"]
-    dtype = np.lib.format.descr_to_dtype(descr if isinstance(descr, str) else [tuple(f) for f in descr])  # type: ignore[arg-type]
+    dtype = np.lib.format.descr_to_dtype(_descr_from_json(descr))
     if dtype.hasobject:
         raise CorruptSnapshotError(f"{dec.where}: object arrays are never decoded without pickle")
     shape = tuple(int(d) for d in spec["shape"])
@@ -453,6 +454,17 @@ def _decode_ndarray(dec: Decoder, n: dict[str, Any]) -> np.ndarray | np.generic:
     if nbytes:
         dec.readinto(array.reshape(-1).view(np.uint8).data)
     return array[()] if spec.get("scalar") else array
+
+
+def _descr_from_json(descr: Any) -> Any:
+    """A structured dtype's descr as numpy wants it back: JSON turned its fields and ``(title, name)`` pairs
+    into lists."""
+    if isinstance(descr, str):
+        return descr
+    fields = []
+    for name, sub, *shape in descr:
+        fields.append((tuple(name) if isinstance(name, list) else name, _descr_from_json(sub), *map(tuple, shape)))
+    return fields
 
 
 def _decode_pickle(dec: Decoder, n: dict[str, Any]) -> Any:
