@@ -33,11 +33,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from bucketsnap._buffer_changes import Ring, Tracker
 from bucketsnap._chunks import ChunkedArrays, ChunkTable, read_chunks
 from bucketsnap._storage import Storage
 from bucketsnap._store import SnapshotStore, as_store
@@ -45,6 +46,7 @@ from bucketsnap._store import SnapshotStore, as_store
 __all__ = [
     "BufferKind",
     "BufferState",
+    "Ring",
     "SavedBuffer",
     "TransitionStorage",
     "buffer_state",
@@ -79,6 +81,8 @@ class TransitionStorage:
         self.data: dict[str, torch.Tensor] = {}
         self.pos = 0
         self.full = False
+        #: Transitions ever inserted, across resets: which rows changed since a save, exactly.
+        self.rows_written = 0
 
     def __len__(self) -> int:
         return self.size if self.full else self.pos
@@ -138,6 +142,7 @@ class TransitionStorage:
         self.full = False
 
     def _advance(self, n: int) -> None:
+        self.rows_written += n
         total = self.pos + n
         if total >= self.size:
             self.full = True
@@ -158,6 +163,8 @@ class BufferState:
     arrays: Mapping[str, np.ndarray]
     rows: int
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: The ring position, for buffers whose rows are a ring written at ``pos`` (``changes="ring"``).
+    ring: Ring | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,8 @@ class _TransitionStorageKind(BufferKind):
         rows = buffer.size if buffer.full else buffer.pos
         if not arrays:
             raise ValueError("the TransitionStorage is empty and has no fields yet: insert a transition first")
-        return BufferState(arrays, rows, {"pos": buffer.pos, "full": buffer.full, "size": buffer.size})
+        attrs = {"pos": buffer.pos, "full": buffer.full, "size": buffer.size}
+        return BufferState(arrays, rows, attrs, Ring(buffer.size, buffer.pos, buffer.full, buffer.rows_written))
 
     def restore(self, buffer: TransitionStorage, saved: SavedBuffer) -> None:
         table = saved.table
@@ -327,6 +335,8 @@ class _PytorchrlKind(BufferKind):
 
 
 _GENERIC = _PytorchrlKind()
+#: The ring position and chunk ids of each buffer's last save in this process (``changes="ring"``).
+_TRACKER = Tracker()
 register_buffer_kind(_TransitionStorageKind())
 
 
@@ -334,7 +344,12 @@ register_buffer_kind(_TransitionStorageKind())
 
 
 def buffer_state(
-    buffer: Any, *, chunk_rows: int | None = None, level: int = 3, hash_threads: int | None = None
+    buffer: Any,
+    *,
+    chunk_rows: int | None = None,
+    level: int = 3,
+    hash_threads: int | None = None,
+    changes: Literal["hash", "ring"] = "hash",
 ) -> ChunkedArrays:
     """Wrap ``buffer`` for :meth:`SnapshotStore.save`: it is stored as content-addressed chunks of rows.
 
@@ -345,15 +360,23 @@ def buffer_state(
         chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
             saves of a run, or no chunk is shared.
         level: zstd level of the chunks.
-        hash_threads: threads hashing chunks to find those already stored; by default one per core, up to 4.
+        hash_threads: threads hashing, compressing and writing chunks; by default one per core, up to 8.
+        changes: how the save finds the chunks that changed since the buffer's last save. ``"hash"`` hashes
+            every chunk: whatever wrote the arrays, the snapshot holds what they hold. ``"ring"`` hashes only
+            the chunks holding rows that the buffer's ring position says were written since its last save in
+            this process (every chunk for buffers without a ring position): exact when every write went
+            through the buffer's own methods (see docs/buffers.md for what else is caught, and what is not).
 
     Raises:
         TypeError: ``buffer`` is none of those kinds (SB3's ``HerReplayBuffer`` is not supported).
+        ValueError: ``changes`` is neither ``"hash"`` nor ``"ring"``.
     """
+    if changes not in ("hash", "ring"):
+        raise ValueError(f"changes must be 'hash' or 'ring', not {changes!r}")
     for kind in _kinds():
         if kind.matches(buffer):
             state = kind.state(buffer)
-            return ChunkedArrays(
+            value = ChunkedArrays(
                 state.arrays,
                 state.rows,
                 kind=kind.name,
@@ -362,6 +385,12 @@ def buffer_state(
                 level=level,
                 hash_threads=hash_threads,
             )
+            if state.ring is not None:  # recorded in either mode, so that a later "ring" save can build on it
+                account = _TRACKER.account(
+                    buffer, value.arrays, value.rows, value.chunk_rows, state.ring, compare=changes == "ring"
+                )
+                value.known, value.spot_check, value.on_hashed = account.known, account.spot_check, account.on_hashed
+            return value
     raise TypeError(
         f"cannot save a {type(buffer).__module__}.{type(buffer).__qualname__} as a buffer: pass an SB3 "
         "ReplayBuffer or DictReplayBuffer, a bucketsnap.buffers.TransitionStorage, or an object with "
@@ -379,10 +408,10 @@ def restore_buffer(
 ) -> Any:
     """Restore the buffer saved under ``key`` in snapshot ``which`` into ``buffer``, in place; return it.
 
-    Chunks are streamed one at a time (ranged reads, decompressed straight into the buffer's arrays), so the
-    restore needs about one chunk of memory beyond the buffer itself. Each chunk's size and zstd checksum are
-    checked; with ``verify``, its sha256 against its id too (about twice the CPU time of the restore itself).
-    No pickle is involved.
+    Chunks are streamed (ranged reads, decompressed straight into the buffer's arrays on one thread per core,
+    up to 8), so the restore needs a few MiB per thread beyond the buffer itself. Each chunk's size and zstd
+    checksum are checked; with ``verify``, its hash against its id and its stored bytes against the CRC-32 in
+    its name too. No pickle is involved.
 
     Raises:
         SnapshotNotFoundError: no such snapshot, or one of its chunks is missing.
@@ -398,7 +427,11 @@ def restore_buffer(
     if kind is None:
         raise TypeError(f"cannot restore {where} into a {type(buffer).__name__}; see buffer_state() for the kinds")
     _expect(table, kind.name, where)
-    kind.restore(buffer, SavedBuffer(table, where, store.storage, verify))
+    _TRACKER.forget(buffer)  # its rows are about to be rewritten whatever its ring position says
+    try:
+        kind.restore(buffer, SavedBuffer(table, where, store.storage, verify))
+    finally:
+        _TRACKER.forget(buffer)
     return buffer
 
 

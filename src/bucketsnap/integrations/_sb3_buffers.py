@@ -18,7 +18,7 @@ import numpy as np
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from bucketsnap.buffers import BufferKind, BufferState, SavedBuffer, register_buffer_kind
+from bucketsnap.buffers import BufferKind, BufferState, Ring, SavedBuffer, register_buffer_kind
 
 __all__: list[str] = []
 
@@ -44,7 +44,7 @@ class _SB3Kind(BufferKind):
             "optimize_memory_usage": bool(buffer.optimize_memory_usage),
             "handle_timeout_termination": bool(buffer.handle_timeout_termination),
         }
-        return BufferState(_arrays(buffer), rows, attrs)
+        return BufferState(_arrays(buffer), rows, attrs, Ring(size, int(buffer.pos), bool(buffer.full)))
 
     def restore(self, buffer: Any, saved: SavedBuffer) -> None:
         attrs = saved.attrs
