@@ -41,7 +41,7 @@ def test_archive_is_read_by_pythons_zipfile_and_zstd() -> None:
         for key, member in writer.members.items():
             zinfo = archive.getinfo(member.name)
             assert (zinfo.file_size, f"{zinfo.CRC:08x}") == (member.stored_size, member.crc32)
-            raw = zstandard.ZstdDecompressor().decompressobj().decompress(archive.read(member.name))
+            raw = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(archive.read(member.name))
             assert len(raw) == member.raw_size, key
         assert archive.read("meta.json").startswith(b"{")
     entries = read_directory(_read_range(data), len(data), where="t")
@@ -191,7 +191,7 @@ def test_local_saves_write_weights_with_writev(tmp_path: Path, monkeypatch: pyte
     weights = torch.randn(5_000_000)  # 20 MB: 153 raw blocks, 2 batches
     store = SnapshotStore(str(tmp_path / "run"))
     store.save(1, {"policy": {"w": weights}})
-    assert pieces_written and max(pieces_written) == 256  # 128 blocks (16 MiB) per call
+    assert pieces_written and max(pieces_written) >= 16 * 18  # 16 frames of 8 raw blocks (16 MiB) per call
     assert torch.equal(store.load(1)["policy"]["w"], weights)
     store.verify(1)
 

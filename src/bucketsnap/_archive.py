@@ -2,9 +2,12 @@
 
 Layout (``unzip -l`` lists it; ``unzip -p snap.zip policy.zst | zstd -d`` recovers one member by hand)::
 
-    <key>.zst     one per top-level key of the saved state, zip method STORED, holding one zstd frame
-                  of the payload described in :mod:`bucketsnap._values`: compressed with zstd's content
-                  checksum, or, for incompressible members, stored as raw zstd blocks (see ``_StoredFrame``)
+    <key>.zst     one per top-level key of the saved state, zip method STORED, holding the payload
+                  described in :mod:`bucketsnap._values` as independent zstd frames of at most 1 MiB and a
+                  frame index (codec ``"zstd-frames"``, see :mod:`bucketsnap._frames`), so that one tensor
+                  is read without the rest; archives written before it hold one zstd frame (codec ``"zstd"``):
+                  compressed with zstd's content checksum, or stored as raw zstd blocks (see ``_StoredFrame``).
+                  Either way incompressible members are raw zstd blocks, written without copying
     ...
     meta.json     format version, library versions, itr, creation time, metrics, and per member its
                   codec, offset, raw and stored sizes and CRC-32
@@ -30,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
+from bucketsnap import _frames
 from bucketsnap._info import MemberInfo, crc32_checksum
 from bucketsnap._zipformat import (
     READ_AHEAD,
@@ -58,6 +62,9 @@ __all__ = [
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 _WRITE_CHUNK = 2**20
+#: The codec new members are written with: ``"zstd-frames"``; ``"zstd"`` (one frame, what bucketsnap wrote
+#: before seekable members) remains for tests of older archives.
+WRITE_CODEC = _frames.CODEC
 #: Members whose sample does not compress below this ratio are stored in raw zstd blocks. Float weights and
 #: Adam moments compress to about 0.9 at level 3, at 200-400 MB/s on one core: 2-5 times the cost of the
 #: write, to save a tenth of the bytes. Compression pays when it at least halves a member (frames, masks,
@@ -112,9 +119,28 @@ class ArchiveWriter:
         name = member_name(key)
         raw_size = encoded.raw_size
         level = _choose_level(encoded, self._level)
+        codec = WRITE_CODEC
         member = zip_.open_member(name, zip64=raw_size > 2**31)
         offset = member.tell()
-        with _frame_writer(member, level, raw_size, self._threads) as zw:
+        if codec == _frames.CODEC:
+            _frames.write_frames(member, encoded.chunks(), level=level, threads=self._threads, progress=self._progress)
+        else:
+            self._write_one_frame(member, encoded, level)
+        zip_.close_member(member)
+        info = MemberInfo(
+            name=name,
+            offset=offset,
+            stored_size=member.size,
+            raw_size=raw_size,
+            crc32=f"{member.crc:08x}",
+            codec=codec,
+            pickled=encoded.pickled,
+        )
+        self.members[key] = info
+        return info
+
+    def _write_one_frame(self, member: MemberSink, encoded: EncodedValue, level: int | None) -> None:
+        with _frame_writer(member, level, encoded.raw_size, self._threads) as zw:
             for chunk in encoded.chunks():
                 if self._progress is None:
                     zw.write(chunk)
@@ -123,17 +149,6 @@ class ArchiveWriter:
                 for start in range(0, view.nbytes, READ_CHUNK):  # a tensor is one chunk: report in slices
                     zw.write(view[start : start + READ_CHUNK])
                     self._progress(min(READ_CHUNK, view.nbytes - start))
-        zip_.close_member(member)
-        info = MemberInfo(
-            name=name,
-            offset=offset,
-            stored_size=member.size,
-            raw_size=raw_size,
-            crc32=f"{member.crc:08x}",
-            pickled=encoded.pickled,
-        )
-        self.members[key] = info
-        return info
 
     def abandon(self) -> None:
         """Give up on a failed archive: nothing more is written to the destination."""
@@ -256,18 +271,14 @@ def _max_member_size() -> int:
 def _member_stream(
     read_range: ReadRange, member: MemberInfo, where: str, max_member_size: int | None = None
 ) -> Iterator[BinaryIO]:
-    if member.codec != "zstd":
-        raise CorruptSnapshotError(f"{where}: unknown codec {member.codec!r}; upgrade bucketsnap")
-    limit = _max_member_size() if max_member_size is None else max_member_size  # read now: it may be set
-    if member.raw_size > limit:  # refused before a byte is read: a zip bomb or a lie
-        raise CorruptSnapshotError(
-            f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit max_member_size = "
-            f"{limit} (default MAX_MEMBER_SIZE, 64 GiB); raise it, only for a trusted run, with "
-            "SnapshotStore(url, max_member_size=...)"
-        )
+    check_member(member, where, max_member_size)
     raw = RangeReader(read_range, member.offset, member.stored_size, where=where, read_ahead=READ_AHEAD)
     try:
-        with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
+        # a seekable member's frames are read in sequence, its index (a skippable frame) skipped: a whole member
+        # is read once, forward, checked against its CRC-32 and, in compressed frames, zstd's checksums
+        frames = member.codec == _frames.CODEC
+        dctx = zstandard.ZstdDecompressor()
+        with dctx.stream_reader(raw, read_size=READ_CHUNK, closefd=False, read_across_frames=frames) as z:  # type: ignore[arg-type]
             limited = _LimitedReader(z, member.raw_size, where)  # type: ignore[arg-type]
             yield limited  # type: ignore[misc]
             if limited.readinto(bytearray(1)) or limited._left:
@@ -279,6 +290,19 @@ def _member_stream(
         raw.close()  # cancels the reads still in flight when the consumer stopped early
     if f"{crc:08x}" != member.crc32:
         raise CorruptSnapshotError(f"{where}: checksum mismatch (crc32 {crc:08x}, expected {member.crc32})")
+
+
+def check_member(member: MemberInfo, where: str, max_member_size: int | None = None) -> None:
+    """Refuse, before a byte is read, a member of an unknown codec or declaring more than the size limit."""
+    if member.codec not in ("zstd", _frames.CODEC):
+        raise CorruptSnapshotError(f"{where}: unknown codec {member.codec!r}; upgrade bucketsnap")
+    limit = _max_member_size() if max_member_size is None else max_member_size  # read now: it may be set
+    if member.raw_size > limit:  # refused before a byte is read: a zip bomb or a lie
+        raise CorruptSnapshotError(
+            f"{where}: member declares {member.raw_size} bytes decompressed, more than the limit max_member_size = "
+            f"{limit} (default MAX_MEMBER_SIZE, 64 GiB); raise it, only for a trusted run, with "
+            "SnapshotStore(url, max_member_size=...)"
+        )
 
 
 def load_member(

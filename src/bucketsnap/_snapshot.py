@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from bucketsnap._archive import load_member, verify_member, verify_object
+from bucketsnap._archive import _member_stream, check_member, load_member, verify_member, verify_object
 from bucketsnap._chunks import named_checksum
 from bucketsnap._info import MemberInfo, SnapshotInfo
 from bucketsnap._progress import ByteCounter, ProgressCallback
@@ -18,6 +18,7 @@ from bucketsnap._storage import Storage
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
 
 if TYPE_CHECKING:
+    from bucketsnap._tensors import MemberLayout
     from bucketsnap._values import MapLocation
 
 __all__ = ["Snapshot"]
@@ -48,6 +49,7 @@ class Snapshot(Mapping[str, Any]):
         self.info = info
         self._map_location = map_location
         self._allow_pickle = allow_pickle
+        self._layouts: dict[str, MemberLayout] = {}
 
     def __repr__(self) -> str:
         return f"Snapshot(itr={self.info.itr}, url={self.info.url!r}, keys={list(self.info.members)})"
@@ -95,6 +97,40 @@ class Snapshot(Mapping[str, Any]):
             return {key: self[key] for key in wanted}
         counter = ByteCounter(sum(m.stored_size for m in members), progress)
         return {key: self._load(key, counter.add) for key in wanted}
+
+    def tensor(self, member: str, key: str = "", rows: slice | None = None) -> Any:
+        """One value of a member, or rows of it, read without the rest of the member.
+
+        ``key`` is the value's path in the member: a state dict's key (``"actor.0.weight"``), with nested
+        containers joined by ``"/"`` (``"state/0/exp_avg"``: dict keys, int keys as digits, list indices); ``""``
+        is the member's value itself. The value is what ``snap[member]`` holds at that path: a tensor placed as
+        ``map_location`` says (a ``Parameter`` where one was saved), a numpy array, or any other value.
+        ``rows`` selects rows of a tensor or array (its first dimension) with a forward slice.
+
+        Only the frames holding the value are downloaded and decompressed, each checked against its CRC-32,
+        after one read of at most 64 KiB for the member's frame index and one of its header (both kept for
+        later calls). A member of a snapshot saved before bucketsnap wrote seekable members is read whole
+        (streamed; only the value is kept).
+
+        Raises:
+            KeyError: no member ``member``, or no value at ``key`` (the message lists some that exist).
+            TypeError: ``rows`` given for a value that is not a tensor or array of at least one dimension.
+            CorruptSnapshotError: a frame, the index or the header differs from what was written.
+        """
+        from bucketsnap import _frames, _tensors
+
+        info = self._member(member)
+        where = f"{self.info.url} member {info.name}"
+        check_member(info, where, self._max_member_size)
+        read_range = self._reader(info)
+        options = {"map_location": self._map_location, "allow_pickle": self._allow_pickle}
+        if info.codec != _frames.CODEC:
+            with _member_stream(read_range, info, where, self._max_member_size) as stream:
+                return _tensors.stream_value(stream, info, key, rows, where=where, **options)  # type: ignore[arg-type]
+        layout = self._layouts.get(member)
+        if layout is None:
+            layout = self._layouts[member] = _tensors.read_layout(read_range, info, where=where)
+        return _tensors.read_value(read_range, info, layout, key, rows, where=where, **options)  # type: ignore[arg-type]
 
     def verify(self, *, progress: ProgressCallback | None = None) -> SnapshotInfo:
         """Re-read the snapshot and check it against what was committed.

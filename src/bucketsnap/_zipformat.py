@@ -138,13 +138,17 @@ class MemberSink:
         """Write one piece; returns its length."""
         return self.write_pieces((data,))
 
-    def write_pieces(self, pieces: Sequence[Any]) -> int:
-        """Write several pieces, in order, with as few calls to the destination as it allows."""
-        crc = self.crc
-        for piece in pieces:
-            crc = crc32(piece, crc)
+    def write_pieces(self, pieces: Sequence[Any], *, crc: int | None = None) -> int:
+        """Write several pieces, in order, with as few calls to the destination as it allows.
+
+        ``crc``: the pieces' CRC-32, where the caller computed it already (folded in, not computed again).
+        """
+        if crc is None:
+            total = self.crc
+            for piece in pieces:
+                total = crc32(piece, total)
         n = self._out.write_pieces(pieces)
-        self.crc = crc
+        self.crc = total if crc is None else crc32_combine(self.crc, crc, n)
         self.size += n
         return n
 
