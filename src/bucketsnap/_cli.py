@@ -435,7 +435,12 @@ def verify_command(url: str, which: Which | None, every: bool, progress: bool | 
 @cli.command("restore", epilog=_EPILOG)
 @click.argument("url")
 @click.option("--itr", "which", type=_WHICH, default="last", show_default=True, help="Which snapshot.")
-@click.option("--key", "-k", help="The member to restore, such as policy [default: every member, as a dict].")
+@click.option(
+    "--key",
+    "-k",
+    help="The member to restore, such as policy, or one value of it, such as policy/actor.0.weight "
+    "[default: every member, as a dict].",
+)
 @click.option(
     "--output",
     "-o",
@@ -471,10 +476,14 @@ def restore_command(
         raise click.BadParameter(str(exc), param_hint="--output") from None
     check_destination(output)  # before a byte is downloaded
     snapshot = _open_run(url, options, command="restore").open(which, map_location="cpu", allow_pickle=allow_pickle)
-    keys = list(snapshot.info.members) if key is None else [key]
-    with progress_bar(f"restore itr {snapshot.info.itr}", enabled=progress) as callback:
-        state = snapshot.load(keys, progress=callback)
-    value = state if key is None else state[key]
+    member, _, path = (key or "").partition("/")
+    if path:  # one value of a member, such as policy/actor.0.weight: read from the frames that hold it
+        value = snapshot.tensor(member, path)
+    else:
+        keys = list(snapshot.info.members) if key is None else [key]
+        with progress_bar(f"restore itr {snapshot.info.itr}", enabled=progress) as callback:
+            state = snapshot.load(keys, progress=callback)
+        value = state if key is None else state[key]
     name = f"member {key!r} of itr {snapshot.info.itr}" if key else f"itr {snapshot.info.itr}"
     if fmt == "safetensors":
         metadata = {"bucketsnap.itr": str(snapshot.info.itr), "bucketsnap.key": key or ""}
