@@ -10,10 +10,21 @@ them have a plain description, and bucketsnap stores that instead, as tagged dic
 ``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``
 ``train_freq``      ``TrainFreq(frequency, unit)``
 ``deque``           a ``deque`` with its ``maxlen``
+``action_noise``    ``NormalActionNoise``, ``OrnsteinUhlenbeckActionNoise`` and ``VectorizedActionNoise`` of
+                    them: class, constructor parameters and state (OU's previous noise), rebuilt by calling
+                    the class
 ==================  ==================================================================================
+
+``OrderedDict``s (a Dict observation space's ``_last_obs``) and torch tensors (ARS's ``weights``) are kept as
+they are: the snapshot's value encoding stores both without pickle.
 
 An entry with anything else inside (a user's lambda schedule, a custom class) is cloudpickled whole and kept as
 bytes; it is unpickled only with ``allow_pickle=True``, unless ``custom_objects`` replaces it (SB3's semantics).
+
+A schedule that is a closure (``learning_rate=lambda progress: ...``) has no description but its code. Without
+``allow_pickle`` or a custom object, :func:`schedule_defaults` rebuilds ``learning_rate``, ``lr_schedule``,
+``clip_range`` and ``clip_range_vf`` from the algorithm's own defaults (its ``__init__``'s), with a warning: the
+model predicts exactly as saved, and training goes on with the default schedule unless one is given.
 """
 
 from __future__ import annotations
@@ -21,15 +32,18 @@ from __future__ import annotations
 import collections
 import enum
 import importlib
+import inspect
+import warnings
 from typing import Any
 
 import cloudpickle
 import gymnasium
 import numpy as np
+import torch
 
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 
-__all__ = ["decode_entry", "encode_data", "resolve_data"]
+__all__ = ["decode_entry", "encode_data", "resolve_data", "schedule_defaults"]
 
 _TAG = "$sb3"
 _IMPORTABLE = ("stable_baselines3.", "sb3_contrib.", "torch.", "gymnasium.")
@@ -84,6 +98,52 @@ def resolve_data(
     return out
 
 
+#: schedule entries rebuilt from the algorithm's defaults when they were closures; lr_schedule from learning_rate
+_SCHEDULES = {
+    "learning_rate": "learning_rate",
+    "lr_schedule": "learning_rate",
+    "clip_range": "clip_range",
+    "clip_range_vf": "clip_range_vf",
+}
+
+
+def schedule_defaults(
+    cls: type, pickled: dict[str, Any], custom_objects: dict[str, Any] | None, where: str
+) -> dict[str, Any]:
+    """The schedules that were cloudpickled closures, rebuilt from ``cls``'s defaults; warns naming each.
+
+    A schedule given in ``custom_objects`` wins, and ``lr_schedule`` follows a given ``learning_rate``. Returns
+    custom objects to pass on to :func:`resolve_data`; entries ``cls`` has no default for are not returned (they
+    stay refused without ``allow_pickle``).
+    """
+    from stable_baselines3.common.utils import FloatSchedule
+
+    custom = custom_objects or {}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    rebuilt: dict[str, Any] = {}
+    from_defaults: dict[str, Any] = {}
+    for name, source in _SCHEDULES.items():
+        if name not in pickled or name in custom or (source not in defaults and source not in custom):
+            continue
+        value = custom[source] if source in custom else defaults[source]
+        rebuilt[name] = FloatSchedule(value) if name == "lr_schedule" else value
+        if source not in custom:
+            from_defaults[source] = value
+    if from_defaults:
+        warnings.warn(
+            f"{where}: the schedules {', '.join(rebuilt)} were closures, stored as cloudpickle and not unpickled; "
+            f"rebuilt from {cls.__name__}'s defaults ({', '.join(f'{k}={v!r}' for k, v in from_defaults.items())}). "
+            "Training goes on with these: pass custom_objects={name: schedule} to use yours, or allow_pickle=True "
+            "if you trust where the snapshot came from.",
+            stacklevel=3,
+        )
+    return rebuilt
+
+
 def _encode(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str, bytes, np.ndarray, np.generic)):
         return v
@@ -96,6 +156,10 @@ def _encode(v: Any) -> Any:
         if _TAG in v:
             raise _Unsafe
         return {k: _encode(x) for k, x in v.items()}
+    if t is collections.OrderedDict:
+        return collections.OrderedDict((k, _encode(x)) for k, x in v.items())
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        return v
     if t is collections.deque:
         return {_TAG: "deque", "items": [_encode(x) for x in v], "maxlen": v.maxlen}
     if isinstance(v, gymnasium.spaces.Space):
@@ -110,6 +174,8 @@ def _encode(v: Any) -> Any:
             return {_TAG: "schedule", "kind": "constant", "val": v.val}
         if t.__name__ == "LinearSchedule":
             return {_TAG: "schedule", "kind": "linear", "start": v.start, "end": v.end, "end_fraction": v.end_fraction}
+        if module == "stable_baselines3.common.noise":
+            return _encode_noise(v)
     if isinstance(v, type) or (callable(v) and hasattr(v, "__qualname__") and not hasattr(v, "__self__")):
         name = f"{getattr(v, '__module__', '')}.{v.__qualname__}"
         if "<" not in name and name.startswith(_IMPORTABLE) and _importable_as(name, v):
@@ -134,12 +200,80 @@ def _encode_space(space: Any) -> dict[str, Any]:
     raise _Unsafe
 
 
+def _encode_noise(v: Any) -> dict[str, Any]:
+    """An SB3 action noise as its class, the arguments that rebuild it and its state; others are unsafe."""
+    from stable_baselines3.common import noise
+
+    t = type(v)
+    if t is noise.NormalActionNoise:
+        return {
+            _TAG: "action_noise",
+            "kind": "normal",
+            "mean": _encode(v._mu),
+            "sigma": _encode(v._sigma),
+            "dtype": _dtype(v._dtype),
+        }
+    if t is noise.OrnsteinUhlenbeckActionNoise:
+        return {
+            _TAG: "action_noise",
+            "kind": "ornstein_uhlenbeck",
+            "mean": _encode(v._mu),
+            "sigma": _encode(v._sigma),
+            "theta": _encode(v._theta),
+            "dt": _encode(v._dt),
+            "initial_noise": _encode(v.initial_noise),
+            "dtype": _dtype(v._dtype),
+            "noise_prev": _encode(v.noise_prev),
+        }
+    if t is noise.VectorizedActionNoise:
+        return {
+            _TAG: "action_noise",
+            "kind": "vectorized",
+            "base": _encode_noise(v.base_noise),
+            "noises": [_encode_noise(n) for n in v.noises],
+        }
+    raise _Unsafe
+
+
+def _dtype(dtype: Any) -> str:
+    try:
+        return str(np.dtype(dtype).str)
+    except TypeError as exc:
+        raise _Unsafe from exc
+
+
+def _decode_noise(v: dict[str, Any]) -> Any:
+    from stable_baselines3.common import noise
+
+    kind = v["kind"]
+    if kind == "normal":
+        return noise.NormalActionNoise(v["mean"], v["sigma"], dtype=np.dtype(v["dtype"]).type)
+    if kind == "ornstein_uhlenbeck":
+        ou = noise.OrnsteinUhlenbeckActionNoise(
+            v["mean"],
+            v["sigma"],
+            theta=v["theta"],
+            dt=v["dt"],
+            initial_noise=v["initial_noise"],
+            dtype=np.dtype(v["dtype"]).type,
+        )
+        ou.noise_prev = v["noise_prev"]
+        return ou
+    if kind == "vectorized":
+        vec = noise.VectorizedActionNoise(_decode_noise(v["base"]), len(v["noises"]))
+        vec._noises = [_decode_noise(n) for n in v["noises"]]  # the setter would reset each noise's state
+        return vec
+    raise ValueError(f"unknown action noise kind {kind!r}")
+
+
 def decode_entry(v: Any, where: str) -> Any:
     """Rebuild one safely described value (no unpickling, imports limited to the allowed libraries)."""
     if isinstance(v, list):
         return [decode_entry(x, where) for x in v]
     if isinstance(v, tuple):
         return tuple(decode_entry(x, where) for x in v)
+    if type(v) is collections.OrderedDict:
+        return collections.OrderedDict((k, decode_entry(x, where)) for k, x in v.items())
     if not isinstance(v, dict):
         return v
     if _TAG not in v:
@@ -174,6 +308,8 @@ def _decode_tagged(v: dict[str, Any], where: str) -> Any:
             return utils.LinearSchedule(v["start"], v["end"], v["end_fraction"])
     if kind == "space":
         return _decode_space(v)
+    if kind == "action_noise":
+        return _decode_noise(v)
     raise ValueError(f"unknown kind {kind!r}")
 
 

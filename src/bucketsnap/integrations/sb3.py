@@ -9,6 +9,7 @@ A snapshot of an SB3 algorithm holds the members SB3's zip holds, split so that 
                           allow_pickle=True, or replaced by custom_objects
     policy, policy.optimizer, ...      one member per state dict (tensors, no pickle)
     pytorch_variables     SAC's log_ent_coef and the like
+    vec_normalize         the statistics of the model's VecNormalize env, if it has one (arrays, no pickle)
     replay_buffer         with include_replay_buffer: the buffer as shared chunks (bucketsnap.buffers)
 
 An inference host reads ``policy`` alone (``store.load(keys=["policy"])``): weights only, nothing unpickled, the
@@ -47,13 +48,24 @@ from bucketsnap._storage import Storage
 from bucketsnap._store import SnapshotStore, as_store
 from bucketsnap._zipformat import read_directory, read_member
 from bucketsnap.buffers import buffer_state, restore_buffer
-from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, redact
-from bucketsnap.integrations._sb3_data import encode_data, resolve_data
+from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, UnsafeLoadError, redact
+from bucketsnap.integrations import _sb3_vecnorm
+from bucketsnap.integrations._sb3_data import encode_data, resolve_data, schedule_defaults
 
-__all__ = ["SB3Zip", "SnapshotCallback", "export_sb3_zip", "load_model", "load_sb3_zip", "save_model"]
+__all__ = [
+    "SB3Zip",
+    "SnapshotCallback",
+    "export_sb3_zip",
+    "load_model",
+    "load_sb3_zip",
+    "load_vec_normalize",
+    "save_model",
+]
 
 FORMAT = "bucketsnap.sb3/1"
 _META, _DATA, _PICKLED, _VARS, _BUFFER = "sb3", "data", "data_pickled", "pytorch_variables", "replay_buffer"
+_VECNORM = "vec_normalize"
+_RESERVED = (_META, _DATA, _PICKLED, _VARS, _BUFFER, _VECNORM)
 
 
 def save_model(
@@ -89,7 +101,7 @@ def model_state(model: BaseAlgorithm, *, include_replay_buffer: bool = False) ->
         data.pop(name, None)
     safe, pickled = encode_data(data)
     params = model.get_parameters()
-    bad = [name for name in params if name in (_META, _DATA, _PICKLED, _VARS, _BUFFER)]
+    bad = [name for name in params if name in _RESERVED]
     if bad:
         raise ValueError(f"{type(model).__name__} has state dicts named {bad}, which bucketsnap's layout reserves")
     algo = type(model)
@@ -105,6 +117,9 @@ def model_state(model: BaseAlgorithm, *, include_replay_buffer: bool = False) ->
         **params,
         _VARS: {name: _getattr(model, name) for name in torch_vars},
     }
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
+        state[_VECNORM] = _sb3_vecnorm.vec_normalize_state(vec_normalize)
     if include_replay_buffer:
         buffer = getattr(model, "replay_buffer", None)
         if buffer is None:
@@ -127,9 +142,13 @@ def load_model(
 ) -> Any:
     """Rebuild the SB3 algorithm saved in snapshot ``which``, as ``cls.load`` would from SB3's zip.
 
+    Nothing is unpickled without ``allow_pickle``. Schedules that were closures (``learning_rate=lambda p: ...``)
+    are then rebuilt from ``cls``'s defaults, with a warning, unless ``custom_objects`` gives them.
+
     Args:
         cls: the algorithm class (``PPO``, ``SAC``, ``DQN``...); must be the class that was saved.
-        env: the environment to continue training on (None: predict only).
+        env: the environment to continue training on (None: predict only). If it is (or wraps) a
+            ``VecNormalize`` and the model was saved with one, the saved statistics are set on it.
         custom_objects: data entries to use instead of the saved ones (SB3's meaning).
         allow_pickle: unpickle data entries that were cloudpickled (a user's lambda schedule): code from the
             snapshot runs. Without it such entries must be given in ``custom_objects``.
@@ -148,14 +167,32 @@ def load_model(
     expected = f"{cls.__module__}.{cls.__qualname__}"
     if meta["algo"] != expected:
         raise ValueError(f"{where} holds a {meta['algo']}; load it with that class, not {expected}")
-    data = resolve_data(
-        snap[_DATA], snap[_PICKLED], custom_objects=custom_objects, allow_pickle=allow_pickle, where=where
-    )
+    pickled = snap[_PICKLED]
+    if not allow_pickle:
+        custom_objects = {**schedule_defaults(cls, pickled, custom_objects, where), **(custom_objects or {})}
+    data = resolve_data(snap[_DATA], pickled, custom_objects=custom_objects, allow_pickle=allow_pickle, where=where)
     params = {name: snap[name] for name in meta["params"]}
     model = _build(cls, data, params, snap[_VARS], env=env, device=device, force_reset=force_reset)
+    vec_normalize = model.get_vec_normalize_env() if env is not None else None
+    if vec_normalize is not None and _VECNORM in snap:
+        _sb3_vecnorm.apply_vec_normalize(snap[_VECNORM], vec_normalize, where)
     if load_replay_buffer and _BUFFER in snap and getattr(model, "replay_buffer", None) is not None:
         restore_buffer(store, model.replay_buffer, key=_BUFFER, which=snap.info.itr)
     return model
+
+
+def load_vec_normalize(url_or_store: str | SnapshotStore, venv: Any, which: int | str = "last") -> Any:
+    """A ``VecNormalize`` over ``venv`` with the statistics saved in snapshot ``which``, as SB3's
+    ``VecNormalize.load(path, venv)`` returns, without unpickling anything.
+
+    Raises:
+        KeyError: the model of that snapshot had no VecNormalize env.
+    """
+    store = as_store(url_or_store)
+    snap = store.open(which, map_location="cpu")
+    if _VECNORM not in snap:
+        raise KeyError(f"{snap.info.url} holds no VecNormalize statistics: its model's env had no VecNormalize")
+    return _sb3_vecnorm.wrap(snap[_VECNORM], venv, snap.info.url)
 
 
 def _build(
@@ -274,6 +311,7 @@ class SB3Zip:
         sb3_version: the SB3 version that wrote the zip.
         skipped: cloudpickled data entries that were not unpickled (no ``allow_pickle``, no custom object).
         members: every member name in the zip.
+        url: where the zip was read from, credentials redacted.
     """
 
     data: dict[str, Any]
@@ -282,6 +320,37 @@ class SB3Zip:
     sb3_version: str
     skipped: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
+    url: str = ""
+
+    def to_model(
+        self,
+        cls: type[BaseAlgorithm],
+        *,
+        env: Any = None,
+        device: torch.device | str = "auto",
+        force_reset: bool = True,
+    ) -> Any:
+        """The algorithm, rebuilt as SB3's ``cls.load`` rebuilds it from this zip; then :func:`save_model` keeps
+        it in a run, from which every later load needs no pickle.
+
+        Raises:
+            UnsafeLoadError: entries SB3 cloudpickled were skipped: read the zip with ``allow_pickle=True`` (or
+                give them in ``custom_objects``).
+            ValueError: the zip was read without all its state dicts (read it with ``params=None``).
+        """
+        if self.skipped:
+            raise UnsafeLoadError(
+                f"{self.url}: SB3 cloudpickled {', '.join(self.skipped)} and they were not unpickled; read the zip "
+                "with load_sb3_zip(..., params=None, allow_pickle=True) if you trust it, or give them in "
+                "custom_objects"
+            )
+        names = [n[: -len(".pth")] for n in self.members if n.endswith(".pth") and n != "pytorch_variables.pth"]
+        missing = sorted(set(names) - set(self.params))
+        if missing:
+            raise ValueError(f"{self.url} was read without the state dicts {missing}: read it with params=None")
+        return _build(
+            cls, dict(self.data), self.params, self.pytorch_variables, env=env, device=device, force_reset=force_reset
+        )
 
 
 def load_sb3_zip(
@@ -346,7 +415,7 @@ def load_sb3_zip(
     if params is None and "pytorch_variables.pth" in entries:
         variables = torch.load(io.BytesIO(member("pytorch_variables.pth")), map_location=device, weights_only=True)
     version = member("_stable_baselines3_version").decode() if "_stable_baselines3_version" in entries else ""
-    return SB3Zip(data, loaded, variables, version, skipped, list(entries))
+    return SB3Zip(data, loaded, variables, version, skipped, list(entries), shown)
 
 
 def export_sb3_zip(
