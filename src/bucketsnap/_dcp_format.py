@@ -22,9 +22,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -76,17 +75,21 @@ class Item:
     dtype: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": self.key, "member": self.member.to_json()}
+        """Without the member's location: the manifest holds it (a copy of the snapshot moves it)."""
+        out: dict[str, Any] = {"key": self.key}
         if self.data_start is not None:
             out.update(data_start=self.data_start, shape=list(self.shape), dtype=self.dtype)
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Item:
+    def from_json(cls, d: dict[str, Any], members: Mapping[str, MemberInfo], own: str) -> Item:
+        """The item ``d`` describes, located by ``members`` (the manifest's; ``own``: the snapshot's archive)."""
+        key = str(d["key"])
+        member = members[key]
         start = d.get("data_start")
         return cls(
-            str(d["key"]),
-            MemberInfo.from_json(d["member"]),
+            key,
+            member if member.path is not None else replace(member, path=own),
             None if start is None else int(start),
             tuple(int(n) for n in d.get("shape", ())),
             str(d.get("dtype", "")),
@@ -142,7 +145,7 @@ def _write_member(zip_: ZipStreamWriter, name: str, encoded: EncodedValue) -> Me
     sink = zip_.open_member(name, zip64=encoded.raw_size > 2**31)
     offset = sink.tell()
     with _StoredFrame(sink, encoded.raw_size) as frame:
-        for chunk in encoded.chunks():
+        for chunk in encoded.chunks():  # the header, then each buffer: each begins a block (see _tensor_start)
             frame.write(chunk)
     zip_.close_member(sink)
     return MemberInfo(
@@ -161,30 +164,36 @@ def _write_member(zip_: ZipStreamWriter, name: str, encoded: EncodedValue) -> Me
 ReadRange = Callable[[int, int], bytes]
 
 
-def _stored_position(p: int) -> int:
-    """The offset, in a stored frame, of byte ``p`` of its payload."""
-    return _FRAME_HEADER + (p // _BLOCK) * (_BLOCK + 3) + 3 + p % _BLOCK
+def _tensor_start(data_start: int) -> int:
+    """The offset, in an item's stored frame, of its tensor's first block header: the frame header, then the
+    payload's header as one block of its own (:func:`_write_member` writes it as one piece)."""
+    return _FRAME_HEADER + 3 + data_start
 
 
-def _is_stored_frame(member: MemberInfo) -> bool:
-    blocks = -(-member.raw_size // _BLOCK)
-    return member.stored_size == _FRAME_HEADER + member.raw_size + 3 * blocks + 3
+def _stored_position(data_start: int, q: int) -> int:
+    """The offset, in an item's stored frame, of byte ``q`` of its tensor."""
+    return _tensor_start(data_start) + (q // _BLOCK) * (_BLOCK + 3) + 3 + q % _BLOCK
 
 
-def _payload_range(read: ReadRange, member: MemberInfo, start: int, end: int) -> bytearray:
-    """Bytes ``[start, end)`` of a stored member's payload, with one ranged read of exactly their blocks."""
+def _is_stored_frame(member: MemberInfo, data_start: int) -> bool:
+    """Whether ``member`` has the layout :func:`_write_member` gives a tensor item (else it is read whole)."""
+    nbytes = member.raw_size - data_start
+    return nbytes > 0 and member.stored_size == _tensor_start(data_start) + nbytes + 3 * -(-nbytes // _BLOCK) + 3
+
+
+def _tensor_bytes(read: ReadRange, member: MemberInfo, data_start: int, start: int, end: int) -> bytearray:
+    """Bytes ``[start, end)`` of a stored tensor item, with one ranged read of exactly the blocks that hold them."""
     out = bytearray(end - start)
-    if end <= start:
-        return out
-    data = read(member.offset + _stored_position(start), member.offset + _stored_position(end - 1) + 1)
+    first = member.offset + _stored_position(data_start, start)
+    data = read(first, member.offset + _stored_position(data_start, end - 1) + 1)
     i = w = 0
-    p = start
-    while p < end:
-        n = min((p // _BLOCK + 1) * _BLOCK, end) - p
+    q = start
+    while q < end:
+        n = min((q // _BLOCK + 1) * _BLOCK, end) - q
         out[w : w + n] = data[i : i + n]
         w += n
         i += n + 3  # the next block's header
-        p += n
+        q += n
     return out
 
 
@@ -202,7 +211,7 @@ def read_tensor(
     if not isinstance(dtype, torch.dtype) or item.data_start is None:
         raise CorruptSnapshotError(f"{where}: not a tensor item (dtype {item.dtype!r})")
     whole = tuple(offsets) == (0,) * len(shape) and tuple(lengths) == shape
-    if whole or not _is_stored_frame(member) or math.prod(lengths) == 0:
+    if whole or not _is_stored_frame(member, item.data_start) or math.prod(lengths) == 0:
         tensor = load_member(read, member, where=where)
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             raise CorruptSnapshotError(f"{where}: member does not hold a tensor of shape {list(shape)}")
@@ -211,12 +220,10 @@ def read_tensor(
     first = sum(o * s for o, s in zip(offsets, strides, strict=True))
     last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
     size = dtype.itemsize
-    start = item.data_start + first * size
-    end = item.data_start + (last + 1) * size
-    if end > member.raw_size or item.data_start + math.prod(shape) * size > member.raw_size:
-        raise CorruptSnapshotError(f"{where}: the tensor's bytes run past its member's {member.raw_size} bytes")
-    flat = torch.frombuffer(_payload_range(read, member, start, end), dtype=dtype) if end > start else None
-    assert flat is not None
+    if item.data_start + math.prod(shape) * size != member.raw_size:
+        raise CorruptSnapshotError(f"{where}: the tensor's {list(shape)} {item.dtype} do not fill its member")
+    data = _tensor_bytes(read, member, item.data_start, first * size, (last + 1) * size)
+    flat = torch.frombuffer(data, dtype=dtype)
     return flat.as_strided(tuple(lengths), tuple(strides))
 
 
@@ -224,10 +231,6 @@ def _narrow(tensor: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, 
     for dim, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
         tensor = tensor.narrow(dim, o, n)
     return tensor
-
-
-def crc_of(data: bytes) -> str:
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 # -- DCP's Metadata as a tree ------------------------------------------------------------------------------------
@@ -270,8 +273,9 @@ def metadata_tree(metadata: Metadata, items: dict[MetadataIndex, Item]) -> dict[
     }
 
 
-def metadata_from_tree(tree: Any, where: str) -> Metadata:
-    """The Metadata that :func:`metadata_tree` wrote, its storage data a dict of :class:`Item`."""
+def metadata_from_tree(tree: Any, members: Mapping[str, MemberInfo], own: str, where: str) -> Metadata:
+    """The Metadata that :func:`metadata_tree` wrote, its storage data a dict of :class:`Item` located by the
+    manifest's ``members`` (``own``: the path of the snapshot's own archive)."""
     if not isinstance(tree, dict) or tree.get("format") != TREE_FORMAT:
         raise CorruptSnapshotError(f"{where}: not DCP metadata written by bucketsnap.dcp ({TREE_FORMAT})")
     try:
@@ -285,7 +289,9 @@ def metadata_from_tree(tree: Any, where: str) -> Metadata:
             props = TensorProperties(dtype=dtype, requires_grad=bool(md["requires_grad"]))
             state[fqn] = TensorStorageMetadata(props, torch.Size(md["size"]), chunks)
         storage = {
-            MetadataIndex(fqn, None if offset is None else torch.Size(offset), index): Item.from_json(item)
+            MetadataIndex(fqn, None if offset is None else torch.Size(offset), index): Item.from_json(
+                item, members, own
+            )
             for fqn, offset, index, item in tree["storage_data"]
         }
         meta = tree.get("storage_meta")

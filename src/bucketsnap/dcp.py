@@ -65,6 +65,7 @@ from bucketsnap._dcp_format import (
 from bucketsnap._info import SnapshotInfo, check_metrics
 from bucketsnap._manifest import Manifest, ManifestLog, Which, archive_path, new_token, parse_which
 from bucketsnap._saving import StoredObjects, check_itr, meta, write_archive
+from bucketsnap._snapshot import Snapshot
 from bucketsnap._store import SnapshotStore, as_store
 from bucketsnap.errors import BucketsnapError, SnapshotNotFoundError
 
@@ -301,11 +302,11 @@ class SnapshotReader(StorageReader):
                 f"snapshot itr {info.itr} at {info.url} was not saved by bucketsnap.dcp.SnapshotWriter (it has "
                 f"keys {info.keys()[:5]}); read it with SnapshotStore(url).load({info.itr})"
             )
-        snapshot = self.store.open(info.itr, allow_pickle=self.allow_pickle)
-        if snapshot.info.path != info.path:
-            raise SnapshotNotFoundError(f"snapshot itr {info.itr} at {self.url} was replaced while it was read; retry")
+        snapshot = Snapshot(
+            self.store.storage, info, allow_pickle=self.allow_pickle, max_member_size=self.store.max_member_size
+        )
         where = f"DCP metadata of snapshot itr {info.itr} ({info.url})"
-        metadata = metadata_from_tree(snapshot[METADATA_KEY], where)
+        metadata = metadata_from_tree(snapshot[METADATA_KEY], info.members, info.path, where)
         metadata.storage_meta = StorageMeta(checkpoint_id=info.url)
         self._items = metadata.storage_data
         return metadata
