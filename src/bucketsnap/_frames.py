@@ -49,8 +49,9 @@ FRAME_SIZE = 2**20
 #: Buffers of at least this size start a frame of their own (and end one), so a tensor is read without its
 #: neighbours' bytes.
 ALIGN = 64 * 1024
-#: The most a reader reads from a member's end to find its index in one request.
-TAIL = 64 * 1024
+#: The most a reader reads from a member's end to find its index in one request (the index of a member up to
+#: 2.7 GiB), so that the index and a header of up to 32 KiB come in under 64 KiB.
+TAIL = 32 * 1024
 #: Frames declaring more than this are refused: a reader allocates one frame at a time.
 MAX_FRAME = 64 * 2**20
 
@@ -196,6 +197,8 @@ class FrameIndex:
     crcs: list[int]
     #: the index frame's own bytes, whose CRC-32 completes the member's
     raw_index: bytes
+    #: the member's last bytes as read with the index (offset in the member's data, bytes)
+    tail: tuple[int, bytes] = (0, b"")
 
     def frames(self, start: int, end: int) -> range:
         """The frames holding payload bytes ``[start, end)``."""
@@ -208,7 +211,8 @@ class FrameIndex:
 
 def read_index(read_range: ReadRange, offset: int, stored_size: int, raw_size: int, *, where: str) -> FrameIndex:
     """The frame index of the member whose data is ``[offset, offset + stored_size)``: one ranged read of at
-    most :data:`TAIL` bytes, and a second of the rest of the index only for members of several GiB.
+    most :data:`TAIL` bytes, and a second of the rest of the index only for members of several GiB. The bytes
+    read are kept in :attr:`FrameIndex.tail`.
 
     Raises:
         CorruptSnapshotError: no index, or one whose sizes do not add up to the member's.
@@ -238,7 +242,10 @@ def read_index(read_range: ReadRange, offset: int, stored_size: int, raw_size: i
             f"{where}: frame index: member size differs from the declared size ({sum(stored_sizes)} + {size} stored "
             f"bytes of {stored_size}, {sum(raw_sizes)} raw bytes of {raw_size})"
         )
-    return FrameIndex(_starts(raw_sizes), _starts(stored_sizes), stored_sizes, raw_sizes, crcs, raw_index)
+    starts = _starts(stored_sizes)
+    return FrameIndex(
+        _starts(raw_sizes), starts, stored_sizes, raw_sizes, crcs, raw_index, (stored_size - len(tail), tail)
+    )
 
 
 def _starts(sizes: list[int]) -> list[int]:

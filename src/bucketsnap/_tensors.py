@@ -14,6 +14,7 @@ but only the value is kept in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -22,7 +23,7 @@ from bucketsnap import _frames
 from bucketsnap._info import MemberInfo
 from bucketsnap._values import _LEN, MAGIC, MAX_HEADER_SIZE, Decoder, MapLocation, _read_exact
 from bucketsnap._zipformat import READ_CHUNK, ReadRange
-from bucketsnap.errors import CorruptSnapshotError
+from bucketsnap.errors import BucketsnapError, CorruptSnapshotError
 
 __all__ = ["MemberLayout", "ValueLocation", "read_layout", "read_value", "stream_value"]
 
@@ -118,16 +119,24 @@ def _header_length(prefix: bytes, member: MemberInfo, where: str) -> int:
 def read_layout(read_range: ReadRange, member: MemberInfo, *, where: str) -> MemberLayout:
     """A seekable member's index (one ranged read of its last 64 KiB) and header (its first frame)."""
     index = _frames.read_index(read_range, member.offset, member.stored_size, member.raw_size, where=where)
+    tail_start, tail = index.tail
+    tail_start += member.offset
+
+    def read_range_cached(start: int, end: int) -> bytes:  # a small member's header was in the index's read
+        if start >= tail_start and end <= tail_start + len(tail):
+            return tail[start - tail_start : end - tail_start]
+        return read_range(start, end)
+
     if member.raw_size < _PREFIX:
         raise CorruptSnapshotError(f"{where}: member of {member.raw_size} bytes is too small to hold a value")
     first = _frames.read_payload(
-        read_range, member.offset, index, 0, max(_PREFIX, min(index.raw_sizes[0], member.raw_size)), where=where
+        read_range_cached, member.offset, index, 0, max(_PREFIX, min(index.raw_sizes[0], member.raw_size)), where=where
     )
     end = _PREFIX + _header_length(first, member, where)
     if len(first) < end:
-        first += _frames.read_payload(read_range, member.offset, index, len(first), end, where=where)
+        first += _frames.read_payload(read_range_cached, member.offset, index, len(first), end, where=where)
     tree, data_start = _parse_header(first[:end], where)
-    return MemberLayout(index, locate(tree, data_start, where))
+    return MemberLayout(dataclasses.replace(index, tail=(0, b"")), locate(tree, data_start, where))
 
 
 def find(values: dict[str, ValueLocation], path: str, where: str) -> ValueLocation:
@@ -166,6 +175,8 @@ def _decode(
     decoder = Decoder(stream, map_location if step == 1 else "cpu", allow_pickle, where, nbytes)
     try:
         value = decoder.node(node)
+    except BucketsnapError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise CorruptSnapshotError(f"{where}: malformed value: {type(exc).__name__}: {exc}") from exc
     if step == 1:
