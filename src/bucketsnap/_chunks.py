@@ -48,6 +48,8 @@ import blake3
 import numpy as np
 import zstandard
 
+from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, named_checksum, object_crc
+from bucketsnap._chunk_names import CHUNK_OBJECT as _CHUNK_OBJECT
 from bucketsnap._storage import Storage
 from bucketsnap._zipformat import READ_CHUNK, RangeReader, crc32
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
@@ -66,7 +68,6 @@ __all__ = [
     "verify_chunk_object",
 ]
 
-CHUNK_DIR = "chunks"
 #: Threads hashing, compressing and writing a buffer's chunks on save, and decompressing them on restore: one
 #: per core, up to 8.
 HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -82,24 +83,6 @@ Bounds = tuple[int, int]
 #: transitions rewrites little.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
-_CHUNK_OBJECT = re.compile(rf"{CHUNK_DIR}/([0-9a-f]{{64}})(?:-([0-9a-f]{{8}})-[0-9a-f]{{8,32}})?\.zst")
-
-
-def chunk_object(chunk: Mapping[str, Any]) -> str:
-    """The object path, relative to the run, of a chunk table entry (``chunks/<id>.zst`` for old runs)."""
-    return str(chunk.get("path") or f"{CHUNK_DIR}/{chunk['id']}.zst")
-
-
-def object_crc(rel: str) -> int | None:
-    """The CRC-32 of the stored bytes that the chunk object's name records, or None (an old chunk name)."""
-    match = _CHUNK_OBJECT.fullmatch(rel)
-    return int(match.group(2), 16) if match and match.group(2) else None
-
-
-def named_checksum(rel: str) -> str | None:
-    """``"crc32:<8 hex>"`` of chunk object ``rel`` as its name records it (None: not a chunk, or an old name)."""
-    crc = object_crc(rel)
-    return None if crc is None else f"crc32:{crc:08x}"
 
 
 @dataclass(frozen=True)
@@ -243,8 +226,8 @@ class ChunkedArrays:
             warnings.warn(
                 f"rows {wrong[0][0]}-{wrong[0][1] - 1} of the {self.kind} buffer saved to {storage.url_of('')} "
                 "changed though the buffer's ring position says they were not written since its last save (a "
-                "direct write into its arrays?): every chunk is hashed for this save; save it with "
-                "buffer_state(buffer, changes='hash') if its arrays are written directly",
+                "reset and refill, a whole turn of the ring, or a direct write into its arrays): every chunk is "
+                "hashed for this save; use buffer_state(buffer, changes='hash') if its arrays are written directly",
                 RuntimeWarning,
                 stacklevel=2,
             )
