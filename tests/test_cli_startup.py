@@ -1,5 +1,6 @@
 """The command line starts fast: importing bucketsnap, and every command that decodes no tensor, leave torch
-unimported (it takes seconds to import); the package root imports its names on first use (issue 16)."""
+(seconds to import) and numpy (a tenth of a second) unimported; the package root imports its names on first use
+(issue 16)."""
 
 from __future__ import annotations
 
@@ -38,16 +39,20 @@ def run_cli(*args: str) -> tuple[list[str], int, str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A local run with tensors, numpy arrays and a crash orphan."""
+    """A local run with tensors, numpy arrays, replay-buffer chunks and a crash orphan."""
     import numpy as np
     import torch
 
     from bucketsnap import SnapshotStore
+    from bucketsnap.buffers import TransitionStorage, buffer_state
 
     url = str(tmp_path_factory.mktemp("startup") / "run")
     store = SnapshotStore(url)
+    storage = TransitionStorage(8)
     for itr in (1, 2):
-        store.save(itr, {"policy": {"w": torch.ones(3)}, "frames": np.zeros(4), "step": itr})
+        storage.insert_transition({"obs": np.full(2, itr, np.float32)})
+        replay = buffer_state(storage, chunk_rows=1)
+        store.save(itr, {"policy": {"w": torch.ones(3)}, "frames": np.zeros(4), "step": itr, "replay": replay})
     store.storage.fs.pipe_file(store.storage.path("snapshots/000000000003-deadbeefdeadbeef.zip"), b"PK half")
     return url
 
@@ -80,18 +85,19 @@ def test_commands_that_decode_no_tensor_import_no_torch(run: str, command: list[
     modules, code, output = run_cli(command[0], run, *command[1:])
     assert code == 0, output
     assert "torch" not in modules and "safetensors" not in modules, (modules, output)
+    assert "numpy" not in modules, "chunks are met by name only (bucketsnap._chunk_names), never decoded"
 
 
 def test_cp_imports_no_torch(run: str, tmp_path: Path) -> None:
     modules, code, output = run_cli("cp", run, str(tmp_path / "copy"), "--all")
     assert code == 0 and "copied itr 2" in output, output
-    assert "torch" not in modules
+    assert "torch" not in modules and "numpy" not in modules
 
 
 def test_listing_a_folder_of_runs_imports_no_torch(run: str) -> None:
     modules, code, output = run_cli("ls", str(Path(run).parent), "--json")
     assert code == 0 and json.loads(output.split("\nMODULES")[0])[0]["snapshots"] == 2, output
-    assert "torch" not in modules
+    assert "torch" not in modules and "numpy" not in modules
 
 
 def test_restore_imports_torch_where_it_writes_tensors(run: str, tmp_path: Path) -> None:

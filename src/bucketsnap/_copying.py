@@ -23,7 +23,7 @@ import dataclasses
 import posixpath
 import re
 
-from bucketsnap._chunks import named_checksum
+from bucketsnap._chunk_names import named_checksum
 from bucketsnap._info import MemberInfo, SnapshotInfo, crc32_checksum
 from bucketsnap._manifest import archive_path, new_token
 from bucketsnap._progress import ByteCounter, ProgressCallback

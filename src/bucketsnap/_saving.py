@@ -8,6 +8,7 @@ manifest or decides a name: the pipeline does.
 
 from __future__ import annotations
 
+import numbers
 import platform
 import re
 import sys
@@ -15,8 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-import numpy as np
 
 from bucketsnap._archive import ArchiveWriter
 from bucketsnap._info import MemberInfo, Metric, check_metrics
@@ -157,6 +156,7 @@ def prepare_value(value: Any, *, copy: bool, host_buffer: HostBuffer | None = No
 
 def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]:
     """The ``meta.json`` of an archive, less the member table the archive writer adds."""
+    import numpy as np
     import torch
 
     return {
@@ -177,7 +177,7 @@ def meta(itr: int, created: datetime, metrics: dict[str, Any]) -> dict[str, Any]
 
 def check_itr(itr: Any) -> int:
     """``itr`` as an int, or ValueError if it is not a non-negative integer."""
-    if isinstance(itr, bool) or not isinstance(itr, (int, np.integer)) or itr < 0:
+    if isinstance(itr, bool) or not isinstance(itr, numbers.Integral) or itr < 0:
         raise ValueError(f"itr must be a non-negative int, not {itr!r}")
     return int(itr)
 

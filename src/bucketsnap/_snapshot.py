@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from bucketsnap._archive import _member_stream, check_member, load_member, verify_member, verify_object
-from bucketsnap._chunks import named_checksum
+from bucketsnap._chunk_names import named_checksum
 from bucketsnap._info import MemberInfo, SnapshotInfo
 from bucketsnap._progress import ByteCounter, ProgressCallback
 from bucketsnap._storage import Storage
