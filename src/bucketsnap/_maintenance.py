@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import replace
 
 from bucketsnap._archive import META_NAME
-from bucketsnap._chunks import CHUNK_DIR
+from bucketsnap._chunk_names import CHUNK_DIR
 from bucketsnap._info import SnapshotInfo, crc32_checksum
 from bucketsnap._manifest import (
     KEEP_GENERATIONS,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from bucketsnap._chunks import CHUNK_DIR
+from bucketsnap._chunk_names import CHUNK_DIR
 from bucketsnap._commit import Committer
 from bucketsnap._info import MemberInfo, SnapshotInfo
 from bucketsnap._manifest import Manifest, archive_path, new_token, rank_token
