@@ -95,6 +95,7 @@ PUBLIC_SURFACE = {
         "export_sb3_zip",
         "load_model",
         "load_sb3_zip",
+        "load_vec_normalize",
         "save_model",
     ],
     "bucketsnap.testing": [

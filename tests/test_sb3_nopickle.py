@@ -303,6 +303,20 @@ def test_vec_normalize_statistics_are_saved_and_restored_as_sb3_does(tmp_path: P
         for key, value in by_sb3.normalize_obs(obs).items():
             np.testing.assert_array_equal(env.normalize_obs(obs)[key], value)
     restored.learn(8, reset_num_timesteps=False)
+    with pytest.raises(ValueError, match=r"memory://nopickle/vecnorm/.*does not fit this env: `norm_obs_keys`"):
+        load_vec_normalize("memory://nopickle/vecnorm", DummyVecEnv([cartpole]))
+    with pytest.raises(ValueError, match=r"normalised the observation keys \['pos'\], this env's no observations"):
+        load_model(A2C, "memory://nopickle/vecnorm", env=VecNormalize(DummyVecEnv([DictEnv]), norm_obs=False))
+
+    box = PPO("MlpPolicy", VecNormalize(DummyVecEnv([cartpole])), seed=0, **ON, policy_kwargs=TINY)
+    box.learn(16)
+    save_model(box, "memory://nopickle/vecnorm-box", 16)
+    with no_unpickling():
+        alone = load_vec_normalize("memory://nopickle/vecnorm-box", DummyVecEnv([cartpole]))
+    box_env = box.get_vec_normalize_env()
+    assert box_env is not None and box_env.obs_rms.count == alone.obs_rms.count > 16
+    np.testing.assert_array_equal(alone.obs_rms.var, box_env.obs_rms.var)
+
     save_model(trained("A2C"), "memory://nopickle/plain", 0)
     with pytest.raises(KeyError, match=r"memory://nopickle/plain.* holds no VecNormalize statistics"):
         load_vec_normalize("memory://nopickle/plain", DummyVecEnv([cartpole]))

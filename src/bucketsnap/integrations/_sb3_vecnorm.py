@@ -27,8 +27,8 @@ def vec_normalize_state(env: VecNormalize) -> dict[str, Any]:
     """The statistics and settings of ``env``, as arrays, numbers and strings."""
     state: dict[str, Any] = {name: _plain(getattr(env, name, None)) for name in SETTINGS}
     obs_rms = getattr(env, "obs_rms", None)
-    if isinstance(obs_rms, dict):
-        state["obs_rms"] = {str(key): _rms(r) for key, r in obs_rms.items()}
+    if isinstance(obs_rms, dict):  # a Dict space: one per normalised key
+        state["obs_rms_keys"] = {str(key): _rms(r) for key, r in obs_rms.items()}
     elif obs_rms is not None:
         state["obs_rms"] = _rms(obs_rms)
     state["ret_rms"] = _rms(env.ret_rms)
@@ -41,18 +41,18 @@ def apply_vec_normalize(state: dict[str, Any], env: VecNormalize, where: str) ->
     Raises:
         ValueError: ``env`` normalises other observation keys or shapes than the saved one.
     """
-    saved = state.get("obs_rms")
+    saved = state.get("obs_rms_keys", state.get("obs_rms"))
     current = getattr(env, "obs_rms", None)
-    if isinstance(saved, dict) != isinstance(current, dict) or (
-        isinstance(saved, dict) and isinstance(current, dict) and set(saved) != set(current)
-    ):
+    keyed = "obs_rms_keys" in state
+    if keyed != isinstance(current, dict) or (keyed and isinstance(current, dict) and set(saved) != set(current)):
+        theirs = _describe(current, isinstance(current, dict))
         raise ValueError(
-            f"{where}: the saved VecNormalize normalised {_describe(saved)}, this env's {_describe(current)}; "
+            f"{where}: the saved VecNormalize normalised {_describe(saved, keyed)}, this env's {theirs}; "
             "build the VecNormalize with the same norm_obs and norm_obs_keys"
         )
     for name in SETTINGS:
         setattr(env, name, state[name])
-    if isinstance(saved, dict) and isinstance(current, dict):
+    if keyed and isinstance(current, dict):
         for key, rms in saved.items():
             current[key] = _running(rms, current[key].mean.shape, where)
     elif saved is not None:
@@ -64,7 +64,10 @@ def apply_vec_normalize(state: dict[str, Any], env: VecNormalize, where: str) ->
 
 def wrap(state: dict[str, Any], venv: VecEnv, where: str) -> VecNormalize:
     """A new VecNormalize over ``venv`` with the saved settings and statistics (SB3's ``VecNormalize.load``)."""
-    env = VecNormalize(venv, **{name: state[name] for name in SETTINGS})
+    try:
+        env = VecNormalize(venv, **{name: state[name] for name in SETTINGS})
+    except (ValueError, AssertionError) as exc:  # SB3's checks of the spaces against the settings
+        raise ValueError(f"{where}: the saved VecNormalize does not fit this env: {exc}") from exc
     apply_vec_normalize(state, env, where)
     return env
 
@@ -90,9 +93,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _describe(obs_rms: Any) -> str:
+def _describe(obs_rms: Any, keyed: bool) -> str:
     if obs_rms is None:
         return "no observations"
-    if isinstance(obs_rms, dict):
+    if keyed:
         return f"the observation keys {sorted(obs_rms)}"
     return "a Box observation"
