@@ -9,7 +9,10 @@ how a part is uploaded and how the parts are published (:mod:`bucketsnap._backen
 :mod:`bucketsnap._backends.gcs`, :mod:`bucketsnap._backends.azure`).
 
 Trade-off: parts are copied once into their buffer (a part must be one contiguous body), so a remote save costs
-one extra pass over its bytes in memory; local saves do not go through this module.
+one extra pass over its bytes in memory; local saves do not go through this module. The buffers are allocated at
+their full size and reused once their part is uploaded (at most ``concurrency + 1`` of them per writer): growing a
+fresh buffer for every part cost the page faults of the whole object again, about as much CPU as the copy itself,
+on the cores the upload's client and the training loop need.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class PartUploader(Generic[P]):
         self._retryable = retryable
         self._where = where
         self._buffer = bytearray()
+        self._filled = 0  # bytes of self._buffer written so far
+        self._free: list[bytearray] = []  # buffers whose part was uploaded, for the next parts
         self._parts: list[Future[P]] = []
         self._slots = threading.BoundedSemaphore(concurrency)
         self._pool: ThreadPoolExecutor | None = None
@@ -105,12 +110,15 @@ class PartUploader(Generic[P]):
         self.size += n
         while view.nbytes:
             part_size = self._next_part_size(len(self._parts) + 1)
-            take = min(part_size - len(self._buffer), view.nbytes)
-            self._buffer += view[:take]
+            if not self._buffer:  # a new part
+                self._buffer = self._new_buffer(part_size)
+            take = min(part_size - self._filled, view.nbytes)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
             view = view[take:]
-            if len(self._buffer) >= part_size:
+            if self._filled == part_size:
                 self._submit(self._buffer)
-                self._buffer = bytearray()
+                self._buffer, self._filled = bytearray(), 0
         return n
 
     def flush(self) -> None:
@@ -121,12 +129,13 @@ class PartUploader(Generic[P]):
         if self.closed:
             return
         try:
+            del self._buffer[self._filled :]  # the last part's own size (in place: no copy)
             if not self._started:  # smaller than one part: one request, visible when it returns
                 self._put_whole(self._buffer)
             else:
                 if self._buffer:
                     self._submit(self._buffer)
-                self._buffer = bytearray()
+                self._buffer, self._filled, self._free = bytearray(), 0, []
                 self._complete([f.result() for f in self._parts])  # raises the first failed part's error
                 self._started = False
         except BaseException:
@@ -138,7 +147,7 @@ class PartUploader(Generic[P]):
     def abort(self) -> None:
         """Publish nothing and drop the buffers; never raises."""
         self.closed = True
-        self._buffer = bytearray()
+        self._buffer, self._filled, self._free = bytearray(), 0, []
         for future in self._parts:
             future.cancel()
         self._shutdown()
@@ -168,14 +177,27 @@ class PartUploader(Generic[P]):
             raise
         self._parts.append(future)
 
+    def _new_buffer(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes for the next part: an uploaded part's if one has that size, else a new one.
+
+        Called once the previous part holds its slot: with ``concurrency`` parts in flight and none free, this
+        is buffer ``concurrency + 1``, the most a writer allocates.
+        """
+        for i, buffer in enumerate(self._free):  # uploader threads only append, so index i stays this buffer
+            if len(buffer) == size:
+                return self._free.pop(i)
+        return bytearray(size)
+
     def _run_part(self, number: int, body: bytearray) -> P:
         try:
-            return self._upload_part(number, body)
+            out = self._upload_part(number, body)
         except BaseException as exc:
             self._failed = self._failed or exc
-            raise
-        finally:
             self._slots.release()
+            raise
+        self._free.append(body)  # before the slot goes: the producer takes this buffer instead of a new one
+        self._slots.release()
+        return out
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return self._retry.call(fn, what=f"upload of {self._where} ({what})", retryable=self._retryable)
