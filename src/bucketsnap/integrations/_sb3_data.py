@@ -6,7 +6,8 @@ them have a plain description, and bucketsnap stores that instead, as tagged dic
 ==================  ==================================================================================
 ``class``           a class or function by import name, only from stable_baselines3, sb3_contrib, torch
                     and gymnasium (importing an installed library runs no code from the snapshot)
-``space``           gymnasium ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``
+``space``           gymnasium ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``, with
+                    the state of the space's random generator (numpy's bit generators only)
 ``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``
 ``train_freq``      ``TrainFreq(frequency, unit)``
 ``deque``           a ``deque`` with its ``maxlen``
@@ -184,6 +185,18 @@ def _encode(v: Any) -> Any:
 
 
 def _encode_space(space: Any) -> dict[str, Any]:
+    encoded = _encode_space_parameters(space)
+    rng = getattr(space, "_np_random", None)  # sampled for off-policy warm-up actions: kept, as SB3's pickle does
+    if type(rng) is np.random.Generator and type(rng.bit_generator).__name__ in _BIT_GENERATORS:
+        encoded["rng"] = rng.bit_generator.state
+    return encoded
+
+
+#: numpy's bit generators, the only ones a space's random generator is rebuilt with
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def _encode_space_parameters(space: Any) -> dict[str, Any]:
     s = gymnasium.spaces
     if type(space) is s.Box:
         return {_TAG: "space", "kind": "box", "low": space.low, "high": space.high, "dtype": space.dtype.str}
@@ -314,6 +327,19 @@ def _decode_tagged(v: dict[str, Any], where: str) -> Any:
 
 
 def _decode_space(v: dict[str, Any]) -> Any:
+    space = _decode_space_parameters(v)
+    state = v.get("rng")
+    if state is not None:
+        name = state["bit_generator"]
+        if name not in _BIT_GENERATORS:
+            raise ValueError(f"unknown bit generator {name!r}")
+        bit_generator = getattr(np.random, name)()
+        bit_generator.state = state
+        space._np_random = np.random.Generator(bit_generator)
+    return space
+
+
+def _decode_space_parameters(v: dict[str, Any]) -> Any:
     s = gymnasium.spaces
     kind = v["kind"]
     if kind == "box":
