@@ -56,6 +56,7 @@ PUBLIC_SURFACE = {
         "restore_buffer",
     ],
     "bucketsnap.retention": ["KeepAny", "KeepBest", "KeepEvery", "KeepLast", "RetentionPolicy", "garage_mode", "split"],
+    "bucketsnap.dcp": ["SnapshotReader", "SnapshotWriter"],
     "bucketsnap.distributed": [
         "LOCAL",
         "DistributedSaveError",
