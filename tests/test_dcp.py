@@ -194,7 +194,7 @@ def test_values_without_a_safe_encoding_need_allow_pickle(memory_backend: Backen
 
 def test_the_reader_says_what_it_cannot_read(memory_backend: Backend) -> None:
     store = memory_backend.store("plain")
-    with pytest.raises(CheckpointException, match="no committed snapshot at .*the run is empty"):
+    with pytest.raises(CheckpointException, match=r"no committed snapshot at .*the run is empty"):
         dcp.load({"w": torch.zeros(1)}, storage_reader=SnapshotReader(store))
     store.save(1, {"w": torch.zeros(1)})
     with pytest.raises(CheckpointException, match=r"not saved by bucketsnap\.dcp\.SnapshotWriter"):
