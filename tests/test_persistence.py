@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
 import pytest
 import torch
 
-from bucketsnap import KeepBest, SnapshotNotFoundError, UnsafeLoadError
+from bucketsnap import KeepBest, SnapshotNotFoundError, SnapshotStore, UnsafeLoadError
 from bucketsnap.persistence import (
     Persistence,
     PersistenceGroup,
@@ -175,12 +179,155 @@ def test_restoring_in_the_other_mode_says_so() -> None:
     w = World("memory://persistence/modes", policy)
     PolicyPersistence(mode=Mode.POLICY_STATE_DICT).persist(policy, w)
     with pytest.raises(ValueError, match="persisted in another mode"):
-        PolicyPersistence(mode=Mode.POLICY).restore(Policy(), world_at(w), allow_pickle=True)
+        PolicyPersistence(mode=Mode.POLICY).restore(None, world_at(w), allow_pickle=True)
+    # Into an existing policy the weights are all Mode.POLICY needs, and they are there.
+    fresh = PolicyPersistence(mode=Mode.POLICY).restore(Policy(), world_at(w))
+    assert torch.equal(fresh.net.weight, policy.net.weight)
+
+
+def test_policy_mode_restores_into_a_policy_without_pickle(mem_or_s3: Backend) -> None:
+    policy = Policy(scale=2.0)
+    w = world(mem_or_s3, policy)
+    info = PolicyPersistence().persist(policy, w)
+    assert info is not None and info.keys() == ["policy", "policy_state_dict"]
+    assert info.members["policy"].pickled and not info.members["policy_state_dict"].pickled
+    fresh = PolicyPersistence().restore(Policy(), world_at(w))  # no allow_pickle: nothing is unpickled
+    assert torch.equal(fresh.net.weight, policy.net.weight)
+
+
+@dataclass(kw_only=True)
+class TianshouLikeWorld:
+    """tianshou.highlevel.world.World's fields and methods, without importing tianshou."""
+
+    algorithm: Any = None
+    persist_directory: str
+    restore_directory: str | None = None
+    envs: Any = None
+    logger: Any = None
+    trainer: Any = None
+
+    def persist_path(self, filename: str) -> str:
+        return f"{self.persist_directory}/{filename}"
+
+    def restore_path(self, filename: str) -> str:
+        assert self.restore_directory is not None
+        return f"{self.restore_directory}/{filename}"
+
+
+class TianshouMode(Enum):
+    """tianshou's own PolicyPersistence.Mode, which its Experiment passes."""
+
+    POLICY_STATE_DICT = "policy_state_dict"
+    POLICY = "policy"
+
+
+class PathWriter(Persistence):
+    """A tianshou-native persistence: it writes beside the run through world.persist_path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def persist(self, event: PersistEvent, world: World) -> None:
+        self.paths.append(world.persist_path("extra.bin"))
+
+    def restore(self, event: RestoreEvent, world: World) -> None:
+        self.paths.append(world.restore_path("extra.bin") if world.restore_directory else "resumed in place")
+
+
+def test_tianshous_calling_conventions_and_world(mem_or_s3: Backend) -> None:
+    """tianshou's Experiment builds PolicyPersistence(additional, enabled=..., mode=<its Mode>), calls
+    get_save_best_fn(world) / get_save_checkpoint_fn(world) with its World and restore(policy, world, device)."""
+    url = mem_or_s3.url("tianshou-world")
+    policy = Policy()
+    writer = PathWriter()
+    persistence = PolicyPersistence(
+        PersistenceGroup(StateDictPersistence("obs_norm", torch.nn.BatchNorm1d(4)), writer),
+        enabled=True,
+        mode=TianshouMode.POLICY_STATE_DICT,
+        storage_options=mem_or_s3.options,
+    )
+    assert persistence.mode is Mode.POLICY_STATE_DICT
+    ts_world = TianshouLikeWorld(algorithm=policy, persist_directory=url)
+    persistence.get_save_best_fn(ts_world)(policy)
+    checkpoint_fn = persistence.get_save_checkpoint_fn(ts_world)
+    assert checkpoint_fn is not None
+    best_weight = policy.net.weight.detach().clone()
+    with torch.no_grad():
+        policy.net.weight.add_(1.0)
+    assert checkpoint_fn(3, 300, 12).startswith(url.split("://")[0])
+    store = SnapshotStore(url, storage_options=mem_or_s3.options)
+    assert [i.keys() for i in store.infos()] == [
+        ["policy_state_dict", "obs_norm"],
+        ["policy_state_dict", "trainer", "obs_norm"],
+    ]
+    assert store.load(1, keys=["trainer"])["trainer"] == {"epoch": 3, "env_step": 300, "gradient_step": 12}
+    assert writer.paths == [f"{url}/extra.bin"] * 2  # tianshou's own handlers still see tianshou's world
+
+    # restore(policy, world, device), positionally: the newest *policy* snapshot (tianshou's policy.pt), not the
+    # checkpoint, from the world's restore_directory.
+    fresh = Policy()
+    restore_world = TianshouLikeWorld(persist_directory="unused", restore_directory=url)
+    PolicyPersistence(
+        PersistenceGroup(writer), mode=TianshouMode.POLICY_STATE_DICT, storage_options=mem_or_s3.options
+    ).restore(fresh, restore_world, "cpu")
+    assert torch.equal(fresh.net.weight, best_weight)
+    assert writer.paths[-1] == f"{url}/extra.bin"
+    resumed = Policy()
+    counters = persistence.restore_checkpoint(resumed, TianshouLikeWorld(persist_directory=url))
+    assert counters == {"epoch": 3, "env_step": 300, "gradient_step": 12}
+    assert torch.equal(resumed.net.weight, policy.net.weight)
+
+
+def test_the_run_comes_from_the_persistence_or_the_world() -> None:
+    policy = Policy()
+    bound = PolicyPersistence(mode=Mode.POLICY_STATE_DICT, location="memory://persistence/bound")
+    bound.persist(policy, TianshouLikeWorld(persist_directory="memory://persistence/ignored"))
+    assert SnapshotStore("memory://persistence/bound").itrs() == [0]
+    assert SnapshotStore("memory://persistence/ignored").itrs() == []
+    bound.restore(Policy(), TianshouLikeWorld(persist_directory="x"))  # no restore_directory: its own run
+    with pytest.raises(ValueError, match="policy_restore_directory"):
+        PolicyPersistence().restore(Policy(), TianshouLikeWorld(persist_directory="x"))
+    with pytest.raises(TypeError, match="tianshou's World"):
+        PolicyPersistence().persist(policy, object())
+
+
+def test_checkpoints_disabled_absent_and_the_newest_policy() -> None:
+    assert PolicyPersistence(enabled=False).get_save_checkpoint_fn(World("memory://persistence/off")) is None
+    policy = Policy()
+    w = World("memory://persistence/ckpt", policy)
+    persistence = PolicyPersistence(mode=Mode.POLICY_STATE_DICT)
+    assert persistence.restore_checkpoint(Policy(), w) is None  # nothing to resume: a first start
+    checkpoint_fn = persistence.get_save_checkpoint_fn(w)
+    assert checkpoint_fn is not None
+    checkpoint_fn(1, 10, 1)  # a run of checkpoints only: restore takes the newest checkpoint
+    assert torch.equal(persistence.restore(Policy(), World(w.store)).net.weight, policy.net.weight)
+
+
+def test_state_dict_persistence_with_tianshous_own_policy_persistence() -> None:
+    """Given by Environments.set_persistence, it is called by tianshou's PolicyPersistence with tianshou's World:
+    it commits its own snapshot (to its location, else persist_directory) and restores from restore_directory."""
+    norm = torch.nn.BatchNorm1d(4)
+    norm.running_mean.fill_(2.0)
+    handler = StateDictPersistence("obs_norm", norm)
+    handler.persist(PersistEvent.PERSIST_POLICY, TianshouLikeWorld(persist_directory="memory://persistence/env"))
+    assert SnapshotStore("memory://persistence/env").info().keys() == ["obs_norm"]
+    fresh = torch.nn.BatchNorm1d(4)
+    StateDictPersistence("obs_norm", fresh).restore(
+        RestoreEvent.RESTORE_POLICY,
+        TianshouLikeWorld(persist_directory="new", restore_directory="memory://persistence/env"),
+    )
+    assert torch.equal(fresh.running_mean, norm.running_mean)
+    elsewhere = StateDictPersistence("obs_norm", norm, location="memory://persistence/elsewhere")
+    elsewhere.persist(PersistEvent.PERSIST_POLICY, TianshouLikeWorld(persist_directory="memory://persistence/env"))
+    assert SnapshotStore("memory://persistence/elsewhere").itrs() == [0]
+    with pytest.raises(SnapshotNotFoundError, match="holds 'other'"):
+        StateDictPersistence("other", fresh).restore(
+            RestoreEvent.RESTORE_POLICY,
+            TianshouLikeWorld(persist_directory="x", restore_directory="memory://persistence/env"),
+        )
 
 
 def test_best_policies_with_metrics_and_retention() -> None:
-    from bucketsnap import SnapshotStore
-
     store = SnapshotStore("memory://persistence/best", retention=KeepBest(1, "return"))
     persistence = PolicyPersistence(mode=Mode.POLICY_STATE_DICT)
     policy = Policy()

@@ -36,7 +36,9 @@ from bucketsnap.persistence import PolicyPersistence
 
 __all__ = ["RunExperiment", "keep_in_run"]
 
-#: Held while tianshou's module name ``PolicyPersistence`` is bucketsnap's.
+#: The name tianshou's ``create_experiment_world`` looks its persistence class up by, in its own module.
+_NAME = "PolicyPersistence"
+#: Held while that name is bucketsnap's.
 _SUBSTITUTING = threading.Lock()
 
 
@@ -93,14 +95,14 @@ class RunExperiment(Experiment):
             return persistence
 
         with _SUBSTITUTING:
-            theirs = _experiment.PolicyPersistence
-            _experiment.PolicyPersistence = policy_persistence  # type: ignore[misc,assignment]
+            theirs = vars(_experiment)[_NAME]
+            setattr(_experiment, _NAME, policy_persistence)
             try:
                 world = super().create_experiment_world(
                     override_experiment_name, logger_run_id, raise_error_on_dirname_collision, reset_collectors
                 )
             finally:
-                _experiment.PolicyPersistence = theirs  # type: ignore[misc]
+                setattr(_experiment, _NAME, theirs)
         if len(made) != 1:
             raise RuntimeError(
                 f"tianshou's create_experiment_world built {len(made)} policy persistences, not one: this tianshou "
