@@ -496,7 +496,13 @@ def test_members_read_through_the_central_directory_are_the_ranges_the_manifest_
         for key, m in entry["members"].items():
             info = archive.getinfo(m["name"])
             assert info.compress_type == zipfile.ZIP_STORED and info.file_size == m["stored_size"]
+            # format.md: every <key>.zst entry's local header defers its sizes to a data descriptor (bit 3)
+            (flags,) = struct.unpack("<H", data[info.header_offset + 6 : info.header_offset + 8])
+            assert flags & 8, f"{key}: format.md says streaming zip readers cannot read it; update that section"
             assert archive.read(m["name"]) == data[m["offset"] : m["offset"] + m["stored_size"]], key
+    meta_info = zipfile.ZipFile(io.BytesIO(data)).getinfo("meta.json")
+    (flags,) = struct.unpack("<H", data[meta_info.header_offset + 6 : meta_info.header_offset + 8])
+    assert not flags & 8, "meta.json has its sizes and CRC-32 in its local header"
     meta = run.meta(entry)
     assert {k: {f: v[f] for f in ("offset", "stored_size", "crc32")} for k, v in meta["members"].items()} == {
         k: {f: v[f] for f in ("offset", "stored_size", "crc32")} for k, v in entry["members"].items()
