@@ -1,0 +1,95 @@
+"""Bounded memory for big snapshots: peak resident memory of saving and restoring one big member, above the data.
+
+Usage: ``python benchmarks/bench_memory.py [--size 10G] [--kinds raw,compressed] [--where s3,local]``;
+``--small`` is ``--size 300M``. Each save and each restore runs in a fresh process
+(``tests/workers/big_member.py``) that reports its resident memory before the operation and its high-water mark
+during it (``/proc/self/status`` VmHWM, reset just before the operation); the figure is the peak above what the
+process held before (the array itself, for a save), and for a restore above the array it restores. S3 is the test
+server (LocalStack where its venv exists, else moto's server; ``BUCKETSNAP_TEST_S3_ENDPOINT`` for another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE.parent / "tests" / "workers" / "big_member.py"
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+MB = 2**20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    text = text.strip().upper().removesuffix("B")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def run_worker(
+    op: str, url: str, options: dict[str, Any], nbytes: int, kind: str, container: str, **store: Any
+) -> dict[str, Any]:
+    """One save or restore in a fresh process (``store``: SnapshotStore's keyword arguments); its report."""
+    env = {**os.environ, "BUCKETSNAP_WORKER_OPTIONS": json.dumps(options), "BUCKETSNAP_WORKER_STORE": json.dumps(store)}
+    done = subprocess.run(
+        [sys.executable, str(WORKER), op, url, str(nbytes), kind, container],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{op} worker failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="10G", help="member size (10G, 300M, ...)")
+    parser.add_argument("--small", action="store_true", help="--size 300M")
+    parser.add_argument("--kinds", default="raw,compressed", help="raw (random bytes), compressed (sparse bytes)")
+    parser.add_argument("--where", default="s3", help="s3, local, or both (s3,local)")
+    parser.add_argument("--container", default="numpy", choices=["numpy", "torch"])
+    args = parser.parse_args()
+    nbytes = parse_size("300M" if args.small else args.size)
+    places: dict[str, tuple[str, dict[str, Any]]] = {}
+    server = None
+    if "s3" in args.where:
+        import servers
+
+        server = servers.s3_server()
+        places["s3"] = (f"s3://{server.create_bucket()}", servers.s3_storage_options(server))
+        print(f"S3: {server.endpoint_url}")
+    local_root = tempfile.mkdtemp(prefix="bench-memory-")
+    if "local" in args.where:
+        places["local"] = (local_root, {})
+    print(f"member: {nbytes / MB:,.0f} MiB ({args.container}); peak resident memory above the data, MiB")
+    print(f"{'where':6} {'kind':10} {'codec':12} {'stored MiB':>11} {'save s':>7} {'save +MiB':>10} "
+          f"{'restore s':>9} {'restore +MiB':>12}")  # fmt: skip
+    try:
+        for where, (base, options) in places.items():
+            for kind in args.kinds.split(","):
+                url = f"{base}/mem-{kind}-{uuid.uuid4().hex[:6]}"
+                save = run_worker("save", url, options, nbytes, kind, args.container)
+                restore = run_worker("restore", url, options, nbytes, kind, args.container)
+                if restore["crc"] != save["crc"]:
+                    raise SystemExit(f"{where} {kind}: the restored data differs from the saved data")
+                print(
+                    f"{where:6} {kind:10} {save['codec']:12} {save['stored'] / MB:11,.0f} {save['seconds']:7.1f} "
+                    f"{save['overhead'] / MB:10,.0f} {restore['seconds']:9.1f} {restore['overhead'] / MB:12,.0f}",
+                    flush=True,
+                )
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
