@@ -10,9 +10,16 @@ Every measurement runs in its own subprocess, so peak RSS is that operation's ow
 5 ms during the operation (and cross-checked with ``resource.getrusage``), reported as the peak minus the RSS
 before the operation began; for restores the buffer being filled counts as part of the peak, so its size is
 subtracted too. Both sides write to local disk: SB3 through ``fsspec.open(file://...)``, bucketsnap to a run
-directory. Run::
+directory; then to the S3 test server (LocalStack, or moto's server, from :mod:`bucketsnap.testing`, started by
+the script as its own process; ``--skip-s3`` leaves it out): SB3 through ``fsspec.open(s3://...)``, bucketsnap to
+an ``s3://`` run, counting the bytes each moves (SB3: its object, written and read whole; bucketsnap: the objects
+a save writes, and what a restore reads through the storage layer).
 
-    python benchmarks/bench_replay.py [--transitions 100000] [--dir /tmp/bench-replay]
+bucketsnap's second save follows 1,000 more transitions added with SB3's ``add`` and hashes every chunk
+(``buffer_state(buffer)``, the default ``changes="hash"``); the third, 1,000 transitions later again, trusts the
+ring position (``changes="ring"``) and hashes only the chunks it wrote. Run::
+
+    python benchmarks/bench_replay.py [--transitions 100000] [--dir /tmp/bench-replay] [--skip-s3]
 """
 
 from __future__ import annotations
@@ -161,29 +168,59 @@ def dqn_model(buffer_size: int) -> Any:
 # -- the phases, each in its own process ----------------------------------------------------------------------
 
 
-def phase_sb3_save(data: Path, work: Path, n: int) -> dict[str, Any]:
+def target(work: Path, remote: dict[str, Any] | None, name: str) -> tuple[str, dict[str, Any]]:
+    """The URL and storage options of ``name``: under ``work`` on local disk, or in the S3 test bucket."""
+    if remote is None:
+        return f"file://{work}/{name}", {}
+    return f"{remote['url']}/{name}", remote["options"]
+
+
+@contextmanager
+def counted_reads() -> Iterator[dict[str, int]]:
+    """Tally the bytes bucketsnap reads through its storage layer (every read of an object goes there)."""
+    from bucketsnap._storage import Storage
+
+    real = Storage.read
+    tally = {"bytes": 0, "requests": 0}
+
+    def read(self: Storage, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        data = real(self, rel, start, end)
+        tally["bytes"] += len(data)
+        tally["requests"] += 1
+        return data
+
+    Storage.read = read  # type: ignore[method-assign]
+    try:
+        yield tally
+    finally:
+        Storage.read = real  # type: ignore[method-assign]
+
+
+def phase_sb3_save(data: Path, work: Path, n: int, remote: dict[str, Any] | None) -> dict[str, Any]:
     import fsspec
 
     model = dqn_model(1)
     model.replay_buffer = filled_buffer(data, n, n)
-    target = f"file://{work}/sb3_buffer.pkl"
+    url, options = target(work, remote, "sb3_buffer.pkl")
 
     def save() -> None:
         # SB3 accepts only io's own file types: wrap fsspec's file (as one must for s3:// or gs://)
-        with fsspec.open(target, "wb") as f, io.BufferedWriter(f, buffer_size=2**20) as buffered:
+        with fsspec.open(url, "wb", **options) as f, io.BufferedWriter(f, buffer_size=2**20) as buffered:
             model.save_replay_buffer(buffered)
 
     _, seconds, rss = timed(save)
-    return {"seconds": seconds, "bytes": os.path.getsize(work / "sb3_buffer.pkl"), **rss}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return {"seconds": seconds, "bytes": int(fs.size(path)), **rss}
 
 
-def phase_sb3_load(data: Path, work: Path, n: int) -> dict[str, Any]:
+def phase_sb3_load(data: Path, work: Path, n: int, remote: dict[str, Any] | None) -> dict[str, Any]:
     import fsspec
 
     model = dqn_model(1)
+    url, options = target(work, remote, "sb3_buffer.pkl")
 
     def load() -> None:
-        with fsspec.open(f"file://{work}/sb3_buffer.pkl", "rb") as f, io.BufferedReader(f, 2**20) as buffered:
+        with fsspec.open(url, "rb", **options) as f, io.BufferedReader(f, 2**20) as buffered:
             model.load_replay_buffer(buffered)
 
     _, seconds, rss = timed(load)
@@ -191,48 +228,72 @@ def phase_sb3_load(data: Path, work: Path, n: int) -> dict[str, Any]:
     return {"seconds": seconds, "buffer_bytes": buffer.observations.nbytes * 2, "pos": buffer.pos, **rss}
 
 
-def phase_bs_save(data: Path, work: Path, n: int) -> dict[str, Any]:
+def phase_bs_save(data: Path, work: Path, n: int, remote: dict[str, Any] | None) -> dict[str, Any]:
     from bucketsnap import SnapshotStore
     from bucketsnap.buffers import buffer_state
 
-    store = SnapshotStore(str(work / "run"))
+    url, options = target(work, remote, "run")
+    store = SnapshotStore(url, storage_options=options)
     buffer = filled_buffer(data, n, n)
+    store.save(0, {"step": 0})  # the store's first contact with the server, apart from the timings
     info, seconds, rss = timed(lambda: store.save(1, {"replay_buffer": buffer_state(buffer)}))
-    stored = dir_size(work / "run")
-    before = {p.name for p in (work / "run" / "chunks").iterdir()}
-    add_transitions(buffer, data, n, 1000)
-    info2, seconds2, rss2 = timed(lambda: store.save(2, {"replay_buffer": buffer_state(buffer)}))
-    new = [p for p in (work / "run" / "chunks").iterdir() if p.name not in before]
-    written2 = sum(p.stat().st_size for p in new) + info2.size
-    return {
+    stored = sum(store.storage.list_sizes("chunks").values()) + info.size
+    out: dict[str, Any] = {
         "seconds": seconds,
         "bytes": stored,
         "chunks": len(info.refs),
-        "seconds2": seconds2,
-        "written2": written2,
-        "new_chunks2": len(new),
         "raw_bytes": buffer.observations.nbytes * 2,
         **rss,
-        "peak2": rss2["peak"],
-        "before2": rss2["before"],
     }
+    for itr, changes in ((2, "hash"), (3, "ring")):
+        before = store.storage.list_sizes("chunks")
+        add_transitions(buffer, data, n + 1000 * (itr - 2), 1000)
+        made: list[Any] = []
+
+        def save(itr: int = itr, changes: str = changes, made: list[Any] = made) -> Any:
+            made.append(buffer_state(buffer, changes=changes))  # type: ignore[arg-type]  # timed too
+            return store.save(itr, {"replay_buffer": made[0]})
+
+        later, seconds_later, rss_later = timed(save)
+        value = made[0]
+        new = {k: v for k, v in store.storage.list_sizes("chunks").items() if k not in before}
+        out[f"save{itr}"] = {
+            "seconds": seconds_later,
+            "written": sum(new.values()) + later.size,
+            "new_chunks": len(new),
+            "hashed": value.hashed,
+            "peak": rss_later["peak"] - rss_later["before"],
+        }
+    return out
 
 
-def phase_bs_load(data: Path, work: Path, n: int) -> dict[str, Any]:
+def phase_bs_load(data: Path, work: Path, n: int, remote: dict[str, Any] | None) -> dict[str, Any]:
     from bucketsnap import SnapshotStore
     from bucketsnap.buffers import restore_buffer
 
-    store = SnapshotStore(str(work / "run"))
+    url, options = target(work, remote, "run")
+    store = SnapshotStore(url, storage_options=options)
+    store.open(1)  # the first contact, apart from the timings
     buffer = make_buffer(n)
-    _, seconds, rss = timed(lambda: restore_buffer(store, buffer, which=1))
-    return {"seconds": seconds, "buffer_bytes": buffer.observations.nbytes * 2, "pos": buffer.pos, **rss}
+    with counted_reads() as reads:
+        _, seconds, rss = timed(lambda: restore_buffer(store, buffer, which=1))
+    return {
+        "seconds": seconds,
+        "buffer_bytes": buffer.observations.nbytes * 2,
+        "pos": buffer.pos,
+        "read": reads["bytes"],
+        "requests": reads["requests"],
+        **rss,
+    }
 
 
 PHASES = {f.__name__.removeprefix("phase_"): f for f in (phase_sb3_save, phase_sb3_load, phase_bs_save, phase_bs_load)}
 
 
-def run_phase(name: str, data: Path, work: Path, n: int) -> dict[str, Any]:
+def run_phase(name: str, data: Path, work: Path, n: int, remote: dict[str, Any] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--phase", name, "--dir", str(work), "--data", str(data), "--transitions", str(n)]
+    if remote is not None:
+        cmd += ["--remote", json.dumps(remote)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
@@ -245,9 +306,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--phase", choices=sorted(PHASES))
     parser.add_argument("--data", type=Path)
+    parser.add_argument("--remote", type=json.loads, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-s3", action="store_true", help="leave out the S3 column")
     args = parser.parse_args()
     if args.phase:
-        print(json.dumps(PHASES[args.phase](args.data, args.dir, args.transitions)))
+        print(json.dumps(PHASES[args.phase](args.data, args.dir, args.transitions, args.remote)))
         return
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-replay-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -264,25 +327,51 @@ def main() -> None:
     finally:  # keep the frames for the next run when --dir was given
         for path in (work / "run", work / "sb3_buffer.pkl") if args.dir else (work,):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    s3 = None if args.skip_s3 else run_s3(data, work, n)
     print_table(results, n)
+    if s3 is not None:
+        print()
+        print_s3_table(s3, n)
+
+
+def run_s3(data: Path, work: Path, n: int) -> dict[str, dict[str, Any]]:
+    """Every phase again against the S3 test server, started here as its own process."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import servers
+
+    server = servers.s3_server()
+    try:
+        remote = {"url": f"s3://{server.create_bucket()}", "options": servers.s3_storage_options(server)}
+        print(f"S3: {type(server).__name__} at {server.endpoint_url}", file=sys.stderr)
+        return {name: run_phase(name, data, work, n, remote) for name in PHASES}
+    finally:
+        server.stop()
 
 
 def print_table(r: dict[str, dict[str, Any]], n: int) -> None:
     mb = 1e6
     raw = r["bs_save"]["raw_bytes"]
     sb3s, sb3l, bss, bsl = r["sb3_save"], r["sb3_load"], r["bs_save"], r["bs_load"]
+    hashed, ring = bss["save2"], bss["save3"]
     print(f"SB3 DQN ReplayBuffer, {n:,} transitions of 4x84x84 uint8 frames (obs + next_obs: {raw / 1e9:.2f} GB)")
-    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, local disk\n")
+    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, local disk")
+    print(f"load average before the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     rows = [
         ("size on storage", f"{sb3s['bytes'] / mb:,.0f} MB", f"{bss['bytes'] / mb:,.1f} MB ({bss['chunks']} chunks)"),
-        ("save time", f"{sb3s['seconds']:.1f} s", f"{bss['seconds']:.1f} s"),
-        ("load time", f"{sb3l['seconds']:.1f} s", f"{bsl['seconds']:.1f} s"),
+        ("save time", f"{sb3s['seconds']:.2f} s", f"{bss['seconds']:.2f} s ({sb3s['seconds'] / bss['seconds']:.1f}x)"),
+        ("load time", f"{sb3l['seconds']:.2f} s", f"{bsl['seconds']:.2f} s ({sb3l['seconds'] / bsl['seconds']:.1f}x)"),
         (
-            "2nd save, +1,000 transitions: bytes written",
-            f"{sb3s['bytes'] / mb:,.0f} MB (all again)",
-            f"{bss['written2'] / mb:,.2f} MB ({bss['new_chunks2']} new chunks)",
+            "2nd save, +1,000 transitions, changes='hash'",
+            f"{sb3s['bytes'] / mb:,.0f} MB written (all again)",
+            f"{hashed['seconds']:.2f} s, {hashed['written'] / mb:,.2f} MB written ({hashed['new_chunks']} new "
+            f"chunks, {hashed['hashed']} hashed)",
         ),
-        ("2nd save time", "same as save", f"{bss['seconds2']:.1f} s"),
+        (
+            "3rd save, +1,000 more, changes='ring'",
+            "same as save",
+            f"{ring['seconds']:.2f} s, {ring['written'] / mb:,.2f} MB written ({ring['new_chunks']} new chunks, "
+            f"{ring['hashed']} hashed)",
+        ),
         (
             "peak RSS during save, above the buffer",
             f"{(sb3s['peak'] - sb3s['before']) / mb:,.0f} MB",
@@ -295,8 +384,38 @@ def print_table(r: dict[str, dict[str, Any]], n: int) -> None:
         ),
         ("peak RSS of the load process", f"{sb3l['peak'] / mb:,.0f} MB", f"{bsl['peak'] / mb:,.0f} MB"),
     ]
+    print_rows(rows, "SB3 save_replay_buffer (pickle)", "bucketsnap chunks")
+
+
+def print_s3_table(r: dict[str, dict[str, Any]], n: int) -> None:
+    mb = 1e6
+    sb3s, sb3l, bss, bsl = r["sb3_save"], r["sb3_load"], r["bs_save"], r["bs_load"]
+    ring = bss["save3"]
+    print(f"The same {n:,} transitions to and from the S3 test server (127.0.0.1)\n")
+    rows = [
+        (
+            "save: time, bytes uploaded",
+            f"{sb3s['seconds']:.1f} s, {sb3s['bytes'] / mb:,.0f} MB",
+            f"{bss['seconds']:.1f} s ({sb3s['seconds'] / bss['seconds']:.1f}x), {bss['bytes'] / mb:,.1f} MB",
+        ),
+        (
+            "load: time, bytes downloaded",
+            f"{sb3l['seconds']:.1f} s, {sb3s['bytes'] / mb:,.0f} MB (the whole object)",
+            f"{bsl['seconds']:.1f} s ({sb3l['seconds'] / bsl['seconds']:.1f}x), {bsl['read'] / mb:,.1f} MB "
+            f"({bsl['requests']} ranged reads)",
+        ),
+        (
+            "save +1,000 transitions, changes='ring'",
+            f"as the save: {sb3s['bytes'] / mb:,.0f} MB",
+            f"{ring['seconds']:.2f} s, {ring['written'] / mb:,.2f} MB uploaded",
+        ),
+    ]
+    print_rows(rows, "SB3 through fsspec.open(s3://...)", "bucketsnap buffer_state / restore_buffer")
+
+
+def print_rows(rows: list[tuple[str, str, str]], left: str, right: str) -> None:
     width = max(len(r[0]) for r in rows)
-    print(f"| {'':{width}} | SB3 save_replay_buffer (pickle) | bucketsnap chunks |")
+    print(f"| {'':{width}} | {left} | {right} |")
     print(f"|{'-' * (width + 2)}|---|---|")
     for label, a, b in rows:
         print(f"| {label:{width}} | {a} | {b} |")

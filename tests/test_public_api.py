@@ -49,6 +49,7 @@ PUBLIC_SURFACE = {
     "bucketsnap.buffers": [
         "BufferKind",
         "BufferState",
+        "Ring",
         "SavedBuffer",
         "TransitionStorage",
         "buffer_state",
@@ -99,6 +100,7 @@ PUBLIC_SURFACE = {
         "load_vec_normalize",
         "save_model",
     ],
+    "bucketsnap.integrations.tianshou": ["RunExperiment", "keep_in_run"],
     "bucketsnap.testing": [
         "AfterCommits",
         "Attempt",
