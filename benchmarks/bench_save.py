@@ -252,7 +252,8 @@ def against_ceiling(places: Places, where: str, state: dict[str, Any], runs: int
 
     The saves are a training loop's: one store, a first save not timed (it makes the first contact and probes
     the exclusive create), then one save per run. Each restore is an inference host's: a new store object, as
-    ``restores`` opens. Rows: (operation, MB, bucketsnap s, ceiling s, fraction, load averages).
+    ``restores`` opens. Rows: (operation, MB, bucketsnap s, ceiling s, of which publishing the parts, fraction,
+    1-minute load average range).
     """
     options = places.options(where)
     url = places.url(where, "bsnap-ceiling")
@@ -293,9 +294,12 @@ def against_ceiling(places: Places, where: str, state: dict[str, Any], runs: int
 
     put: list[str] = []  # the ceiling's object of this run
 
+    publish: list[float] = []
+
     def raw_put() -> float:
         seconds, path = ceiling.put(sizes["save"])
         put[:] = [path]
+        publish.append(ceiling.publish_s)
         return seconds
 
     for run in range(runs):  # run 0 goes bucketsnap first: the ceiling's transfers take bucketsnap's sizes
@@ -316,7 +320,10 @@ def against_ceiling(places: Places, where: str, state: dict[str, Any], runs: int
         bsnap_s = statistics.median(b for b, _ in pairs_s)
         raw_s = statistics.median(r for _, r in pairs_s)
         share = statistics.median(fraction(r, b) for b, r in pairs_s)
-        rows.append((name, f"{sizes[name] / MB:.0f}", f"{bsnap_s:.2f}", f"{raw_s:.2f}", f"{share:.0%}", load))
+        published = f"{statistics.median(publish):.2f}" if name == "save" else ""
+        rows.append(
+            (name, f"{sizes[name] / MB:.0f}", f"{bsnap_s:.2f}", f"{raw_s:.2f}", published, f"{share:.0%}", load)
+        )
     return rows
 
 
@@ -379,8 +386,11 @@ def main() -> None:
             rows.setdefault("bucketsnap save_async: until committed, later saves", {})[where] = total
         if remotes:
             print()
-            print("| against the store's ceiling | MB | bucketsnap: s | ceiling: s | of the ceiling | load (1 min) |")
-            print("|---|---:|---:|---:|---:|---:|")
+            print(
+                "| against the store's ceiling | MB | bucketsnap: s | ceiling: s | ceiling: publishing, s "
+                "| of the ceiling | load (1 min) |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|")
             for where in remotes:
                 for row in against_ceiling(places, where, state, args.runs):
                     print(f"| {where}: {row[0]} | " + " | ".join(row[1:]) + " |")
