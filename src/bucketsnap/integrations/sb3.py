@@ -240,6 +240,9 @@ def _getattr(obj: Any, dotted: str) -> Any:
 class SnapshotCallback(BaseCallback):  # type: ignore[misc]
     """An SB3 callback that saves the model (and its replay buffer) to a run every ``save_freq`` calls.
 
+    The statistics of the model's ``VecNormalize`` env, if it has one, are in every snapshot (SB3's
+    ``CheckpointCallback`` needs ``save_vecnormalize=True`` and writes a pickle beside each zip).
+
     The itr of each snapshot is ``model.num_timesteps``. Like SB3's ``CheckpointCallback``, ``save_freq``
     counts calls of the callback, i.e. steps of the vectorized env (divide by ``n_envs`` for env steps).
 
