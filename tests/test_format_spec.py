@@ -142,7 +142,7 @@ def numpy_dtype(descr: Any) -> np.dtype[Any]:
         dtype = numpy_dtype(sub)
         if shape:
             dtype = np.dtype((dtype, tuple(shape[0])))
-        title, name = name if isinstance(name, list) else (None, name)
+        title, name = name if isinstance(name, (list, tuple)) else (None, name)  # tuples: in a chunk table
         if name != "":  # "" is padding
             names.append(name)
             formats.append(dtype)
@@ -276,7 +276,14 @@ def unzstd(data: bytes) -> bytes:
 torch = pytest.importorskip("torch")
 
 from bucketsnap import SnapshotStore  # noqa: E402
-from bucketsnap.buffers import TransitionStorage, buffer_state  # noqa: E402
+from bucketsnap.buffers import (  # noqa: E402
+    BufferKind,
+    BufferState,
+    TransitionStorage,
+    buffer_state,
+    register_buffer_kind,
+    restore_buffer,
+)
 
 
 def encodable_dtypes() -> list[Any]:
@@ -484,6 +491,45 @@ def test_an_sb3_replay_buffer_decodes_with_its_fields_and_counters(tmp_path: Pat
     fields = run.buffer(table)
     for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         np.testing.assert_array_equal(fields[name], getattr(buffer, name), err_msg=name)
+
+
+class Records:
+    """A buffer of structured rows, saved by a kind of its own."""
+
+    def __init__(self) -> None:
+        dtype = np.dtype({"names": ["x", "n"], "formats": ["<f4", ("<i2", (2,))], "titles": ["the x", None]})
+        self.rows = np.zeros(12, dtype)
+        self.rows["x"] = np.arange(12)
+        self.rows["n"] = np.arange(24).reshape(12, 2)
+
+
+class RecordsKind(BufferKind):
+    name = "tests.Records"
+
+    def matches(self, buffer: object) -> bool:
+        return isinstance(buffer, Records)
+
+    def state(self, buffer: Records) -> BufferState:
+        return BufferState({"rows": buffer.rows}, rows=10, attrs={"count": 10})
+
+    def restore(self, buffer: Records, saved: Any) -> None:
+        saved.read_into({"rows": buffer.rows})
+
+
+def test_a_buffer_of_structured_rows_decodes_from_its_tuple_descr(tmp_path: Path) -> None:
+    register_buffer_kind(RecordsKind())
+    records = Records()
+    store = SnapshotStore(str(tmp_path))
+    store.save(1, {"records": buffer_state(records, chunk_rows=4)})
+    run = Run(tmp_path)
+    table = run.member(run.entry(), "records")
+    assert isinstance(table["fields"][0]["dtype"][0], tuple)  # a $tuple node, as format.md says
+    fields = run.buffer(table)
+    assert fields["rows"].dtype == records.rows.dtype and fields["rows"].tobytes() == records.rows[:10].tobytes()
+    restored = Records()
+    restored.rows[:] = 0
+    restore_buffer(store, restored, key="records")
+    assert restored.rows[:10].tobytes() == fields["rows"].tobytes()
 
 
 def test_members_read_through_the_central_directory_are_the_ranges_the_manifest_names(tmp_path: Path) -> None:
