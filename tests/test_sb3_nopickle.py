@@ -27,6 +27,7 @@ from sb3_contrib import ARS, QRDQN, TQC, TRPO, CrossQ, MaskablePPO, RecurrentPPO
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import (
     NormalActionNoise,
@@ -37,7 +38,14 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from bucketsnap import SnapshotStore, UnsafeLoadError
-from bucketsnap.integrations.sb3 import export_sb3_zip, load_model, load_sb3_zip, load_vec_normalize, save_model
+from bucketsnap.integrations.sb3 import (
+    SnapshotCallback,
+    export_sb3_zip,
+    load_model,
+    load_sb3_zip,
+    load_vec_normalize,
+    save_model,
+)
 
 OFF = {"learning_starts": 8, "buffer_size": 200, "batch_size": 8, "train_freq": 4}
 ON = {"n_steps": 16, "batch_size": 16, "n_epochs": 1}
@@ -389,3 +397,26 @@ def test_round_trip_and_export_on_s3(s3_backend: Any) -> None:
     write_sb3_zip(model, sb3_url, s3_backend.options)
     archive = load_sb3_zip(sb3_url, params=None, allow_pickle=True, storage_options=s3_backend.options)
     np.testing.assert_array_equal(actions(archive.to_model(SAC), obs), actions(model, obs))
+
+
+def test_snapshot_callback_keeps_the_vec_normalize_statistics_of_each_save() -> None:
+    """As SB3's CheckpointCallback(save_vecnormalize=True): each snapshot holds the statistics of its step, even
+    saved in the background while training goes on updating them in place."""
+    seen: dict[int, tuple[np.ndarray, float]] = {}
+
+    class Record(BaseCallback):  # type: ignore[misc]
+        def _on_step(self) -> bool:
+            if self.n_calls % 8 == 0:
+                rms = self.model.get_vec_normalize_env().obs_rms
+                seen[self.num_timesteps] = (rms.mean.copy(), rms.count)
+            return True
+
+    model = PPO("MlpPolicy", VecNormalize(DummyVecEnv([cartpole])), seed=0, **ON, policy_kwargs=TINY)
+    saver = SnapshotCallback("memory://nopickle/callback-vecnorm", 8, async_saving=True)
+    model.learn(32, callback=CallbackList([saver, Record()]))
+    assert saver.saved == sorted(seen) == [8, 16, 24, 32]
+    with no_unpickling():
+        for itr, (mean, count) in seen.items():
+            env = load_vec_normalize("memory://nopickle/callback-vecnorm", DummyVecEnv([cartpole]), itr)
+            np.testing.assert_array_equal(env.obs_rms.mean, mean)
+            assert env.obs_rms.count == count

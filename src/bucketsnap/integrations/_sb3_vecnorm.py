@@ -73,8 +73,8 @@ def wrap(state: dict[str, Any], venv: VecEnv, where: str) -> VecNormalize:
 
 
 def _rms(rms: RunningMeanStd) -> dict[str, Any]:
-    # copies: SB3 updates the statistics in place at every step, and a background save encodes them later
-    return {"mean": np.array(rms.mean, copy=True), "var": np.array(rms.var, copy=True), "count": float(rms.count)}
+    # no copy here: RunningMeanStd rebinds new arrays at each update, and save_async copies the state anyway
+    return {"mean": np.asarray(rms.mean), "var": np.asarray(rms.var), "count": float(rms.count)}
 
 
 def _running(saved: dict[str, Any], shape: tuple[int, ...] | None, where: str) -> RunningMeanStd:
