@@ -411,10 +411,14 @@ def test_numpy_arrays_and_structured_dtypes_decode_from_their_descrs(tmp_path: P
         "scalar": np.float32(1.5),
         "record": filled([("a", "<f4"), ("b", "<i2")], 1)[0],
     }
+    out_of_order = np.dtype({"names": ["x", "y"], "formats": ["<f4", "u1"], "offsets": [4, 0], "itemsize": 8})
     store = SnapshotStore(str(tmp_path))
-    store.save(1, {"arrays": arrays})
-    decoded, loaded = Run(tmp_path).load()["arrays"], store.load(1)["arrays"]
+    store.save(1, {"arrays": arrays, "no_descr": np.ones(2, out_of_order)})
+    decoded, loaded = Run(tmp_path).load()["arrays"], store.load(1, keys=["arrays"])["arrays"]
     same(decoded, loaded)
+    assert isinstance(Run(tmp_path).load()["no_descr"], Pickled)  # no descr of format.md's form: pickled
+    back = store.load(1, allow_pickle=True)["no_descr"]
+    assert back.dtype == out_of_order and back["x"].tolist() == back["y"].tolist() == [1, 1]
     assert decoded["aligned"].dtype.itemsize == 24 and decoded["aligned"].dtype.fields["x"][1] == 8
     assert decoded["titled"].dtype.names == ("x", "y") and decoded["titled"].dtype.fields["the x"][1] == 0
     assert decoded["subarray"].shape == (2, 3)

@@ -430,8 +430,12 @@ def _encode_ndarray(enc: Encoder, v: np.ndarray | np.generic) -> Any:
             array = array.copy(order="C")  # ascontiguousarray would turn a 0-d array into 1-d
     if array.dtype.hasobject:
         return None
+    try:
+        descr = np.lib.format.dtype_to_descr(array.dtype)
+    except ValueError:  # fields that overlap or are out of order: no descr says where each field lies
+        return None
     spec = {
-        "dtype": np.lib.format.dtype_to_descr(array.dtype),
+        "dtype": descr,
         "shape": list(array.shape),
         "scalar": scalar,
         "nbytes": enc.add(array.reshape(-1).view(np.uint8).data),
