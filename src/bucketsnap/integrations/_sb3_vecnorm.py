@@ -41,7 +41,7 @@ def apply_vec_normalize(state: dict[str, Any], env: VecNormalize, where: str) ->
     Raises:
         ValueError: ``env`` normalises other observation keys or shapes than the saved one.
     """
-    saved = state.get("obs_rms_keys", state.get("obs_rms"))
+    saved: Any = state.get("obs_rms_keys", state.get("obs_rms"))
     current = getattr(env, "obs_rms", None)
     keyed = "obs_rms_keys" in state
     if keyed != isinstance(current, dict) or (keyed and isinstance(current, dict) and set(saved) != set(current)):
