@@ -193,3 +193,16 @@ def test_the_old_module_names_still_import_with_a_deprecation_warning() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == 21
+
+
+def test_snapshot_tensor_keeps_its_signature() -> None:
+    """docs/api.md's `Snapshot.tensor(member, key="", rows=None)`; bucketsnap.dcp reads through it."""
+    import inspect
+
+    parameters = inspect.signature(bucketsnap.Snapshot.tensor).parameters
+    assert [(p.name, p.default) for p in parameters.values()] == [
+        ("self", inspect.Parameter.empty),
+        ("member", inspect.Parameter.empty),
+        ("key", ""),
+        ("rows", None),
+    ]
