@@ -100,6 +100,7 @@ PUBLIC_SURFACE = {
         "load_vec_normalize",
         "save_model",
     ],
+    "bucketsnap.integrations.lightning": ["BucketsnapCheckpointIO", "PATH_METRIC"],
     "bucketsnap.integrations.tianshou": ["RunExperiment", "keep_in_run"],
     "bucketsnap.testing": [
         "AfterCommits",
