@@ -449,11 +449,9 @@ def test_nested_containers_decode_in_walk_order_key_before_value(tmp_path: Path)
 
 def test_a_replay_buffer_decodes_from_its_chunk_table_in_ring_order(tmp_path: Path) -> None:
     storage = TransitionStorage(50)
-    history = []
     for step in range(70):  # wraps around: rows 0-19 hold steps 50-69
         obs = np.array([step, -step, step * 0.5], dtype=np.float32)
         storage.insert_transition({"obs": obs, "action": step % 4, "frame": np.full((2, 2), step % 256, np.uint8)})
-        history.append(step)
     store = SnapshotStore(str(tmp_path))
     store.save(70, {"replay_buffer": buffer_state(storage, chunk_rows=16), "step": 70})
 
