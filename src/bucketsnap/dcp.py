@@ -135,7 +135,6 @@ class SnapshotWriter(StorageWriter):
         self.itr = check_itr(itr)
         self.metrics = check_metrics(dict(metrics or {}))
         self.overwrite = overwrite
-        self._rank = 0
         self._base: Manifest | None = None
         self._token = ""
         self._created = datetime.now(timezone.utc)
@@ -149,7 +148,11 @@ class SnapshotWriter(StorageWriter):
         self._base = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self._rank = int(kwargs.get("rank", 0) or 0)
+        if kwargs.get("use_collectives") is False:  # every rank would plan alone, and commit alone
+            raise ValueError(
+                f"save to {self.url}: SnapshotWriter commits every rank's items in one snapshot, through DCP's "
+                "collectives; call dcp.save without use_collectives=False"
+            )
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.url)
