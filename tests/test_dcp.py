@@ -203,6 +203,36 @@ def test_the_reader_says_what_it_cannot_read(memory_backend: Backend) -> None:
         dcp.save({"w": torch.zeros(1)}, checkpoint_id="/tmp/x", storage_writer=SnapshotWriter(store, itr=2))
 
 
+@pytest.mark.parametrize(
+    ("offsets", "lengths"),
+    [
+        ((0, 0, 0), (40, 30, 70)),  # whole: read with its header bytes, CRC-checked
+        ((13, 0, 0), (9, 30, 70)),  # a block of rows across 128 KiB blocks: exactly its bytes
+        ((39, 0, 0), (1, 30, 70)),  # the last row
+        ((5, 7, 0), (20, 3, 70)),  # a shard of dimension 1: the enclosing range, then strided
+        ((1, 2, 3), (2, 2, 2)),
+    ],
+)
+def test_a_part_of_a_stored_tensor_reads_only_its_range(
+    offsets: tuple[int, ...], lengths: tuple[int, ...], memory_backend: Backend
+) -> None:
+    from bucketsnap._dcp_format import read_tensor, write_items
+
+    storage = memory_backend.store("part").storage
+    tensor = torch.randn(40, 30, 70, dtype=torch.float64)  # 672 000 bytes: six 128 KiB blocks
+    written = write_items(storage, "snapshots/part.zip", [("t", tensor)], {})
+    item = written.items["t"]
+    before = storage.bytes_read
+    part = read_tensor(lambda a, b: storage.read("snapshots/part.zip", a, b), item, offsets, lengths, where="t")
+    expected = tensor[tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))]
+    assert torch.equal(part, expected)
+    first = sum(o * s for o, s in zip(offsets, tensor.stride(), strict=True))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, tensor.stride(), strict=True))
+    span = (last + 1 - first) * tensor.element_size()
+    blocks = span // (128 * 1024) + 2
+    assert span <= storage.bytes_read - before <= span + 3 * blocks + (item.data_start or 0) + 32
+
+
 # -- real ranks --------------------------------------------------------------------------------------------------
 
 
