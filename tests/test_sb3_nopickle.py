@@ -25,16 +25,17 @@ import torch
 from gymnasium import spaces
 from sb3_contrib import ARS, QRDQN, TQC, TRPO, CrossQ, MaskablePPO, RecurrentPPO
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
-from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
+from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3, HerReplayBuffer
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.noise import (
     NormalActionNoise,
     OrnsteinUhlenbeckActionNoise,
     VectorizedActionNoise,
 )
-from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.utils import LinearSchedule, get_linear_fn, get_schedule_fn
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from bucketsnap import SnapshotStore, UnsafeLoadError
@@ -251,6 +252,21 @@ def test_dict_observations_keep_their_ordered_dict_and_tuple_spaces_round_trip()
     assert restored.extra_space == model.extra_space  # type: ignore[attr-defined]
 
 
+def test_a_her_model_loads_without_pickle() -> None:
+    env = BitFlippingEnv(n_bits=4)
+    her = {"n_sampled_goal": 2, "goal_selection_strategy": "future"}
+    model = DQN("MultiInputPolicy", env, replay_buffer_class=HerReplayBuffer, replay_buffer_kwargs=her, **OFF,
+                policy_kwargs=TINY, seed=0)  # fmt: skip
+    model.learn(32)
+    save_model(model, "memory://nopickle/her", 32)
+    with no_unpickling():
+        restored = load_model(DQN, "memory://nopickle/her", env=BitFlippingEnv(n_bits=4))
+    obs = fixed_obs(model.observation_space)
+    np.testing.assert_array_equal(actions(restored, obs), actions(model, obs))
+    assert isinstance(restored.replay_buffer, HerReplayBuffer)
+    restored.learn(16, reset_num_timesteps=False)
+
+
 def test_ars_weights_are_a_tensor_member() -> None:
     model = trained("ARS")
     assert isinstance(model.weights, torch.Tensor)
@@ -341,6 +357,18 @@ def test_schedule_objects_are_data_and_closures_are_rebuilt_from_the_defaults() 
     with no_unpickling(), warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing rebuilt, nothing to warn about
         restored = load_model(PPO, "memory://nopickle/schedules", env=cartpole())
+    for p in (1.0, 0.7, 0.2):
+        assert restored.lr_schedule(p) == model.lr_schedule(p) and restored.clip_range(p) == model.clip_range(p)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # SB3 says its schedule functions are deprecated
+        lr_fn, clip_fn = get_linear_fn(1e-3, 1e-4, 0.5), get_schedule_fn(get_linear_fn(0.3, 0.1, 1.0))
+    model = trained("PPO", learning_rate=lr_fn, clip_range=clip_fn)  # the closures of SB3's own functions
+    save_model(model, "memory://nopickle/sb3-closures", 1)
+    assert SnapshotStore("memory://nopickle/sb3-closures").load(keys=["data_pickled"])["data_pickled"] == {}
+    with no_unpickling(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = load_model(PPO, "memory://nopickle/sb3-closures", env=cartpole())
     for p in (1.0, 0.7, 0.2):
         assert restored.lr_schedule(p) == model.lr_schedule(p) and restored.clip_range(p) == model.clip_range(p)
 

@@ -8,7 +8,9 @@ them have a plain description, and bucketsnap stores that instead, as tagged dic
                     and gymnasium (importing an installed library runs no code from the snapshot)
 ``space``           gymnasium ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``, with
                     the state of the space's random generator (numpy's bit generators only)
-``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``
+``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``, and the closures of its
+                    deprecated ``get_linear_fn``, ``constant_fn``, ``get_schedule_fn`` (rebuilt as those classes,
+                    which compute the same expressions)
 ``train_freq``      ``TrainFreq(frequency, unit)``
 ``deque``           a ``deque`` with its ``maxlen``
 ``action_noise``    ``NormalActionNoise``, ``OrnsteinUhlenbeckActionNoise`` and ``VectorizedActionNoise`` of
@@ -34,6 +36,7 @@ import collections
 import enum
 import importlib
 import inspect
+import types
 import warnings
 from typing import Any
 
@@ -177,6 +180,10 @@ def _encode(v: Any) -> Any:
             return {_TAG: "schedule", "kind": "linear", "start": v.start, "end": v.end, "end_fraction": v.end_fraction}
         if module == "stable_baselines3.common.noise":
             return _encode_noise(v)
+    if type(v) is types.FunctionType and v.__module__ == "stable_baselines3.common.utils":
+        schedule = _encode_schedule_closure(v)
+        if schedule is not None:
+            return schedule
     if isinstance(v, type) or (callable(v) and hasattr(v, "__qualname__") and not hasattr(v, "__self__")):
         name = f"{getattr(v, '__module__', '')}.{v.__qualname__}"
         if "<" not in name and name.startswith(_IMPORTABLE) and _importable_as(name, v):
@@ -211,6 +218,30 @@ def _encode_space_parameters(space: Any) -> dict[str, Any]:
     if type(space) is s.Tuple:
         return {_TAG: "space", "kind": "tuple", "spaces": [_encode_space(x) for x in space.spaces]}
     raise _Unsafe
+
+
+def _encode_schedule_closure(v: types.FunctionType) -> dict[str, Any] | None:
+    """The closures of SB3's deprecated ``get_linear_fn``, ``constant_fn`` and ``get_schedule_fn``, described as the
+    schedule classes that compute the same (their code is the same expression); None for any other function."""
+    from stable_baselines3.common import utils
+
+    def made_by(name: str) -> bool:  # the function's code is the one compiled inside SB3's factory
+        factory = getattr(utils, name, None)
+        return isinstance(factory, types.FunctionType) and v.__code__ in factory.__code__.co_consts
+
+    cells = dict(zip(v.__code__.co_freevars, (c.cell_contents for c in v.__closure__ or ()), strict=True))
+    if made_by("get_linear_fn") and {"start", "end", "end_fraction"} <= set(cells):
+        start, end, end_fraction = cells["start"], cells["end"], cells["end_fraction"]
+        if all(isinstance(x, (int, float)) for x in (start, end, end_fraction)):
+            return {_TAG: "schedule", "kind": "linear", "start": start, "end": end, "end_fraction": end_fraction}
+    if made_by("constant_fn") and isinstance(cells.get("val"), (int, float)):
+        return {_TAG: "schedule", "kind": "constant", "val": cells["val"]}
+    if made_by("get_schedule_fn") and "value_schedule" in cells:
+        try:
+            return {_TAG: "schedule", "kind": "float", "inner": _encode(cells["value_schedule"])}
+        except _Unsafe:
+            return None
+    return None
 
 
 def _encode_noise(v: Any) -> dict[str, Any]:
