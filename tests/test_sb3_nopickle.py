@@ -233,8 +233,8 @@ def test_every_algorithm_round_trips_without_pickle_and_matches_sb3_both_ways(na
 
     # training goes on from the restored model
     before = [p.detach().clone() for p in restored.policy.parameters()]
-    restored.learn(32, reset_num_timesteps=False)
-    assert restored.num_timesteps >= model.num_timesteps + 32
+    restored.learn(16, reset_num_timesteps=False)
+    assert restored.num_timesteps >= model.num_timesteps + 16
     assert any(not torch.equal(a, b) for a, b in zip(before, restored.policy.parameters(), strict=True))
 
 
