@@ -87,7 +87,7 @@ def locate(tree: Any, data_start: int, where: str) -> dict[str, ValueLocation]:
 
     try:
         walk(tree, "", data_start)
-    except (KeyError, TypeError, ValueError, StopIteration) as exc:
+    except (KeyError, TypeError, ValueError, StopIteration, RecursionError) as exc:
         raise CorruptSnapshotError(f"{where}: malformed value header: {type(exc).__name__}: {exc}") from exc
     return out
 
