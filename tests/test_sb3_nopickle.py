@@ -212,6 +212,11 @@ def test_every_algorithm_round_trips_without_pickle_and_matches_sb3_both_ways(na
     np.testing.assert_array_equal(actions(restored, obs), expected)
     np.testing.assert_array_equal(actions(predictor, obs), expected)
     assert restored.num_timesteps == model.num_timesteps
+    if off_policy:  # the replay buffer came back too (a DictReplayBuffer for SAC-Dict)
+        assert (restored.replay_buffer.pos, restored.replay_buffer.full) == (model.replay_buffer.pos, False)
+        saved, back = model.replay_buffer.observations, restored.replay_buffer.observations
+        for key in saved if isinstance(saved, dict) else [None]:
+            np.testing.assert_array_equal(back[key] if key else back, saved[key] if key else saved)
 
     # SB3 <- bucketsnap: SB3's own load of the exported zip predicts the same
     export_sb3_zip(run, "last", f"memory://nopickle/{name}-export.zip")
