@@ -1,8 +1,7 @@
 """Tiny tianshou 2.x experiments (CartPole-v1, one env, 16-unit nets) for tests/test_tianshou.py.
 
-Run as a script, trains PPO with its checkpoints in a bucketsnap run until it is killed:
-
-    python tianshou_run.py <run url> <storage options json> <persistence base dir>
+Run as a script, imports tianshou, reads ``{"url": ..., "options": ..., "base": ...}`` as one JSON line from stdin
+and trains PPO with its checkpoints in the bucketsnap run at ``url`` until it is killed (an empty stdin: it exits).
 
 ``NUMBA_DISABLE_JIT=1``: tianshou compiles its buffer helpers with numba in every new process, 15-60 s on a
 loaded 2-core machine; the plain Python functions behave the same and are what these tests can afford.
@@ -105,11 +104,13 @@ def greedy(algorithm: Any) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    from bucketsnap.integrations.tianshou import keep_in_run
-
-    url, options, base = sys.argv[1], sys.argv[2], sys.argv[3]
     import json
 
-    experiment = keep_in_run(build("ppo", base, epochs=10_000), url, storage_options=json.loads(options))
-    print("training", flush=True)
-    experiment.run()
+    from bucketsnap.integrations.tianshou import keep_in_run
+
+    # Imported first, told what to train afterwards: the test starts this process early, so that the slow
+    # imports overlap its other tests, and sends the run when it needs it.
+    job = json.loads(sys.stdin.readline() or "null")
+    if job is not None:
+        experiment = keep_in_run(build("ppo", job["base"], epochs=10_000), job["url"], storage_options=job["options"])
+        experiment.run()
