@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 from torch.distributed.checkpoint.api import CheckpointException
 
-from bucketsnap import SnapshotExistsError, SnapshotStore, StorageError, UnsafeLoadError
+from bucketsnap import CorruptSnapshotError, SnapshotExistsError, SnapshotStore, StorageError, UnsafeLoadError
 from bucketsnap._cli import cli
 from bucketsnap.dcp import SnapshotReader, SnapshotWriter
 from bucketsnap.retention import KeepLast
@@ -201,6 +201,25 @@ def test_the_reader_says_what_it_cannot_read(memory_backend: Backend) -> None:
         dcp.load({"w": torch.zeros(1)}, storage_reader=SnapshotReader(store))
     with pytest.raises(ValueError, match="checkpoint_id"):
         dcp.save({"w": torch.zeros(1)}, checkpoint_id="/tmp/x", storage_writer=SnapshotWriter(store, itr=2))
+
+
+def test_a_whole_tensor_read_is_checked_against_its_crc(local_backend: Backend) -> None:
+    url = local_backend.url("crc")
+    state = {"w": torch.randn(600, 300), "half": torch.randn(40, 7).to(torch.bfloat16)}  # w: 6 blocks
+    dcp.save(state, storage_writer=SnapshotWriter(url, itr=1))
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=SnapshotReader(url))
+    assert all(torch.equal(out[k], state[k]) for k in state)
+    member = SnapshotStore(url).info().members["w"]
+    assert member.path is not None
+    archive = Path(url) / member.path
+    data = bytearray(archive.read_bytes())
+    data[member.offset + member.stored_size // 2] ^= 0x01
+    archive.write_bytes(bytes(data))
+    with pytest.raises(CheckpointException) as corrupt:
+        dcp.load({"w": torch.zeros(600, 300)}, storage_reader=SnapshotReader(url))
+    assert isinstance(failure(corrupt.value), CorruptSnapshotError)
+    assert "checksum mismatch" in str(failure(corrupt.value))
 
 
 @pytest.mark.parametrize(

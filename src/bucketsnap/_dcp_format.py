@@ -43,7 +43,7 @@ from bucketsnap._archive import META_NAME, _StoredFrame, load_member, member_nam
 from bucketsnap._info import MemberInfo, crc32_checksum
 from bucketsnap._storage import Storage
 from bucketsnap._values import MAGIC, EncodedValue, encode
-from bucketsnap._zipformat import ZipStreamWriter
+from bucketsnap._zipformat import ZipStreamWriter, crc32_combine
 from bucketsnap.errors import CorruptSnapshotError, StorageError
 
 __all__ = [
@@ -175,72 +175,77 @@ def _tensor_start(data_start: int) -> int:
     return _FRAME_HEADER + 3 + data_start
 
 
-def _stored_position(data_start: int, q: int) -> int:
-    """The offset, in an item's stored frame, of byte ``q`` of its tensor."""
-    return _tensor_start(data_start) + (q // _BLOCK) * (_BLOCK + 3) + 3 + q % _BLOCK
-
-
 def _is_stored_frame(member: MemberInfo, data_start: int) -> bool:
     """Whether ``member`` has the layout :func:`_write_member` gives a tensor item (else it is read whole)."""
     nbytes = member.raw_size - data_start
     return nbytes > 0 and member.stored_size == _tensor_start(data_start) + nbytes + 3 * -(-nbytes // _BLOCK) + 3
 
 
-def _read_pieces(read: ReadRange, start: int, end: int) -> memoryview:
-    """Bytes ``[start, end)``: one request, or for a large range concurrent requests of :data:`PIECE` bytes
-    (one GET of a whole large tensor is several times slower on S3 than a few in parallel)."""
-    if end - start <= PIECE:
-        return memoryview(read(start, end))
-    out = bytearray(end - start)
-    view = memoryview(out)
+def _read_blocks(
+    read: ReadRange, member: MemberInfo, data_start: int, start: int, end: int, out: memoryview, *, whole: bool
+) -> None:
+    """Tensor bytes ``[start, end)`` of a stored item into ``out``, reading exactly the blocks that hold them.
 
-    def fetch(at: int) -> None:
-        piece = read(at, min(at + PIECE, end))
-        view[at - start : at - start + len(piece)] = piece
+    The blocks go in groups of :data:`PIECE` bytes, one ranged request each, :data:`READ_THREADS` at a time
+    (one GET of a large tensor is several times slower on S3 than a few in parallel); each group's bytes are
+    copied out of their blocks straight into ``out``. With ``whole``, the groups cover every byte of the member,
+    whose CRC-32 is checked.
+    """
+    tensor_at = member.offset + _tensor_start(data_start)  # the first block's header
+    first, stop = start // _BLOCK, (end - 1) // _BLOCK + 1
+    step = max(1, PIECE // _BLOCK)
+    groups = [(k, min(k + step, stop)) for k in range(first, stop, step)]
 
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        list(pool.map(fetch, range(start, end, PIECE)))
-    return view
+    def stored(q: int) -> int:  # the stored offset of tensor byte q
+        return tensor_at + (q // _BLOCK) * (_BLOCK + 3) + 3 + q % _BLOCK
 
+    def fetch(group: int) -> tuple[int, int]:
+        ka, kb = groups[group]
+        lo, hi = max(start, ka * _BLOCK), min(end, kb * _BLOCK)
+        s, e = stored(lo), stored(hi - 1) + 1
+        if whole:
+            s = member.offset if group == 0 else tensor_at + ka * (_BLOCK + 3)
+            if group == len(groups) - 1:
+                e = member.offset + member.stored_size  # the empty last block too
+        data = memoryview(read(s, e))
+        if len(data) != e - s:
+            raise CorruptSnapshotError(f"short read: {len(data)} of {e - s} bytes")
+        i, q = stored(lo) - s, lo
+        while q < hi:
+            n = min((q // _BLOCK + 1) * _BLOCK, hi) - q
+            out[q - start : q - start + n] = data[i : i + n]
+            i, q = i + n + 3, q + n  # past the next block's header
+        return zlib.crc32(data), len(data)
 
-def _unblock(data: memoryview, base: int, start: int, end: int) -> bytearray:
-    """Tensor bytes ``[start, end)`` out of ``data``, stored blocks whose byte ``base`` is tensor byte ``start``'s."""
-    out = bytearray(end - start)
-    i, w, q = base, 0, start
-    while q < end:
-        n = min((q // _BLOCK + 1) * _BLOCK, end) - q
-        out[w : w + n] = data[i : i + n]
-        w += n
-        i += n + 3  # the next block's header
-        q += n
-    return out
-
-
-def _tensor_bytes(read: ReadRange, member: MemberInfo, data_start: int, start: int, end: int) -> bytearray:
-    """Bytes ``[start, end)`` of a stored tensor item, reading exactly the blocks that hold them."""
-    first = member.offset + _stored_position(data_start, start)
-    data = _read_pieces(read, first, member.offset + _stored_position(data_start, end - 1) + 1)
-    return _unblock(data, 0, start, end)
-
-
-def _whole_tensor_bytes(read: ReadRange, member: MemberInfo, data_start: int, where: str) -> bytearray:
-    """All of a stored tensor item's bytes, its member read whole and checked against its CRC-32."""
-    data = _read_pieces(read, member.offset, member.offset + member.stored_size)
-    crc = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-    if len(data) != member.stored_size or crc != member.crc32:
-        raise CorruptSnapshotError(f"{where}: checksum mismatch (crc32 {crc}, expected {member.crc32})")
-    return _unblock(data, _stored_position(data_start, 0), 0, member.raw_size - data_start)
+    if len(groups) == 1:
+        parts = [fetch(0)]
+    else:
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            parts = list(pool.map(fetch, range(len(groups))))
+    if whole:
+        crc, size = parts[0]
+        for part_crc, part_size in parts[1:]:
+            crc, size = crc32_combine(crc, part_crc, part_size), size + part_size
+        if size != member.stored_size or f"{crc & 0xFFFFFFFF:08x}" != member.crc32:
+            raise CorruptSnapshotError(f"checksum mismatch (crc32 {crc & 0xFFFFFFFF:08x}, expected {member.crc32})")
 
 
 def read_tensor(
-    read: ReadRange, item: Item, offsets: tuple[int, ...], lengths: tuple[int, ...], *, where: str
+    read: ReadRange,
+    item: Item,
+    offsets: tuple[int, ...],
+    lengths: tuple[int, ...],
+    *,
+    where: str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The part ``[offsets, offsets + lengths)`` of the stored tensor ``item``, reading only its bytes.
 
     The bytes read are those from the part's first element to its last in the tensor's C order: exactly the
     part when it is a block of rows (a dim-0 shard). A whole tensor is read with its member's few header bytes
     and checked against the member's CRC-32; a part is not checked (``verify`` checks every byte). A member not
-    in the stored layout (none that bucketsnap.dcp writes) is read whole and decoded.
+    in the stored layout (none that bucketsnap.dcp writes) is read whole and decoded. The bytes go straight into
+    ``out`` where it is a contiguous CPU tensor of the part's shape and dtype (then ``out`` is returned).
     """
     shape, member = item.shape, item.member
     dtype = getattr(torch, item.dtype, None)
@@ -252,18 +257,28 @@ def read_tensor(
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             raise CorruptSnapshotError(f"{where}: member does not hold a tensor of shape {list(shape)}")
         return _narrow(tensor, offsets, lengths)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
     size = dtype.itemsize
     if item.data_start + math.prod(shape) * size != member.raw_size:
         raise CorruptSnapshotError(f"{where}: the tensor's {list(shape)} {item.dtype} do not fill its member")
-    if whole:
-        data = _whole_tensor_bytes(read, member, item.data_start, where)
-    else:
-        data = _tensor_bytes(read, member, item.data_start, first * size, (last + 1) * size)
-    flat = torch.frombuffer(data, dtype=dtype)
-    return flat.as_strided(tuple(lengths), tuple(strides))
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
+    span = (last + 1 - first) * size
+    direct = (
+        out is not None
+        and span == math.prod(lengths) * size
+        and out.device.type == "cpu"
+        and out.dtype == dtype
+        and tuple(out.shape) == tuple(lengths)
+        and out.is_contiguous()
+    )
+    target = out if direct and out is not None else torch.empty(span // size, dtype=dtype)
+    view = target.reshape(-1).view(torch.uint8).numpy().data  # any dtype, bfloat16 too: its bytes
+    try:
+        _read_blocks(read, member, item.data_start, first * size, (last + 1) * size, view, whole=whole)
+    except CorruptSnapshotError as exc:
+        raise CorruptSnapshotError(f"{where}: {exc}") from None
+    return target if direct else target.as_strided(tuple(lengths), tuple(strides))
 
 
 def _narrow(tensor: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:

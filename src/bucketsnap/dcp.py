@@ -73,6 +73,7 @@ from bucketsnap._saving import StoredObjects, check_itr, meta, write_archive
 from bucketsnap._snapshot import Snapshot
 from bucketsnap._storage import Storage
 from bucketsnap._store import SnapshotStore, as_store
+from bucketsnap._values import encode
 from bucketsnap.errors import BucketsnapError, SnapshotNotFoundError
 
 __all__ = ["SnapshotReader", "SnapshotWriter"]
@@ -231,8 +232,6 @@ class SnapshotWriter(StorageWriter):
         token, created = self._token, self._created
         tree = metadata_tree(metadata, items)
         storage = self.store.storage
-        from bucketsnap._values import encode
-
         own = archive_path(self.itr, token)
         archive_meta = meta(self.itr, created, self.metrics)
         archive_meta.update(dcp=True)
@@ -246,8 +245,9 @@ class SnapshotWriter(StorageWriter):
                 threads=0,
                 objects=StoredObjects(frozenset(), token),
             )
-        except BaseException:
-            _delete_quietly(self.store, own)
+        except BaseException:  # nothing was committed: no rank's archive can be needed
+            for path in (own, *archives):
+                _delete_quietly(self.store, path)
             raise
         members = {METADATA_KEY: stored.members[METADATA_KEY]}
         members.update({item.key: item.member for item in items.values()})
@@ -342,16 +342,17 @@ class SnapshotReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read each requested item's bytes (only the rows asked for), a few items at a time.
 
-        The reads run on threads, :data:`READ_AHEAD` items ahead; the planner is called in this thread, in
-        the plan's order."""
+        The reads run on threads, :data:`READ_AHEAD` items ahead, each straight into the tensor the planner
+        resolved for it where that is contiguous; the planner is called in this thread, in the plan's order."""
         storage = self.store.storage
         for req in plan.items:
             if req.storage_index not in self._items:
                 raise SnapshotNotFoundError(f"{self.url}: the snapshot holds no item {req.storage_index}")
         with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
-            pending: deque[tuple[ReadItem, ConcurrentFuture[Any]]] = deque()
+            pending: deque[tuple[ReadItem, torch.Tensor | None, ConcurrentFuture[Any]]] = deque()
             for req in plan.items:
-                pending.append((req, pool.submit(self._fetch, storage, req)))
+                target = planner.resolve_tensor(req).detach() if req.type == LoadItemType.TENSOR else None
+                pending.append((req, target, pool.submit(self._fetch, storage, req, target)))
                 if len(pending) > READ_AHEAD:
                     self._deliver(planner, *pending.popleft())
             while pending:
@@ -360,8 +361,8 @@ class SnapshotReader(StorageReader):
         future.set_result(None)
         return future
 
-    def _fetch(self, storage: Storage, req: ReadItem) -> Any:
-        """The value of a BYTE_IO item, or the part of a tensor ``req`` asks for."""
+    def _fetch(self, storage: Storage, req: ReadItem, target: torch.Tensor | None) -> Any:
+        """The value of a BYTE_IO item, or the part of a tensor ``req`` asks for (in ``target`` if it can)."""
         item = self._items[req.storage_index]
         path = item.member.path
         assert path is not None
@@ -372,23 +373,25 @@ class SnapshotReader(StorageReader):
         where = f"{storage.url_of(path)} member {item.member.name}"
         if req.type == LoadItemType.BYTE_IO:
             return load_member(read, item.member, where=where, allow_pickle=self.allow_pickle)
-        return read_tensor(read, item, tuple(req.storage_offsets), tuple(req.lengths), where=where)
+        return read_tensor(read, item, tuple(req.storage_offsets), tuple(req.lengths), where=where, out=target)
 
-    def _deliver(self, planner: LoadPlanner, req: ReadItem, fetched: ConcurrentFuture[Any]) -> None:
+    def _deliver(
+        self, planner: LoadPlanner, req: ReadItem, target: torch.Tensor | None, fetched: ConcurrentFuture[Any]
+    ) -> None:
         value = fetched.result()
-        if req.type == LoadItemType.BYTE_IO:
+        if target is None:
             buffer = io.BytesIO()
             torch.save(value, buffer)  # DCP's planner torch.loads it: made here, from a decoded value
             buffer.seek(0)
             planner.load_bytes(req, buffer)
             return
-        target = planner.resolve_tensor(req).detach()
-        if target.size() != value.size():
-            raise BucketsnapError(
-                f"{self.url}: read {list(value.size())} of {req.storage_index.fqn} for a target of "
-                f"{list(target.size())}"
-            )
-        target.copy_(value)
+        if value is not target:
+            if target.size() != value.size():
+                raise BucketsnapError(
+                    f"{self.url}: read {list(value.size())} of {req.storage_index.fqn} for a target of "
+                    f"{list(target.size())}"
+                )
+            target.copy_(value)
         planner.commit_tensor(req, target)
 
     @classmethod
