@@ -300,6 +300,10 @@ def test_checkpoints_disabled_absent_and_the_newest_policy() -> None:
     checkpoint_fn = persistence.get_save_checkpoint_fn(w)
     assert checkpoint_fn is not None
     checkpoint_fn(1, 10, 1)  # a run of checkpoints only: restore takes the newest checkpoint
+    without = PolicyPersistence().get_save_checkpoint_fn(TianshouLikeWorld(persist_directory="memory://persistence/x"))
+    assert without is not None
+    with pytest.raises(ValueError, match="no algorithm"):
+        without(1, 10, 1)
     assert torch.equal(persistence.restore(Policy(), World(w.store)).net.weight, policy.net.weight)
 
 

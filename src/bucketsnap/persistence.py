@@ -404,6 +404,11 @@ class PolicyPersistence:
 
         def save_checkpoint_fn(epoch: int, env_step: int, gradient_step: int) -> str:
             target = self._runs.world(world, restoring=False)
+            if target.policy is None:
+                raise ValueError(
+                    f"nothing to checkpoint to {target.store.url}: the world has no algorithm (tianshou's World) "
+                    "or policy (bucketsnap's World): set it before the trainer runs"
+                )
             counters = {"epoch": int(epoch), "env_step": int(env_step), "gradient_step": int(gradient_step)}
             info = self._commit(target, {**self._members(target.policy), TRAINER: counters}, f"checkpoint {counters}")
             return info.url
