@@ -272,9 +272,12 @@ def test_experiment_pickle_keeps_no_storage_options(tmp_path: Path) -> None:
     experiment = keep_in_run(build("dqn", str(tmp_path)), "memory://tianshou/p", storage_options={"key": "secret"})
     assert isinstance(experiment, RunExperiment)
     experiment.save(str(tmp_path))
-    again = RunExperiment.from_directory(str(tmp_path))
+    assert "secret" not in (tmp_path / "experiment.pkl").read_bytes().decode("latin-1")
+    assert "secret" not in experiment.pprints()
+    again = RunExperiment.from_directory(str(tmp_path), storage_options={"key": "given again"})
     assert isinstance(again, RunExperiment) and again.run_url == "memory://tianshou/p"
-    assert again.storage_options is None and "secret" not in experiment.pprints()
+    assert again.storage_options == {"key": "given again"}
+    assert again.config.policy_restore_directory == "memory://tianshou/p"  # the policy is in the run
 
 
 @pytest.mark.parametrize(("algo", "where"), [("dqn", "s3"), ("ppo", "memory")])  # PPO on S3: the killed test

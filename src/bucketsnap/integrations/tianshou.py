@@ -67,6 +67,24 @@ class RunExperiment(Experiment):
         self.storage_options = storage_options
         self.resume = resume
 
+    @classmethod
+    def from_directory(
+        cls, directory: str, restore_policy: bool = True, *, storage_options: dict[str, Any] | None = None
+    ) -> Experiment:
+        """tianshou's ``Experiment.from_directory``; restoring the policy reads it from the run, not ``directory``.
+
+        Args:
+            directory: the persistence directory holding ``experiment.pkl``.
+            restore_policy: set ``policy_restore_directory`` to the run's URL.
+            storage_options: the run's, which ``experiment.pkl`` does not hold.
+        """
+        experiment = super().from_directory(directory, restore_policy)
+        if isinstance(experiment, RunExperiment):
+            experiment.storage_options = storage_options
+            if restore_policy:
+                experiment.config.policy_restore_directory = experiment.run_url
+        return experiment
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "storage_options": None}  # credentials stay out of experiment.pkl
 
