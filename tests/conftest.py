@@ -8,6 +8,7 @@ which in pytest's header. Each test gets its own bucket prefix, so no reset is n
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 sys.path.insert(0, str(Path(__file__).parent))
+# tianshou's buffer helpers are numba functions, compiled in each new process (15-60 s on these machines) unless
+# the JIT is off; the tests (tianshou's, the docs examples') and the processes they start need none of its speed.
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 import servers
 
