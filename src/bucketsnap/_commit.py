@@ -90,9 +90,10 @@ class Committer:
             except BucketsnapError as exc:
                 refused.append(exc)
                 raise
-            kept = [s for s in current.snapshots if s.itr != info.itr] + [info]
-            doomed.update(_archives_to_delete([old] if old is not None else [], kept))
-            return current.with_snapshots(kept).with_sweep(doomed)
+            new = current.with_entry(info)
+            if old is not None:  # only an overwrite reads every page (is the old archive needed elsewhere?)
+                doomed.update(_archives_to_delete([old], new))
+            return new.with_sweep(doomed)
 
         try:
             committed = self.log.commit_state(add)
@@ -174,10 +175,10 @@ class Committer:
                 # lost response, retried), or another writer deleted it. Either way it is deleted.
                 return current
             found[:] = [current.resolve(itr, self.url)]
-            kept = [s for s in current.snapshots if s.itr != itr]
+            kept = current.without(itr)
             doomed.clear()
             doomed.update(_archives_to_delete(found, kept))
-            return current.with_snapshots(kept).with_sweep(doomed)
+            return kept.with_sweep(doomed)
 
         committed = self.log.commit_state(remove)
         self._delete_swept(doomed, committed, f"itr {itr} is deleted from the manifest")
@@ -207,10 +208,9 @@ def exists_error(itr: int, url: str) -> SnapshotExistsError:
     )
 
 
-def _archives_to_delete(dropped: list[SnapshotInfo], kept: list[SnapshotInfo]) -> set[str]:
+def _archives_to_delete(dropped: list[SnapshotInfo], kept: Manifest) -> set[str]:
     """The archives of ``dropped`` snapshots that no snapshot of ``kept`` needs.
 
     Objects shared by content (``refs``: replay-buffer chunks) are left to gc, which condemns them first.
     """
-    needed = set().union(*(s.objects() for s in kept))
-    return {rel for s in dropped for rel in s.objects() if rel not in s.refs} - needed
+    return {rel for s in dropped for rel in s.objects() if rel not in s.refs} - kept.referenced()

@@ -44,6 +44,7 @@ from bucketsnap._manifest import (
     generation_name,
     swept,
 )
+from bucketsnap._pages import PAGE_DIR, MissingPageError, Tree
 from bucketsnap._snapshot import Snapshot
 from bucketsnap._storage import PROBE_PREFIX, Storage
 from bucketsnap._zipformat import RangeReader, read_directory, read_member
@@ -65,6 +66,9 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
     now = time.time() if now is None else now
     newest = log.read()
     stored = {f"{d}/{name}" for d in DATA_DIRS for name in storage.list(d) if not _young_probe(storage, d, name, now)}
+    pages = _live_pages(log)
+    if pages is not None:  # pages of no generation present; while one cannot be read, gc keeps every page
+        stored |= {f"{PAGE_DIR}/{n}" for n in storage.list(PAGE_DIR) if _page_name(storage, n, now)} - pages
     unreferenced = stored - newest.referenced()
     if dry_run:
         doomed = {rel for rel in unreferenced if _ripe(newest.condemned.get(rel, now), now, min_age)}
@@ -73,7 +77,7 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
     if unreferenced - set(newest.condemned):
 
         def condemn(current: Manifest) -> Manifest:
-            still = unreferenced - current.referenced()
+            still = unreferenced - current.referenced() - current.tree.page_paths()
             return replace(current, condemned={**{rel: now for rel in still}, **current.condemned})
 
         newest = log.commit_state(condemn)
@@ -82,7 +86,11 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
         sweep: list[Sweep] = []
 
         def sweep_ripe(current: Manifest) -> Manifest:
-            needed = current.referenced()
+            # A page is deleted only once no generation a reader may still read references it (see _live_pages).
+            live = _live_pages(log)
+            needed = current.referenced() | current.tree.page_paths() | (live or set())
+            if live is None:
+                needed |= {rel for rel in current.condemned if rel.startswith(f"{PAGE_DIR}/")}
             ripe = {rel for rel, t in current.condemned.items() if _ripe(t, now, min_age) and rel not in needed}
             # A condemned name that is no longer stored (a local temp file renamed by its save) is forgotten.
             gone = {rel for rel in ripe if rel not in stored}
@@ -114,6 +122,32 @@ def _young_probe(storage: Storage, directory: str, name: str, now: float) -> boo
     return modified is None or now - modified < PROBE_GRACE
 
 
+def _live_pages(log: ManifestLog) -> set[str] | None:
+    """The pages that some generation present references, or None if one of them cannot be read.
+
+    Only generations present reference pages, and a generation is never created again once pruned (except below
+    the newest, by a writer that then retries: see ManifestLog.commit_state), so a page none of them references
+    is needed by no reader that lists afresh; one that has just read an older generation reads again.
+    """
+    live: set[str] = set()
+    for generation in log.generations():
+        try:
+            live |= log.read_generation(generation).tree.page_paths()
+        except MissingPageError:
+            if generation in log.generations():
+                return None  # present, but a page it references is gone: a corrupt run (repair it)
+        except FileNotFoundError:
+            continue  # pruned since the listing
+        except CorruptSnapshotError:
+            return None
+    return live
+
+
+def _page_name(storage: Storage, name: str, now: float) -> bool:
+    """Whether ``name`` under ``manifest/pages/`` is a page (not a temp file, not a young probe)."""
+    return name.endswith(".json") and not name.startswith(".") and not _young_probe(storage, PAGE_DIR, name, now)
+
+
 def _ripe(condemned_at: float, now: float, min_age: float) -> bool:
     return min_age <= 0 or now - condemned_at >= min_age
 
@@ -125,11 +159,12 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
     """
     storage = log.storage
     stale = [generation_name(g) for g in log.generations() if g < newest.generation - KEEP_GENERATIONS]
-    for name in storage.list(MANIFEST_DIR):
-        rel = f"{MANIFEST_DIR}/{name}"
-        young_probe = _young_probe(storage, MANIFEST_DIR, name, now)
-        if ".tmp-" in name and not young_probe and _ripe(storage.modified(rel) or now, now, min_age):
-            stale.append(rel)
+    for directory in (MANIFEST_DIR, PAGE_DIR):
+        for name in storage.list(directory):
+            rel = f"{directory}/{name}"
+            young_probe = _young_probe(storage, directory, name, now)
+            if ".tmp-" in name and not young_probe and _ripe(storage.modified(rel) or now, now, min_age):
+                stale.append(rel)
     return stale
 
 
@@ -141,16 +176,19 @@ def repair(log: ManifestLog) -> Manifest:
     may still be deleting it) or in a sweep committed since (see :func:`~bucketsnap._manifest.swept`).
     """
     storage = log.storage
-    base = Manifest(0)
+    base = Manifest(0, Tree(log.pages))
     for generation in reversed(log.generations()):
         try:
-            base = log.read_generation(generation)
+            candidate = log.read_generation(generation)
+            candidate.snapshots  # noqa: B018 -- a generation whose pages do not read is skipped too
+            base = candidate
             break
         except (CorruptSnapshotError, FileNotFoundError) as exc:
             logger.warning("skipping manifest generation %d: %s", generation, exc)
     in_sweeps = {rel for sweep in base.sweeps for rel in sweep.deleting}
     recovered: dict[int, SnapshotInfo] = {}
-    for name in storage.list(SNAPSHOT_DIR):
+    listed = storage.list(SNAPSHOT_DIR)
+    for name in listed:
         rel = f"{SNAPSHOT_DIR}/{name}"
         if not name.endswith(".zip") or name.startswith(".") or rel in base.referenced() or rel in in_sweeps:
             continue
@@ -176,6 +214,13 @@ def repair(log: ManifestLog) -> Manifest:
             # sweeps deleted is unknown: repairing a corrupt manifest trusts that no gc runs meanwhile.
             sweep = max(base.sweep + 1, current.generation + 1 + SWEEP_HISTORY)
             current = replace(base, generation=current.generation, sweep=sweep, sweeps=())
+            # The lost generation may have deleted or overwritten snapshots of the base (their archives are gone,
+            # recorded in its lost sweep): keep only the base's snapshots whose objects are all still stored.
+            stored = {f"{SNAPSHOT_DIR}/{n}" for n in listed} | {f"{CHUNK_DIR}/{n}" for n in storage.list(CHUNK_DIR)}
+            intact = [s for s in current.snapshots if s.objects() <= stored]
+            if len(intact) < current.tree.count:
+                logger.warning("repair drops %d snapshot(s) whose objects are gone", current.tree.count - len(intact))
+                current = current.with_snapshots(intact)
             fenced = recovered
         else:
             fenced = {itr: i for itr, i in recovered.items() if not swept(base, current, i.objects())}

@@ -41,10 +41,11 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import SupportsIndex
+from typing import SupportsIndex, TypeVar
 
 from bucketsnap._archive import FORMAT_VERSION
 from bucketsnap._info import SnapshotInfo
+from bucketsnap._pages import MissingPageError, PageStore, Tree
 from bucketsnap._storage import Storage
 from bucketsnap.errors import (
     BucketsnapError,
@@ -74,9 +75,10 @@ logger = logging.getLogger("bucketsnap")
 MANIFEST_DIR = "manifest"
 SNAPSHOT_DIR = "snapshots"
 MANIFEST_FORMAT = "bucketsnap-manifest"
-MANIFEST_VERSION = 2
-#: Versions this bucketsnap reads; version 1 (no gc state) is upgraded by the next commit.
-READABLE_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3
+#: Versions this bucketsnap reads; versions 1 (no gc state) and 2 (every snapshot inline) are upgraded by the
+#: next commit.
+READABLE_VERSIONS = (1, 2, 3)
 #: Sweeps whose deletions every generation still records (gc sweeps, and the deletions of ``delete`` and
 #: overwrites): a writer whose save spans more sweeps than this cannot tell whether its objects were deleted, and
 #: fails instead of committing.
@@ -87,6 +89,7 @@ MAX_COMMIT_ATTEMPTS = 200
 _GENERATION = re.compile(r"^(\d{12})\.json$")
 
 Which = int | str
+T = TypeVar("T")
 
 
 def parse_which(which: object, *, digits: bool = False, name: str = "which") -> Which:
@@ -144,10 +147,11 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One generation of the log: the committed snapshots, ascending by itr."""
+    """One generation of the log: the committed snapshots, ascending by itr, as a :class:`~bucketsnap._pages.Tree`
+    whose older entries are read from pages only when a lookup needs them."""
 
     generation: int
-    snapshots: tuple[SnapshotInfo, ...] = ()
+    tree: Tree = field(default_factory=Tree)
     #: When the generation was committed (None for generation 0 and for generations that do not say).
     written: datetime | None = None
     #: A random id of this generation, and the id of the generation it was built on ("" if none or unknown):
@@ -163,31 +167,37 @@ class Manifest:
     #: Not a generation that was read: the newest one did not parse (``commit(..., over_corrupt=True)``).
     unreadable: bool = False
 
+    @property
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """Every committed snapshot, ascending by itr (reads every page of the generation)."""
+        return self.tree.all()
+
     def itrs(self) -> list[int]:
-        return [s.itr for s in self.snapshots]
+        return self.tree.itrs()
 
     def find(self, itr: int) -> SnapshotInfo | None:
-        for s in self.snapshots:
-            if s.itr == itr:
-                return s
-        return None
+        return self.tree.find(itr)
 
     def resolve(self, which: Which, url: str) -> SnapshotInfo:
         """The snapshot ``which`` names: ``"last"``, ``"first"`` or an int itr (see :func:`parse_which`)."""
         which = parse_which(which)
-        if not self.snapshots:
+        if not self.tree.count:
             raise SnapshotNotFoundError(
                 f"no committed snapshot at {url}: the run is empty. Check the URL, or save one first."
             )
         if which == "last":
-            found: SnapshotInfo | None = self.snapshots[-1]
+            found = self.tree.last()
         elif which == "first":
-            found = self.snapshots[0]
+            found = self.tree.first()
         else:
             found = self.find(int(which))
         if found is None:
-            itrs = self.itrs()
-            shown = ", ".join(map(str, itrs)) if len(itrs) <= 10 else f"{itrs[0]} to {itrs[-1]} ({len(itrs)} in all)"
+            count = self.tree.count
+            if count <= 10:
+                shown = ", ".join(map(str, self.itrs()))
+            else:
+                first, last = self.tree.first(), self.tree.last()
+                shown = f"{first.itr if first else '?'} to {last.itr if last else '?'} ({count} in all)"
             raise SnapshotNotFoundError(f"no snapshot with itr {which} at {url}; committed itrs: {shown}")
         if found.format_version != FORMAT_VERSION:
             raise CorruptSnapshotError(
@@ -196,16 +206,36 @@ class Manifest:
             )
         return found
 
-    def referenced(self) -> set[str]:
-        """Every object some snapshot of this generation needs."""
-        return set().union(*(s.objects() for s in self.snapshots))
+    def referenced(self) -> frozenset[str]:
+        """Every object some snapshot of this generation needs (reads every page)."""
+        return self.tree.referenced()
+
+    def shared(self) -> frozenset[str]:
+        """Every object shared by content (replay-buffer chunks) that some snapshot of this generation needs."""
+        return self.tree.shared()
 
     def with_snapshots(self, snapshots: Iterable[SnapshotInfo]) -> Manifest:
-        """This generation's successor listing ``snapshots``: objects they need are no longer condemned."""
-        ordered = tuple(sorted(snapshots, key=lambda s: s.itr))
+        """This generation's successor listing ``snapshots``: objects they need are no longer condemned.
+
+        Only the pages holding a difference are rewritten."""
+        ordered = sorted(snapshots, key=lambda s: s.itr)
         needed = set().union(*(s.objects() for s in ordered))
         condemned = {rel: t for rel, t in self.condemned.items() if rel not in needed}
-        return replace(self, snapshots=ordered, condemned=condemned)
+        return replace(self, tree=self.tree.with_entries(ordered), condemned=condemned)
+
+    def with_entry(self, info: SnapshotInfo) -> Manifest:
+        """This generation's successor with ``info`` added (or replacing its itr's entry), un-condemning its objects.
+
+        A condemned object is needed by no snapshot (gc condemns only those, and a commit that needs one
+        removes it), so only the new entry's objects can leave ``condemned``.
+        """
+        needed = info.objects()
+        condemned = {rel: t for rel, t in self.condemned.items() if rel not in needed}
+        return replace(self, tree=self.tree.put(info), condemned=condemned)
+
+    def without(self, itr: int) -> Manifest:
+        """This generation's successor without snapshot ``itr``."""
+        return replace(self, tree=self.tree.remove(itr))
 
     def with_sweep(self, deleting: Iterable[str]) -> Manifest:
         """This generation recording one more sweep, of ``deleting`` (unchanged if there is nothing to delete).
@@ -227,19 +257,24 @@ class Manifest:
         if self.sweep:
             gc["sweep"] = self.sweep
             gc["sweeps"] = [{"epoch": s.epoch, "deleting": sorted(s.deleting)} for s in self.sweeps]
+        refs = self.tree.refs_json()
         doc = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "generation": self.generation,
             "written": datetime.now(timezone.utc).isoformat(),
-            "snapshots": [s.to_json() for s in self.snapshots],
+            "count": self.tree.count,
+            "snapshots": [s.to_json() for s in self.tree.tail],
+            **({"pages": refs} if refs else {}),
             **({"id": self.token, "parent": self.parent} if self.token else {}),
             **({"gc": gc} if gc else {}),
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, *, generation: int, base_url: str, where: str) -> Manifest:
+    def from_json(
+        cls, data: bytes, *, generation: int, base_url: str, where: str, pages: PageStore | None = None
+    ) -> Manifest:
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -249,24 +284,32 @@ class Manifest:
             ) from exc
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise CorruptSnapshotError(f"{where} is not a bucketsnap manifest; run SnapshotStore.repair()")
-        if doc.get("version") not in READABLE_VERSIONS:
+        version = doc.get("version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise CorruptSnapshotError(
-                f"manifest {where} has version {doc.get('version')!r}, this bucketsnap reads versions "
+                f"manifest {where} has version {version!r}, this bucketsnap reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade bucketsnap"
             )
         if doc.get("generation") != generation:
             raise CorruptSnapshotError(f"manifest {where} says generation {doc.get('generation')!r}")
         entries = doc.get("snapshots")
-        if not isinstance(entries, list):
+        refs = doc.get("pages", []) if version >= 3 else []
+        if not isinstance(entries, list) or not isinstance(refs, list):
             raise CorruptSnapshotError(f"manifest {where} has no snapshot list")
         snapshots = sorted((SnapshotInfo.from_json(e, base_url=base_url) for e in entries), key=lambda s: s.itr)
         if len({s.itr for s in snapshots}) != len(snapshots):
             raise CorruptSnapshotError(f"manifest {where} lists an itr twice")
+        # Versions 1 and 2 list every snapshot inline: the tree's tail, sealed into pages by the next commit.
+        tree = Tree.from_json(snapshots, refs, pages, where)
+        if version >= 3 and doc.get("count") != tree.count:
+            raise CorruptSnapshotError(
+                f"manifest {where} says it holds {doc.get('count')!r} snapshots, not {tree.count}"
+            )
         token, parent = doc.get("id", ""), doc.get("parent", "")
         condemned, sweep, sweeps = _gc_state(doc.get("gc", {}), where)
         return cls(
             generation,
-            tuple(snapshots),
+            tree,
             _timestamp(doc.get("written")),
             token=token if isinstance(token, str) else "",
             parent=parent if isinstance(parent, str) else "",
@@ -309,8 +352,10 @@ def swept(base: Manifest, current: Manifest, objects: Iterable[str]) -> set[str]
     deletions are recorded in :attr:`Manifest.sweeps`; if one of them is no longer recorded, every object not
     referenced by ``current`` may be gone.
     """
+    if current.sweep == base.sweep:  # no sweep since base: nothing to check (and no page to read)
+        return set()
     unreferenced = set(objects) - current.referenced()
-    if not unreferenced or current.sweep == base.sweep:
+    if not unreferenced:
         return set()
     recorded = {s.epoch: s.deleting for s in current.sweeps}
     gone: set[str] = set()
@@ -352,6 +397,7 @@ class ManifestLog:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.conflicts = 0
+        self.pages = PageStore(lambda rel: self.storage.read(rel), storage.url_of, storage.url)
 
     def generations(self) -> list[int]:
         """The generations present, ascending."""
@@ -362,7 +408,7 @@ class ManifestLog:
         rel = generation_name(generation)
         data = self.storage.read(rel)
         return Manifest.from_json(
-            data, generation=generation, base_url=self.storage.url, where=self.storage.url_of(rel)
+            data, generation=generation, base_url=self.storage.url, where=self.storage.url_of(rel), pages=self.pages
         )
 
     def read(self) -> Manifest:
@@ -370,7 +416,7 @@ class ManifestLog:
         for _ in range(10):
             generations = self.generations()
             if not generations:
-                return Manifest(0)
+                return Manifest(0, Tree(self.pages))
             try:
                 try:
                     return self.read_generation(generations[-1])
@@ -381,6 +427,18 @@ class ManifestLog:
                     return self.read_generation(generations[-1])
             except FileNotFoundError:
                 continue  # pruned between the listing and the read: list again
+        raise BucketsnapError(f"the manifest at {self.storage.url} kept changing while being read; retry")
+
+    def lookup(self, look: Callable[[Manifest], T]) -> T:
+        """``look(newest generation)``, read again if a page it reads is gone (its generation was pruned and gc
+        removed the page: a newer generation has the run's current pages)."""
+        for _ in range(10):
+            manifest = self.read()
+            try:
+                return look(manifest)
+            except MissingPageError:
+                if manifest.generation in self.generations():
+                    raise  # its generation is still there: the page was lost, not replaced
         raise BucketsnapError(f"the manifest at {self.storage.url} kept changing while being read; retry")
 
     def commit(self, change: Callable[[Manifest], list[SnapshotInfo]], *, over_corrupt: bool = False) -> Manifest:
@@ -397,17 +455,29 @@ class ManifestLog:
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             try:
                 current = self.read()
+                if over_corrupt:
+                    current.snapshots  # noqa: B018 -- a generation whose pages do not read is corrupt too
             except CorruptSnapshotError:
                 if not over_corrupt:
                     raise
-                current = Manifest(self.generations()[-1], unreadable=True)
+                current = Manifest(self.generations()[-1], Tree(self.pages), unreadable=True)
+            try:
+                changed = change(current)
+            except MissingPageError:  # a page of a generation pruned meanwhile: read the newest again
+                continue
             new = replace(
-                change(current),
+                changed,
+                tree=changed.tree.sealed(),
                 generation=current.generation + 1,
                 written=None,
                 token=uuid.uuid4().hex,
                 parent=current.token,
             )
+            # Pages first, under names no other writer uses: the generation is the commit, and a page it does
+            # not reference (this attempt lost its race) is an orphan for gc.
+            for rel, data in new.tree.written().items():
+                self.storage.create_exclusive(rel, data)
+            new = replace(new, tree=new.tree.committed())
             try:
                 self.storage.create_exclusive(generation_name(new.generation), new.to_json())
             except FileExistsError:
@@ -425,7 +495,7 @@ class ManifestLog:
                 self.conflicts += 1
                 logger.debug("generation %d was recreated below the newest %d; retrying", new.generation, newest[-1])
                 continue
-            self._prune(new.generation)
+            self._prune(new.generation, newest)
             return new
         raise CommitConflictError(
             f"could not commit to {self.storage.url} after {MAX_COMMIT_ATTEMPTS} attempts: other writers kept "
@@ -440,9 +510,12 @@ class ManifestLog:
             return False
         return bool(committed.token) and after.parent == committed.token
 
-    def _prune(self, newest: int) -> None:
-        """Best effort: drop generations too old for any reader to still be reading them."""
-        for generation in range(max(1, newest - KEEP_GENERATIONS - 4), newest - KEEP_GENERATIONS):
+    def _prune(self, newest: int, present: list[int]) -> None:
+        """Best effort: drop the generations of ``present`` (the listing made after the commit) that are too old
+        for any reader to still be reading them; only those listed, so no DELETE is sent for one already gone."""
+        for generation in present:
+            if generation >= newest - KEEP_GENERATIONS:
+                break
             try:
                 self.storage.delete(generation_name(generation))
             except BucketsnapError as exc:  # pruning is an optimisation; gc() retries it

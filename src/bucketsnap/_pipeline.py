@@ -389,7 +389,7 @@ class _Run:
 def _reusable(base: Manifest, world: World) -> frozenset[str]:
     """The objects of ``base`` a save may reuse. A ranked world sends them to every rank, so only the chunks:
     the only objects a save reuses (see :class:`~bucketsnap._saving.StoredObjects`)."""
-    referenced = base.referenced()
+    referenced = base.shared()  # only chunks are reused; reading them needs no page without one
     if world.ranked:
         return frozenset(rel for rel in referenced if rel.startswith(f"{CHUNK_DIR}/"))
     return frozenset(referenced)

@@ -318,11 +318,11 @@ class SnapshotStore:
 
     def itrs(self) -> list[int]:
         """The committed itrs, ascending."""
-        return self._log.read().itrs()
+        return self._log.lookup(lambda m: m.itrs())
 
     def infos(self) -> list[SnapshotInfo]:
         """Every committed snapshot's info, ascending by itr."""
-        return list(self._log.read().snapshots)
+        return self._log.lookup(lambda m: list(m.snapshots))
 
     def info(self, which: Which = "last") -> SnapshotInfo:
         """The info of snapshot ``which``: ``"last"``, ``"first"`` or an int itr.
@@ -331,7 +331,7 @@ class SnapshotStore:
             SnapshotNotFoundError: the run is empty or has no such itr.
             ValueError: ``which`` is none of those.
         """
-        return self._log.read().resolve(which, self.url)
+        return self._log.lookup(lambda m: m.resolve(which, self.url))
 
     def open(self, which: Which = "last", *, map_location: MapLocation = None, allow_pickle: bool = False) -> Snapshot:
         """A lazy view of snapshot ``which``: members are read only when indexed."""

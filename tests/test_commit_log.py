@@ -1,0 +1,258 @@
+"""The paged commit log (manifest version 3, docs/protocol.md "The log"): what a commit writes and a lookup reads
+at a few thousand snapshots, upgrades of version 1 and 2 runs, refusal by a bucketsnap that reads only older
+versions, pruning only what exists, and gc of pages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+import bucketsnap._manifest as manifest_module
+import counting_fs  # noqa: F401 -- registers countmem://
+from bucketsnap import CorruptSnapshotError, SnapshotStore
+from bucketsnap._info import SnapshotInfo
+from bucketsnap._manifest import KEEP_GENERATIONS, MANIFEST_DIR, generation_name
+from bucketsnap._pages import PAGE_DIR, TAIL
+from bucketsnap._storage import Storage
+
+LOOKUP_BYTES = 64 * 1024
+
+
+class Tally:
+    """Wraps a store's Storage verbs to count requests and bytes written under manifest/."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.lists = self.reads = self.read_bytes = self.deletes = self.written = 0
+        self.deleted: list[str] = []
+        real_list, real_read = storage.list, storage.read
+        real_create, real_delete = storage.create_exclusive, storage.delete
+
+        def listing(rel_dir: str) -> list[str]:
+            self.lists += 1
+            return real_list(rel_dir)
+
+        def read(rel: str, start: int | None = None, end: int | None = None) -> bytes:
+            data = real_read(rel, start, end)
+            self.reads += 1
+            self.read_bytes += len(data)
+            return data
+
+        def create(rel: str, data: bytes) -> None:
+            if rel.startswith(f"{MANIFEST_DIR}/"):
+                self.written += len(data)
+            real_create(rel, data)
+
+        def delete(rel: str) -> None:
+            self.deleted.append(rel)
+            real_delete(rel)
+
+        storage.list, storage.read = listing, read  # type: ignore[method-assign]
+        storage.create_exclusive, storage.delete = create, delete  # type: ignore[method-assign]
+
+    @property
+    def requests(self) -> int:
+        return self.lists + self.reads
+
+    def reset(self) -> None:
+        self.lists = self.reads = self.read_bytes = self.written = 0
+        self.deleted.clear()
+
+
+def _grow(store: SnapshotStore, count: int) -> SnapshotInfo:
+    """Commit ``count`` snapshots quickly: one real save, then entries that share its archive under new itrs
+    (one commit, which pages them as the upgrade of a big version-2 run would)."""
+    real = store.save(0, {"step": 0, "weights": list(range(8))}, metrics={"return": 1.0})
+    entries = [real] + [replace(real, itr=i) for i in range(1, count)]
+    store._log.commit(lambda current: entries)
+    return real
+
+
+@pytest.fixture
+def big_run() -> tuple[SnapshotStore, SnapshotInfo]:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    return store, _grow(store, 3000)
+
+
+def test_last_first_and_itr_read_at_most_64_kib_in_at_most_five_requests(big_run: Any) -> None:
+    store, _ = big_run
+    for which, itr in [("last", 2999), ("first", 0), (1234, 1234), (17, 17), (2990, 2990)]:
+        fresh = SnapshotStore(store.url)
+        tally = Tally(fresh.storage)
+        assert fresh.info(which).itr == itr
+        assert tally.requests <= 5, (which, tally.lists, tally.reads)
+        assert tally.read_bytes <= LOOKUP_BYTES, (which, tally.read_bytes)
+
+
+def test_an_absent_itr_costs_no_leaf_page(big_run: Any) -> None:
+    store, _ = big_run
+    store.delete(1500)
+    fresh = SnapshotStore(store.url)
+    tally = Tally(fresh.storage)
+    with pytest.raises(FileNotFoundError, match=r"no snapshot with itr 1500 .* 0 to 2999 \(2999 in all\)"):
+        fresh.info(1500)
+    assert tally.requests <= 6 and tally.read_bytes <= LOOKUP_BYTES
+
+
+def test_listing_every_itr_costs_a_few_requests_per_thousand(big_run: Any) -> None:
+    store, _ = big_run
+    fresh = SnapshotStore(store.url)
+    tally = Tally(fresh.storage)
+    assert fresh.itrs() == list(range(3000))
+    assert tally.requests <= 2 + 3 * 5, tally.requests  # level-2 and level-3 pages only: 1 per 256 itrs
+
+
+def test_a_commit_at_3000_snapshots_writes_within_1_5x_of_one_at_10(big_run: Any) -> None:
+    def written_per_commit(store: SnapshotStore, start: int) -> float:
+        tally = Tally(store.storage)
+        real = store.info(0)
+        for itr in range(start, start + 4 * TAIL):  # whole seal cycles, so the amortised page writes count
+            store._log.commit_state(lambda current, i=itr: current.with_entry(replace(real, itr=i)))
+        return tally.written / (4 * TAIL)
+
+    small = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    _grow(small, 10)
+    big, _ = big_run
+    assert written_per_commit(big, 3000) <= 1.5 * written_per_commit(small, 10)
+
+
+def test_a_save_reads_no_page_and_writes_a_bounded_generation(big_run: Any) -> None:
+    store, _ = big_run
+    writer = SnapshotStore(store.url)  # a restarted writer: nothing cached
+    tally = Tally(writer.storage)
+    writer.save(5000, {"step": 5000})
+    assert not [r for r in tally.deleted if r.startswith(f"{PAGE_DIR}/")]
+    newest = json.loads(writer.storage.read(generation_name(writer._log.generations()[-1])))
+    assert newest["version"] == 3 and newest["count"] == 3001 and len(newest["snapshots"]) < TAIL
+    assert len(json.dumps(newest)) < 16 * 1024
+
+
+def test_overwrite_and_delete_inside_sealed_pages_rewrite_only_their_path(big_run: Any) -> None:
+    store, real = big_run
+    before = set(store.storage.list(PAGE_DIR))
+    store.save(100, {"step": -100}, overwrite=True)
+    store.delete(101)
+    assert len(set(store.storage.list(PAGE_DIR)) - before) <= 2 * 3  # a leaf and its parents, per commit
+    fresh = SnapshotStore(store.url)
+    assert fresh.load(100)["step"] == -100 and 101 not in fresh.itrs() and fresh.info(102).path == real.path
+
+
+def _downgrade(doc: dict[str, Any], version: int) -> dict[str, Any]:
+    """A small run's version-3 generation as versions 1 and 2 wrote it (every snapshot inline)."""
+    doc = {k: v for k, v in doc.items() if k not in ("count", "pages")}
+    doc["version"] = version
+    if version == 1:
+        doc = {k: v for k, v in doc.items() if k not in ("gc", "id", "parent")}
+    return doc
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_runs_are_read_and_upgraded_on_their_next_commit(version: int) -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(40):
+        store.save(itr, {"step": itr})
+    # One generation listing all 40 inline, as versions 1 and 2 did: rebuilt from the entries.
+    entries = [s.to_json() for s in store.infos()]
+    newest = store._log.generations()[-1]
+    doc = json.loads(store.storage.read(generation_name(newest)))
+    doc = _downgrade({**doc, "snapshots": entries, "pages": [], "generation": newest + 1}, version)
+    store.storage.create_exclusive(generation_name(newest + 1), json.dumps(doc).encode())
+    old = SnapshotStore(store.url)
+    assert old.itrs() == list(range(40)) and old.load(7)["step"] == 7 and old.info("last").itr == 39
+    old.save(40, {"step": 40})
+    upgraded = json.loads(old.storage.read(generation_name(newest + 2)))
+    assert upgraded["version"] == 3 and upgraded["count"] == 41 and upgraded["pages"]
+    assert len(upgraded["snapshots"]) < TAIL
+    fresh = SnapshotStore(store.url)
+    assert fresh.itrs() == list(range(41)) and fresh.load(3)["step"] == 3 and fresh.load("last")["step"] == 40
+    fresh.verify(40)
+
+
+def test_a_bucketsnap_that_reads_only_versions_1_and_2_refuses_a_version_3_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    store.save(1, {"step": 1})
+    monkeypatch.setattr(manifest_module, "READABLE_VERSIONS", (1, 2))
+    monkeypatch.setattr(manifest_module, "MANIFEST_VERSION", 2)
+    old = SnapshotStore(store.url)
+    with pytest.raises(CorruptSnapshotError, match="version 3, this bucketsnap reads versions 1, 2; upgrade"):
+        old.info("last")
+    generations = old._log.generations()
+    with pytest.raises(CorruptSnapshotError, match="upgrade bucketsnap"):
+        old.save(2, {"step": 2})
+    with pytest.raises(CorruptSnapshotError, match="upgrade bucketsnap"):
+        old.gc(min_age=0)
+    assert old._log.generations() == generations  # it committed nothing
+
+
+def test_a_commit_deletes_only_generations_that_exist() -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(30):
+        store.save(itr, {"step": itr})
+    tally = Tally(store.storage)
+    for itr in range(30, 60):
+        store.save(itr, {"step": itr})
+    deleted = [r for r in tally.deleted if r.startswith(f"{MANIFEST_DIR}/0")]
+    assert len(deleted) == len(set(deleted)) == 30  # one per commit, each once
+    assert len(store._log.generations()) == KEEP_GENERATIONS + 1
+
+
+def test_gc_removes_the_pages_of_a_commit_that_died_and_keeps_those_generations_reference() -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(2 * TAIL):
+        store.save(itr, {"step": itr})
+    real = store.storage.create_exclusive
+
+    def die(rel: str, data: bytes) -> None:
+        if rel.startswith(f"{MANIFEST_DIR}/0"):
+            raise KeyboardInterrupt("killed before the generation")
+        real(rel, data)
+
+    store.save(5, {"step": -5}, overwrite=True)  # rewrites a sealed page; the old one is still referenced
+    store.storage.create_exclusive = die  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        store.save(6, {"step": -6}, overwrite=True)
+    store.storage.create_exclusive = real  # type: ignore[method-assign]
+    log = store._log
+    live = set().union(*(log.read_generation(g).tree.page_paths() for g in log.generations()))
+    orphans = {f"{PAGE_DIR}/{n}" for n in store.storage.list(PAGE_DIR)} - live
+    assert orphans  # the dead commit's pages
+    removed = store.gc(min_age=0)
+    assert orphans <= set(removed)
+    assert live <= {f"{PAGE_DIR}/{n}" for n in store.storage.list(PAGE_DIR)}
+    assert SnapshotStore(store.url).load(5)["step"] == -5 and SnapshotStore(store.url).load(6)["step"] == 6
+
+
+def test_a_page_that_is_missing_while_its_generation_is_there_is_a_corrupt_run_that_repair_fixes() -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(3 * TAIL):
+        store.save(itr, {"step": itr})
+    page = sorted(store.storage.list(PAGE_DIR))[0]
+    store.storage.delete(f"{PAGE_DIR}/{page}")
+    fresh = SnapshotStore(store.url)
+    with pytest.raises(CorruptSnapshotError, match=f"{PAGE_DIR}/{page} is missing.*repair"):
+        fresh.infos()
+    fresh.repair()
+    assert SnapshotStore(store.url).itrs() == list(range(3 * TAIL))
+
+
+def test_a_reader_whose_generation_was_pruned_and_its_pages_collected_reads_the_newest() -> None:
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(2 * TAIL):
+        store.save(itr, {"step": itr})
+    reader = SnapshotStore(store.url)
+    stale = reader._log.read()  # read, then paused while the run moves on
+    for itr in range(0, 2 * TAIL, 3):
+        store.save(itr, {"step": -itr}, overwrite=True)
+    store.gc(min_age=0)
+    store.gc(min_age=0)
+    real_read = reader._log.read
+    calls = iter([stale])
+    reader._log.read = lambda: next(calls, None) or real_read()  # type: ignore[method-assign]
+    assert not store.storage.exists(stale.tree.levels[0][0].path)  # the page the stale generation names is gone
+    assert reader.info(3).itr == 3 and reader.load(3)["step"] == -3
