@@ -296,7 +296,7 @@ def run_phase(name: str, data: Path, work: Path, n: int, remote: dict[str, Any] 
         cmd += ["--remote", json.dumps(remote)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
-        raise SystemExit(f"phase {name} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"phase {name} failed (exit status {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -308,6 +308,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--remote", type=json.loads, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-s3", action="store_true", help="leave out the S3 column")
+    parser.add_argument(
+        "--s3-transitions",
+        type=int,
+        default=None,
+        help="transitions of the S3 column (default: --transitions); SB3's save through s3fs holds its pickled "
+        "arrays in s3fs's write buffer, about twice the buffer's size more memory",
+    )
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(PHASES[args.phase](args.data, args.dir, args.transitions, args.remote)))
@@ -327,11 +334,11 @@ def main() -> None:
     finally:  # keep the frames for the next run when --dir was given
         for path in (work / "run", work / "sb3_buffer.pkl") if args.dir else (work,):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    s3 = None if args.skip_s3 else run_s3(data, work, n)
     print_table(results, n)
-    if s3 is not None:
-        print()
-        print_s3_table(s3, n)
+    if not args.skip_s3:
+        print(flush=True)
+        n_s3 = min(n, args.s3_transitions or n)
+        print_s3_table(run_s3(data, work, n_s3), n_s3)
 
 
 def run_s3(data: Path, work: Path, n: int) -> dict[str, dict[str, Any]]:
