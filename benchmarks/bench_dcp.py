@@ -47,27 +47,36 @@ def empty_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.empty_like(v) for k, v in state.items()}
 
 
+def one_round(name: str, base: str, run: str, i: int, options: dict[str, Any], state: dict) -> dict[str, float]:
+    """Seconds of each library's save and load of ``state`` (itr ``i`` of bucketsnap's run)."""
+    dcp_path = f"{base}/dcp-{uuid.uuid4().hex[:8]}-{i}"
+    if name == "local":
+        writer: Any = dcp.FileSystemWriter(dcp_path)
+        reader: Any = dcp.FileSystemReader
+    else:
+        writer = FsspecWriter(dcp_path, sync_files=False, **options)
+        reader = FsspecReader
+    ours = SnapshotWriter(run, itr=i, storage_options=options)
+    results = {
+        "bs_save": timed(lambda: dcp.save(state, storage_writer=ours)),
+        "dcp_save": timed(lambda: dcp.save(state, storage_writer=writer)),
+    }
+    for key, make_reader in (
+        ("bs_load", lambda: SnapshotReader(run, i, storage_options=options)),
+        ("dcp_load", lambda: reader(dcp_path) if name == "local" else reader(dcp_path, **options)),
+    ):
+        out = empty_like(state)
+        results[key] = timed(lambda: dcp.load(out, storage_reader=make_reader()))  # noqa: B023 - called at once
+        assert all(torch.equal(out[k], state[k]) for k in state)
+    return results
+
+
 def bench_store(name: str, base: str, options: dict[str, Any], state: dict[str, torch.Tensor], repeats: int) -> dict:
     """Median seconds of each operation on one store, and the bytes a one-tensor load read."""
     times: dict[str, list[float]] = {k: [] for k in ("bs_save", "dcp_save", "bs_load", "dcp_load")}
     run = f"{base}/bucketsnap-{uuid.uuid4().hex[:8]}"
     for i in range(repeats + 1):
-        dcp_path = f"{base}/dcp-{uuid.uuid4().hex[:8]}-{i}"
-        if name == "local":
-            writer, reader = dcp.FileSystemWriter(dcp_path), lambda: dcp.FileSystemReader(dcp_path)
-        else:
-            writer = FsspecWriter(dcp_path, sync_files=False, **options)
-            reader = lambda: FsspecReader(dcp_path, **options)  # noqa: E731
-        results = {
-            "bs_save": timed(lambda: dcp.save(state, storage_writer=SnapshotWriter(run, itr=i, storage_options=options))),
-            "dcp_save": timed(lambda: dcp.save(state, storage_writer=writer)),
-        }
-        out = empty_like(state)
-        results["bs_load"] = timed(lambda: dcp.load(out, storage_reader=SnapshotReader(run, i, storage_options=options)))
-        assert all(torch.equal(out[k], state[k]) for k in state)
-        out = empty_like(state)
-        results["dcp_load"] = timed(lambda: dcp.load(out, storage_reader=reader()))
-        assert all(torch.equal(out[k], state[k]) for k in state)
+        results = one_round(name, base, run, i, options, state)
         if i:  # the first round warms up connections, imports and the page cache
             for key, seconds in results.items():
                 times[key].append(seconds)
@@ -89,8 +98,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     state = {f"layers.{i}.weight": torch.randn(rows, 1024, generator=gen) for i in range(args.tensors)}
     total = sum(t.nbytes for t in state.values())
-    print(f"{os.cpu_count()} CPU cores; torch {torch.__version__}; {args.tensors} float32 tensors, {total / 2**20:.0f} MiB")
-    print("| store | bucketsnap save | DCP save | save ratio | bucketsnap load | DCP load | load ratio | one tensor: read |")
+    print(
+        f"{os.cpu_count()} CPU cores; torch {torch.__version__}; {args.tensors} float32 tensors, "
+        f"{total / 2**20:.0f} MiB"
+    )
+    print("| store | bucketsnap save | DCP save | save ratio | bucketsnap load | DCP load | load ratio | one tensor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     server = None
     tmp = tempfile.mkdtemp(prefix="bench-dcp-")
