@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bucketsnap"
 #: Modules below the store: they must not import it (at run time) and must not reach into a store.
 BELOW_STORE = ("_pipeline", "_commit", "_saving", "_distributed_save", "distributed", "_manifest")
 #: Modules that use a store but must go through its public methods.
-STORE_USERS = ("_preemption", "_triggers", "_resume", "_snapshotter", "persistence")
+STORE_USERS = ("_preemption", "_triggers", "_resume", "_snapshotter", "persistence", "dcp")
 #: What each layer of the save path may import from bucketsnap (besides the format and storage layers).
 MAY_NOT_IMPORT = {
     "_pipeline": {"_store", "_distributed_save", "distributed", "_preemption"},
