@@ -4,7 +4,8 @@ A run's root holds::
 
     snapshots/<itr, 12 digits>-<token>.zip      immutable archives, under names no two writers share
     snapshots/<itr>-<token>-rank<r>.zip         rank r's archive of a distributed save
-    manifest/<generation, 12 digits>.json       each generation lists every committed snapshot
+    manifest/<generation, 12 digits>.json       each generation: the committed snapshots (newest inline)
+    manifest/pages/<first itr>-<token>.json     immutable pages of older entries (:mod:`bucketsnap._pages`)
 
 Every save draws a random token (:func:`new_token`) and names what it writes after it (:func:`archive_path`;
 :func:`rank_token` for the chunks of one rank of a distributed save); this module is the one place that
@@ -20,12 +21,14 @@ the single instant at which a snapshot becomes committed, which gives the four p
 * readers never see an uncommitted snapshot (they only follow the manifest);
 * two writers never lose each other's commits (each generation is created exactly once, and each writer
   re-applies its change on top of the newest one);
-* ``last``/``first``/``itr`` cost two requests (list ``manifest/``, read the newest) however many snapshots
-  the run has, because writers prune generations older than the newest :data:`KEEP_GENERATIONS`.
+* ``last``/``first``/``itr`` cost at most five requests (list ``manifest/``, read the newest, at most one page
+  per level) however many snapshots the run has, because writers prune generations older than the newest
+  :data:`KEEP_GENERATIONS` and a generation carries only a bounded tail and page references.
 
-The trade-off, as in Delta Lake's log: a commit rewrites the whole list, so a run with tens of thousands of
-snapshots has a manifest of a few MB; in exchange a reader needs no listing of ``snapshots/`` and no
-per-snapshot request. Backends without an atomic exclusive create weaken only the third property (see
+The trade-off, as in Delta Lake's log (small commits plus checkpoints): a commit writes the tail and, amortised,
+about one entry's worth of pages, so its cost stays flat as the run grows; in exchange an old itr costs up to
+three page reads, and a listing of every entry reads every page. A reader needs no listing of ``snapshots/``.
+Backends without an atomic exclusive create weaken only the third property (see
 :mod:`bucketsnap._storage`).
 """
 
