@@ -256,3 +256,30 @@ def test_a_reader_whose_generation_was_pruned_and_its_pages_collected_reads_the_
     reader._log.read = lambda: next(calls, None) or real_read()  # type: ignore[method-assign]
     assert not store.storage.exists(stale.tree.levels[0][0].path)  # the page the stale generation names is gone
     assert reader.info(3).itr == 3 and reader.load(3)["step"] == -3
+
+
+def test_a_version_2_run_written_by_bucketsnap_before_pages_is_read_committed_to_and_upgraded(
+    tmp_path: Any,
+) -> None:
+    """tests/data/manifest-v2-run: 40 saves, a delete and a gc by the code before manifest version 3 (commit
+    a7e7244), its newest generation kept (version 2, 39 snapshots inline, a gc record with one sweep)."""
+    import shutil
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "manifest-v2-run", run)
+    store = SnapshotStore(str(run))
+    before = json.loads(store.storage.read(generation_name(41)))
+    assert before["version"] == 2 and len(before["snapshots"]) == 39
+    expected = [i for i in range(40) if i != 3]
+    assert store.itrs() == expected and store.load(17)["step"] == 17 and store.info("first").itr == 0
+    store.verify(39)
+    store.save(40, {"step": 40})
+    after = json.loads(store.storage.read(generation_name(42)))
+    assert after["version"] == 3 and after["count"] == 40 and after["pages"] and len(after["snapshots"]) < TAIL
+    assert after["gc"] == before["gc"]  # the gc record is carried over
+    fresh = SnapshotStore(str(run))
+    assert fresh.itrs() == [*expected, 40] and fresh.load(38)["step"] == 38 and fresh.load("last")["step"] == 40
+    assert fresh.gc(min_age=0) == [] and fresh.itrs() == [*expected, 40]
+    fresh.repair()
+    assert SnapshotStore(str(run)).itrs() == [*expected, 40]
