@@ -174,3 +174,35 @@ def test_odd_keys_and_a_checkpoint_lightning_wrote_itself(memory_backend: Any, t
         io.load_checkpoint(tmp_path / "missing.ckpt")
     with pytest.raises(TypeError, match="takes no storage_options"):
         io.save_checkpoint({"a": 1}, tmp_path / "b.ckpt", storage_options={"x": 1})
+
+
+class StartsAt(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
+def resume(store: SnapshotStore, dirpath: Path, epochs: int, **checkpoint: Any) -> int:
+    t = trainer(BucketsnapCheckpointIO(store), dirpath, epochs, **checkpoint)
+    starts = StartsAt()
+    t.callbacks.append(starts)
+    t.fit(Scripted([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4]), *lightning_train.data(), ckpt_path="last")
+    return starts.step
+
+
+def test_every_fresh_machine_resumes_from_the_newest_last(memory_backend: Any, tmp_path: Path) -> None:
+    """Each resume supersedes the last.ckpt it resumed from: a second preemption must not go back to it."""
+    store = memory_backend.store()
+    trainer(BucketsnapCheckpointIO(store), tmp_path / "ck", 3).fit(Scripted([3.0, 2.0, 1.0]), *lightning_train.data())
+    shutil.rmtree(tmp_path / "ck")
+    assert resume(store, tmp_path / "ck", 5) == 12
+    shutil.rmtree(tmp_path / "ck")
+    assert resume(store, tmp_path / "ck", 7) == 20
+    assert sum(str(p).endswith("last.ckpt") for p in paths(store)) == 1
+
+
+def test_save_last_link_resumes_on_the_same_machine(memory_backend: Any, tmp_path: Path) -> None:
+    store = memory_backend.store()
+    io = BucketsnapCheckpointIO(store)
+    trainer(io, tmp_path / "ck", 3, save_last="link").fit(Scripted([3.0, 2.0, 1.0]), *lightning_train.data())
+    assert (tmp_path / "ck" / "last.ckpt").is_symlink()
+    assert resume(store, tmp_path / "ck", 5, save_last="link") == 12

@@ -22,7 +22,14 @@ warnings.filterwarnings("ignore")
 import gym  # noqa: E402  (pytorchrl imports gym; its import prints a notice we do not need)
 import pytorchrl as prl  # noqa: E402
 from pytorchrl.agent.actors import OffPolicyActor, OnPolicyActor  # noqa: E402
-from pytorchrl.agent.storages import GAEBuffer, NStepReplayBuffer, ReplayBuffer, VanillaOnPolicyBuffer  # noqa: E402
+from pytorchrl.agent.actors.memory_networks import GruNet  # noqa: E402
+from pytorchrl.agent.storages import (  # noqa: E402
+    GAEBuffer,
+    NStepReplayBuffer,
+    PERBuffer,
+    ReplayBuffer,
+    VanillaOnPolicyBuffer,
+)
 
 N_ENVS = 2
 OBS = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
@@ -45,11 +52,22 @@ class Envs:
     env_kwargs: ClassVar[dict[str, Any]] = {}
 
 
+#: Recurrent hidden-state width of the "recurrent" kind's GRU actor.
+HIDDEN = 8
+
+
 def build(kind: str, size: int = 50) -> Any:
-    if kind in ("replay", "nstep"):
+    if kind == "recurrent":
+        factory = OffPolicyActor.create_factory(
+            OBS, ACT, prl.DDQN, recurrent_net=GruNet, recurrent_net_kwargs={"output_size": HIDDEN}
+        )
+        return ReplayBuffer.create_factory(size)("cpu", factory("cpu"), Algorithm(), None)
+    if kind in ("replay", "nstep", "per"):
         actor = OffPolicyActor.create_factory(OBS, ACT, prl.DDQN)("cpu")
         if kind == "nstep":
             return NStepReplayBuffer.create_factory(size, n_step=3)("cpu", actor, Algorithm(), None)
+        if kind == "per":
+            return PERBuffer.create_factory(size, alpha=0.6, beta=0.4)("cpu", actor, Algorithm(), None)
         return ReplayBuffer.create_factory(size)("cpu", actor, Algorithm(), None)
     actor = OnPolicyActor.create_factory(OBS, ACT, prl.PPO)("cpu")
     cls = GAEBuffer if kind == "gae" else VanillaOnPolicyBuffer
@@ -63,14 +81,15 @@ def sample(kind: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(N_ENVS, *shape, generator=generator)
 
+    hidden = HIDDEN if kind == "recurrent" else 1
     s = {
         prl.OBS: rand(4),
-        prl.RHS: torch.zeros(N_ENVS, 1),
+        prl.RHS: rand(hidden) if kind == "recurrent" else torch.zeros(N_ENVS, 1),
         prl.DONE: (rand(1) > 1).float(),
         prl.ACT: torch.randint(0, 2, (N_ENVS, 1), generator=generator).float(),
         prl.REW: rand(1),
         prl.OBS2: rand(4),
-        prl.RHS2: torch.zeros(N_ENVS, 1),
+        prl.RHS2: rand(hidden) if kind == "recurrent" else torch.zeros(N_ENVS, 1),
         prl.DONE2: (rand(1) > 1).float(),
     }
     if kind in ("onpolicy", "gae"):
@@ -84,6 +103,8 @@ def filled(kind: str, transitions: int, size: int = 50, seed: int = 0) -> Any:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(transitions):
         storage.insert_transition(sample(kind, generator))
+    if kind == "per":
+        storage.before_gradients()  # gives every row, written or not, its default priority
     return storage
 
 

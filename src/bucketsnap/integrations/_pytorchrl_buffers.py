@@ -9,17 +9,17 @@ storages, small pending state (an n-step deque, a recurrent overlap slice). What
 is a view for training, not the storage's state (the recurrent hidden-state fields are 1-row placeholders for
 feed-forward actors, and a wrapped ring is cut at ``step``), so this kind saves the state itself:
 
-* every field whose rows are the storage's time axis (the most rows of all fields), rows ``[0, n)`` where ``n``
-  is how many it has ever written (all of them once the ring is full), as content-addressed chunks;
+* every field whose rows are the storage's time axis (the most rows of all fields), every row of it (rows not
+  written yet too: a ``PERBuffer`` gives them a priority of its own), as content-addressed chunks;
 * every other field (the placeholders), and every attribute that is plain data (numbers, strings, ``None``,
   arrays, tensors, and dicts, lists, tuples and deques of those), with the chunk table, without pickle;
 * nothing of the collaborators the storage was built with (``actor``, ``algo``, ``envs``, ``device``,
-  ``her_function``), which the new storage gets from its own constructor.
+  ``her_function``, and ``recurrent_actor``, which is the actor's), which the new storage gets from its own
+  constructor.
 
 An attribute of any other type is refused with a TypeError rather than saved incompletely. A restore fills a
 storage of the same class and ``max_size``, freshly built or used, allocating its fields as saved (on the
-storage's device), and sets its attributes back; rows beyond ``n`` are zeros, as in a storage that never wrote
-them.
+storage's device), and sets its attributes back.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bucketsnap.buffers import BufferKind, BufferState, SavedBuffer, register_bu
 __all__: list[str] = []
 
 #: Attributes that are the storage's collaborators or constants of its class, not its state.
-_NOT_STATE = frozenset({"actor", "algo", "envs", "device", "her_function"})
+_NOT_STATE = frozenset({"actor", "algo", "envs", "device", "her_function", "recurrent_actor"})
 #: Fields and attributes kept with the table (not chunked) must stay small.
 _SMALL_BYTES = 16 << 20
 
@@ -57,9 +57,10 @@ class _PytorchrlStorageKind(BufferKind):
         ring = max(_rows(v) for v in fields.values())
         arrays = {name: _numpy(v) for name, v in fields.items() if _rows(v) == ring}
         small = {name: _copy(v) for name, v in fields.items() if _rows(v) != ring}
-        written = ring if int(buffer.size) >= int(buffer.max_size) else int(max(buffer.size, buffer.step))
-        # On-policy storages keep one row more than max_size (the next observation): it is written too.
-        rows = min(ring, written + (ring - int(buffer.max_size)))
+        # Every row, written or not: a storage may give rows it has not written yet a value of its own (a
+        # PERBuffer's priorities start at its default error, not 0), and unwritten rows cost little (zero chunks
+        # compress to almost nothing and are stored once).
+        rows = ring
         attrs: dict[str, Any] = {
             "class": _class_name(buffer),
             "max_size": int(buffer.max_size),

@@ -112,9 +112,10 @@ class BucketsnapCheckpointIO(CheckpointIO):
             info = self.store.save((itrs[-1] + 1) if itrs else 0, state, metrics=metrics)
             if self.write_pointers:
                 self._write_pointer(name, info)
-            for itr in replaced:
-                if itr != self._resumed_from:
-                    self.store.delete(itr)
+            for itr in replaced:  # superseded by the commit above, so even the one resumed from can go
+                self.store.delete(itr)
+                if itr == self._resumed_from:
+                    self._resumed_from = info.itr
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         """The checkpoint saved under ``path`` (found through its pointer file, or else by its recorded path)."""
@@ -154,10 +155,14 @@ class BucketsnapCheckpointIO(CheckpointIO):
     def restore_pointers(self) -> list[str]:
         """Write the pointer files of the run's checkpoints that have none (dated when each was saved), remove
         those of this run whose snapshot is gone; return the paths written."""
-        written = []
-        for info in self._infos():
+        newest: dict[str, SnapshotInfo] = {}
+        for info in self._infos():  # ascending itr: the newest checkpoint saved under a path wins
             name = info.metrics.get(PATH_METRIC)
-            if isinstance(name, str) and _is_local(name) and not os.path.lexists(name):
+            if isinstance(name, str) and _is_local(name):
+                newest[name] = info
+        written = []
+        for name, info in newest.items():
+            if not os.path.lexists(name):
                 self._write_pointer(name, info)
                 written.append(name)
         return written
@@ -191,10 +196,13 @@ class BucketsnapCheckpointIO(CheckpointIO):
         return None
 
     def _itr_of(self, name: str) -> int | None:
+        """The snapshot of the checkpoint at ``name``: the one its pointer names (through a symlink, as
+        ``save_last="link"`` makes), else the newest saved under that path."""
         pointer = self._pointer(name) if _is_local(name) else None
         infos = self._infos()
         if pointer is not None:
-            match = [i.itr for i in infos if i.itr == pointer.get("itr") and i.metrics.get(PATH_METRIC) == name]
+            names = {name, os.path.realpath(name)}
+            match = [i.itr for i in infos if i.itr == pointer.get("itr") and i.metrics.get(PATH_METRIC) in names]
             if match:
                 return match[0]
         named = [i.itr for i in infos if i.metrics.get(PATH_METRIC) == name]
