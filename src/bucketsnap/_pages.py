@@ -243,7 +243,7 @@ class Tree:
     pages: PageStore | None = field(default=None, compare=False, repr=False)
     tail: tuple[SnapshotInfo, ...] = ()
     levels: tuple[tuple[PageRef, ...], ...] = ((), (), ())
-    pending: Mapping[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    pending: Mapping[str, tuple[bytes, tuple[Item, ...]]] = field(default_factory=dict, compare=False, repr=False)
     _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -253,6 +253,8 @@ class Tree:
         return len(self.tail) + sum(r.count for refs in self.levels for r in refs)
 
     def _load(self, ref: PageRef) -> tuple[Item, ...]:
+        if ref.path in self.pending:  # written by this change, not stored yet
+            return self.pending[ref.path][1]
         if self.pages is None:
             raise CorruptSnapshotError(f"no page store to read {ref.path}")
         return self.pages.load(ref)
@@ -399,7 +401,7 @@ class Tree:
         refs: tuple[PageRef, ...],
         itr: int,
         change: Callable[[list[SnapshotInfo]], list[SnapshotInfo]],
-        pending: dict[str, bytes],
+        pending: dict[str, tuple[bytes, tuple[Item, ...]]],
     ) -> tuple[PageRef, ...]:
         """``refs`` with the page owning ``itr`` (and the pages under it) rewritten by ``change``."""
         i = min(bisect.bisect_left([r.last for r in refs], itr), len(refs) - 1)
@@ -414,7 +416,7 @@ class Tree:
         parts = [new_children] if len(new_children) <= 2 * cap else [new_children[:cap], new_children[cap:]]
         return (*refs[:i], *(self._seal(p, ref.level, pending) for p in parts if p), *refs[i + 1 :])
 
-    def _seal(self, items: Sequence[Item], level: int, pending: dict[str, bytes]) -> PageRef:
+    def _seal(self, items: Sequence[Item], level: int, pending: dict[str, tuple[bytes, tuple[Item, ...]]]) -> PageRef:
         """A new page of ``items`` at ``level``, added to ``pending``."""
         first, last = _span(items)
         path = f"{PAGE_DIR}/{first:012d}-{uuid.uuid4().hex[:16]}.json"
@@ -425,7 +427,7 @@ class Tree:
             "items": [i.to_json() for i in items],
         }
         data = json.dumps(doc, separators=(",", ":")).encode()
-        pending[path] = data
+        pending[path] = (data, tuple(items))
         if self.pages is not None:
             self.pages.remember(path, tuple(items))
         itrs = tuple(i.itr for i in items if isinstance(i, SnapshotInfo)) if level == 1 else ()
@@ -455,7 +457,7 @@ class Tree:
         stack = [r for refs in self.levels for r in refs if r.path in self.pending]
         while stack:
             ref = stack.pop()
-            out[ref.path] = self.pending[ref.path]
+            out[ref.path] = self.pending[ref.path][0]
             if ref.level > 1:
                 stack.extend(c for c in self._load(ref) if isinstance(c, PageRef) and c.path in self.pending)
         return out
