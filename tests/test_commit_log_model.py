@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import bucketsnap._pages as pages_module
-from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore
+from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore, StorageError
 from bucketsnap._maintenance import DATA_DIRS, collect_garbage
 from bucketsnap._manifest import generation_name
 from bucketsnap._pages import PAGE_DIR, PageRef
+from bucketsnap._saving import prepare
 from bucketsnap.retention import KeepEvery, KeepLast
 
 ITRS = st.integers(0, 40)
@@ -104,6 +105,34 @@ class PagedLog(RuleBasedStateMachine):
                 self.store.save(itr, {"v": -self.counter}, metrics={"v": -self.counter}, overwrite=True)
         finally:
             storage.create_exclusive = real  # type: ignore[method-assign]
+
+    @rule(itr=ITRS, other=ITRS, gc_between=st.booleans())
+    def two_writers(self, itr: int, other: int, gc_between: bool) -> None:
+        """A save staged (archive written) on one store, then another process's save of another itr (its own page
+        cache), and possibly a gc with min_age=0, before the first commits: both land, or the fence refuses."""
+        if itr == other:
+            return
+        self.counter += 1
+        first = self.counter
+        prepared = prepare(itr, {"v": first}, {"v": first}, overwrite=True, copy=False)
+        staged = self.store._stage(prepared)
+        self.ever.setdefault(itr, set()).add(first)
+        self._save_on(SnapshotStore(self.url), other)
+        if gc_between:
+            self.clock += 10.0
+            collect_garbage(self.store._log, min_age=0, dry_run=False, now=self.clock)
+        try:
+            self.store._commit_new(staged.info, staged.base, overwrite=True, written=[staged.info.path])
+        except StorageError as exc:
+            assert gc_between and "gc deleted or may have deleted" in str(exc)
+            return
+        self.committed[itr] = first
+
+    def _save_on(self, store: SnapshotStore, itr: int) -> None:
+        self.counter += 1
+        store.save(itr, {"v": self.counter}, metrics={"v": self.counter}, overwrite=True)
+        self.committed[itr] = self.counter
+        self.ever.setdefault(itr, set()).add(self.counter)
 
     @rule(min_age=st.sampled_from([0.0, 3600.0]), later=st.sampled_from([0.0, 4000.0]))
     def gc(self, min_age: float, later: float) -> None:
