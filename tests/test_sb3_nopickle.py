@@ -453,3 +453,51 @@ def test_snapshot_callback_keeps_the_vec_normalize_statistics_of_each_save() -> 
             env = load_vec_normalize("memory://nopickle/callback-vecnorm", DummyVecEnv([cartpole]), itr)
             np.testing.assert_array_equal(env.obs_rms.mean, mean)
             assert env.obs_rms.count == count
+
+
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        ("features_extractor_class", "torch.os.system"),  # a module reached through an attribute
+        ("features_extractor_class", "torch.hub.load"),  # a torch function that runs code it loads
+        ("features_extractor_class", "stable_baselines3.common.utils.os.system"),
+        ("features_extractor_class", "torch.nn.modules.module.Module.__init__"),  # not a class
+    ],
+)
+def test_a_name_written_into_the_data_member_imports_only_classes_of_the_allowed_packages(
+    tmp_path: Path, field: str, name: str
+) -> None:
+    """Anyone who can write the bucket can edit the plain-JSON data member: a name must never reach os.system,
+    torch.hub.load or any other function (found by review: torch.os.system ran a shell command from the
+    snapshot), and a space must be a space."""
+    from bucketsnap.errors import CorruptSnapshotError
+
+    url = f"memory://sb3-crafted-{tmp_path.name}/run"
+    save_model(PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16), url, 0)
+    store = SnapshotStore(url)
+    state = store.load("last")
+    state["data"]["policy_kwargs"] = {field: {"$sb3": "class", "name": name}}
+    store.save(1, state)
+    with pytest.raises(CorruptSnapshotError, match="refusing to import"):
+        load_model(PPO, url)
+    state["data"]["policy_kwargs"] = {}
+    state["data"]["observation_space"] = f"touch {tmp_path / 'ran'}"
+    store.save(2, state)
+    with pytest.raises(CorruptSnapshotError, match="'observation_space' is not a space"):
+        load_model(PPO, url)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_her_with_the_goal_selection_strategy_enum_loads_without_pickle() -> None:
+    from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
+
+    env = BitFlippingEnv(n_bits=4, continuous=True)
+    kwargs = {"goal_selection_strategy": GoalSelectionStrategy.FUTURE, "n_sampled_goal": 2}
+    model = SAC(
+        "MultiInputPolicy", env, replay_buffer_class=HerReplayBuffer, replay_buffer_kwargs=kwargs, learning_starts=10
+    )
+    url = "memory://sb3-her-enum/run"
+    save_model(model, url, 0)
+    assert SnapshotStore(url).load("last", keys=["data_pickled"])["data_pickled"] == {}
+    loaded = load_model(SAC, url, env=env)
+    assert loaded.replay_buffer_kwargs["goal_selection_strategy"] is GoalSelectionStrategy.FUTURE

@@ -50,7 +50,10 @@ from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
 __all__ = ["decode_entry", "encode_data", "resolve_data", "schedule_defaults"]
 
 _TAG = "$sb3"
-_IMPORTABLE = ("stable_baselines3.", "sb3_contrib.", "torch.", "gymnasium.")
+#: Where a class stored by name may come from: the module that defines it must be in one of these packages.
+#: torch is limited to torch.nn and torch.optim (a name is data anyone who can write the bucket can edit, and
+#: torch.hub, torch.fx, torch.package and the like load or compile code).
+_IMPORTABLE = ("stable_baselines3.", "sb3_contrib.", "torch.nn.", "torch.optim.", "gymnasium.")
 
 
 class _Unsafe(Exception):
@@ -99,6 +102,9 @@ def resolve_data(
             "where the snapshot came from."
         )
     out.update({name: value for name, value in custom.items() if name not in out})
+    for name in ("observation_space", "action_space"):
+        if name in safe and name not in custom and not isinstance(out.get(name), gymnasium.spaces.Space):
+            raise CorruptSnapshotError(f"{where}: SB3 data entry {name!r} is not a space: {str(safe[name])[:80]}")
     return out
 
 
@@ -184,9 +190,11 @@ def _encode(v: Any) -> Any:
         schedule = _encode_schedule_closure(v)
         if schedule is not None:
             return schedule
-    if isinstance(v, type) or (callable(v) and hasattr(v, "__qualname__") and not hasattr(v, "__self__")):
-        name = f"{getattr(v, '__module__', '')}.{v.__qualname__}"
-        if "<" not in name and name.startswith(_IMPORTABLE) and _importable_as(name, v):
+    if isinstance(v, enum.Enum) and _safe_class(type(v)):  # HerReplayBuffer's GoalSelectionStrategy
+        return {_TAG: "enum", "class": _class_name(type(v)), "value": _encode(v.value)}
+    if isinstance(v, type):
+        name = _class_name(v)
+        if "<" not in name and _importable_as(name, v):
             return {_TAG: "class", "name": name}
     raise _Unsafe
 
@@ -333,10 +341,12 @@ def _decode_tagged(v: dict[str, Any], where: str) -> Any:
     if kind == "deque":
         return collections.deque((decode_entry(x, where) for x in v["items"]), maxlen=v["maxlen"])
     if kind == "class":
-        name = str(v["name"])
-        if not name.startswith(_IMPORTABLE):
-            raise ValueError(f"refusing to import {name!r}: only {', '.join(_IMPORTABLE)} are allowed")
-        return _import(name)
+        return _import_class(str(v["name"]))
+    if kind == "enum":
+        cls = _import_class(str(v["class"]))
+        if not issubclass(cls, enum.Enum):
+            raise ValueError(f"{v['class']} is not an enum")
+        return cls(decode_entry(v["value"], where))
     if kind == "train_freq":
         from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 
@@ -389,15 +399,31 @@ def _decode_space_parameters(v: dict[str, Any]) -> Any:
     raise ValueError(f"unknown space kind {kind!r}")
 
 
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _safe_class(cls: Any) -> bool:
+    """Whether ``cls`` is a class defined in one of the packages a name may be imported from."""
+    return isinstance(cls, type) and f"{cls.__module__}.".startswith(_IMPORTABLE)
+
+
 def _importable_as(name: str, obj: Any) -> bool:
     try:
-        return _import(name) is obj
+        return _import_class(name) is obj
     except (ImportError, AttributeError, ValueError):
         return False
 
 
-def _import(name: str) -> Any:
-    """``a.b.C.d`` -> the object, importing the longest module prefix."""
+def _import_class(name: str) -> type:
+    """``a.b.C`` (or ``a.b.C.Inner``) -> the class, importing the longest module prefix.
+
+    Refused unless the name is in an allowed package, the attributes after the module are classes (never a
+    module: ``torch.os.system`` would reach ``os.system``), and what it names is a class whose defining module
+    is in an allowed package too (a function or an object re-exported from elsewhere is refused).
+    """
+    if not name.startswith(_IMPORTABLE):
+        raise ValueError(f"refusing to import {name!r}: only classes of {', '.join(_IMPORTABLE)} are allowed")
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
@@ -406,7 +432,9 @@ def _import(name: str) -> Any:
             continue
         for attr in parts[i:]:
             obj = getattr(obj, attr)
-        if isinstance(obj, enum.Enum):
-            raise ValueError(f"{name} is an enum member, not a class")
-        return obj
+            if not isinstance(obj, type):
+                raise ValueError(f"refusing to import {name!r}: {attr!r} is not a class")
+        if not _safe_class(obj):
+            raise ValueError(f"refusing to import {name!r}: it is defined in {obj.__module__}")
+        return obj  # type: ignore[no-any-return]
     raise ImportError(f"cannot import {name}")
