@@ -390,3 +390,13 @@ def test_hash_threads_is_an_option_of_buffer_state() -> None:
     restored = TransitionStorage(8)
     restore_buffer(store, restored, key="buffer")
     assert len(restored) == 1
+
+
+def test_prefaulting_a_destination_keeps_its_contents() -> None:
+    """A restore faults in the pages it is about to write (madvise on Linux): what they hold must not change."""
+    held = np.arange(3 * 2**20, dtype=np.uint8)  # a few MiB of data, already in memory
+    fresh = np.zeros(3 * 2**20 + 5, dtype=np.uint8)[5:]  # never touched, not page-aligned
+    _chunks._prefault(held)
+    _chunks._prefault(fresh)
+    np.testing.assert_array_equal(held, np.arange(3 * 2**20, dtype=np.uint8))
+    assert not fresh.any()
