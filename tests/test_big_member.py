@@ -3,8 +3,9 @@ server with a peak resident memory, above the data itself, well below the member
 
 docs/performance.md's "Bounded memory" section has the 10 GiB figures (``benchmarks/bench_memory.py``); this is
 the scaled version: a 300 MiB member, in processes of its own (``tests/workers/big_member.py`` reports the peak,
-VmHWM, reset just before the operation). A save that held the encoded or compressed member, or a restore that
-decompressed it before copying it into the array, would need at least 300 MiB more and fail here. The upload
+VmHWM reset just before the operation, and the sampled peak of anonymous memory; the larger must be in
+bounds). A save that held the encoded or compressed member, or a restore that decompressed it before copying
+it into the array, would need at least 300 MiB more and fail here. The upload
 buffers are made small (2 parts of 5 MiB in flight) so that the bound is about bucketsnap's frames and reads,
 not the uploader's parts.
 """
@@ -59,9 +60,9 @@ def test_a_big_member_saves_and_restores_from_s3_in_bounded_memory(
     save = _run("save", url, s3_backend, kind, container)
     assert save["codec"] == "zstd-frames"
     assert (save["stored"] > SIZE) if kind == "raw" else (save["stored"] < SIZE / 50)
-    assert save["overhead"] < BOUND, f"save of {SIZE >> 20} MiB held {save['overhead'] >> 20} MiB above the data"
+    held = max(save["overhead"], save["anon_overhead"])
+    assert held < BOUND, f"save of {SIZE >> 20} MiB held {held >> 20} MiB above the data"
     restore = _run("restore", url, s3_backend, kind, container)
     assert restore["crc"] == save["crc"], "the restored bytes differ"
-    assert restore["overhead"] < BOUND, (
-        f"restore of {SIZE >> 20} MiB held {restore['overhead'] >> 20} MiB above the array it restored"
-    )
+    held = max(restore["overhead"], restore["anon_overhead"])
+    assert held < BOUND, f"restore of {SIZE >> 20} MiB held {held >> 20} MiB above the array it restored"
