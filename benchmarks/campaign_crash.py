@@ -85,10 +85,11 @@ def check_run(url: str, target: Target, committed: set[int], figures: CrashFigur
     figures.orphans_removed += len(store.gc(min_age=0))
     referenced = {info.path.rsplit("/", 1)[-1] for info in store.infos()}
     leftovers = set(store.storage.list("snapshots")) ^ referenced
-    leftovers |= {n for n in store.storage.list("manifest") if not _GENERATION_NAME.match(n)}
+    leftovers |= {n for n in store.storage.list("manifest") if not _GENERATION_NAME.match(n) and n != "pages"}
+    leftovers |= {f"pages/{n}" for n in store.storage.list("manifest/pages") if not n.endswith(".json")}  # temp files
     # A saver killed during its exclusive-create probe leaves the probe object; gc keeps it for an hour (deleting
     # a probe in progress would make another process misjudge the store), then removes it.
-    leftovers = {n for n in leftovers if not n.startswith(PROBE_PREFIX)}
+    leftovers = {n for n in leftovers if not n.rsplit("/", 1)[-1].startswith(PROBE_PREFIX)}
     if leftovers:
         print(f"  {target.name}: left after gc: {sorted(leftovers)}")
     figures.leftovers_after_gc += len(leftovers)
