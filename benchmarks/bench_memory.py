@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:
+        shutil.rmtree(local_root, ignore_errors=True)
         if server is not None:
             server.stop()
 
