@@ -121,3 +121,24 @@ def process_backend(request: pytest.FixtureRequest) -> Backend:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "azure: needs the Azure Blob test server")
+
+
+#: Files whose tests kill processes, run campaigns or preempt, once per backend: their GCS and Azure variants
+#: are the slowest tests of the suite and run on demand (`./scripts/test.sh -m slow`). The same behaviour stays
+#: in the default run on memory, local disk and S3, and every backend's contract (test_storage_contract.py) and
+#: first-contact errors (test_unreachable.py) stay in it.
+SLOW_ON_GCS_AND_AZURE = {
+    "test_crash.py",
+    "test_campaigns.py",
+    "test_preemption.py",
+    "test_testing_preempt.py",
+    "test_transient_after_contact.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(item, "callspec", None)
+        values = set(params.params.values()) if params is not None else set()
+        if item.path.name in SLOW_ON_GCS_AND_AZURE and values & {"gcs", "azure"}:
+            item.add_marker(pytest.mark.slow)
