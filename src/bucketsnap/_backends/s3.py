@@ -11,6 +11,7 @@ so do the problems a store can have: no credentials (``NoCredentialsError``), re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, ClassVar
 
@@ -159,6 +160,15 @@ class S3Backend(Backend):
         return isinstance(response, dict) and (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 429
 
 
+def _error_code(exc: BaseException) -> str | None:
+    """botocore's error code of ``exc`` or of the error it was translated from (s3fs raises its own)."""
+    for error in chain(exc):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            return str((response.get("Error") or {}).get("Code") or "") or None
+    return None
+
+
 class S3MultipartWriter(PartUploader[dict[str, Any]]):
     """Streams one S3 key as a multipart upload with concurrent part uploads.
 
@@ -222,16 +232,50 @@ class S3MultipartWriter(PartUploader[dict[str, Any]]):
         return part
 
     def _complete(self, parts: list[dict[str, Any]]) -> None:
-        self._call(
-            "complete",
-            lambda: self._fs.call_s3(
-                "complete_multipart_upload",
-                Bucket=self._bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": parts},
-            ),
-        )
+        attempts = 0
+
+        def complete() -> Any:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return self._fs.call_s3(
+                    "complete_multipart_upload",
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except Exception as exc:
+                # A retry after a response that was lost: the upload is gone because the first try completed it
+                # (the key is this writer's own). Its multipart ETag, a hash of the parts' ETags, says so for sure.
+                if _error_code(exc) != "NoSuchUpload":
+                    raise
+                if attempts > 1 and self._completed_with(parts):
+                    logger.info("%s: the upload was completed by an earlier try whose response was lost", self._where)
+                    return None
+                raise StorageError(
+                    f"upload of {self._where}: the multipart upload is gone before it was completed (aborted by "
+                    "a bucket lifecycle rule or another client?). Nothing was committed; committed snapshots "
+                    "are intact. Save again."
+                ) from exc
+
+        self._call("complete", complete)
+
+    def _completed_with(self, parts: list[dict[str, Any]]) -> bool:
+        """Whether the key holds the object these parts make (S3's multipart ETag: the MD5 of the parts' MD5s,
+        ``-`` and their count); False when a part's ETag is not an MD5 (encrypted with KMS, some servers)."""
+        try:
+            digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+        except ValueError:
+            return False
+        if len(digests) != 16 * len(parts):
+            return False
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        try:
+            head = self._fs.call_s3("head_object", Bucket=self._bucket, Key=self._key)
+        except Exception:
+            return False
+        return str(head.get("ETag")) == expected
 
     def _discard(self) -> None:
         # an unaborted upload is invisible; a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes it
