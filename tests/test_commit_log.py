@@ -315,3 +315,44 @@ def test_pages_seal_rewrite_and_are_collected_on_every_backend(backend: Any, mon
     stored = {f"{PAGE_DIR}/{n}" for n in store.storage.list(PAGE_DIR) if n.endswith(".json") and n[0] != "."}
     assert live <= stored and len(stored - live) <= 3 * 2  # at most the pages of the generations just pruned
     assert reopen().itrs() == expected and reopen().load(11)["step"] == 11
+
+
+def test_a_commit_over_a_lost_page_fails_at_once_as_a_corrupt_run() -> None:
+    """Found by review: a delete or overwrite below the tail met the missing page, took it for a concurrent
+    prune and retried 200 times, then said "other writers kept committing first"."""
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(3 * TAIL):
+        store.save(itr, {"step": itr})
+    for page in store.storage.list(PAGE_DIR):
+        store.storage.delete(f"{PAGE_DIR}/{page}")
+    fresh = SnapshotStore(store.url)
+    with pytest.raises(CorruptSnapshotError, match="is missing"):
+        fresh.delete(0)
+    assert fresh.conflicts == 0
+
+
+def test_a_reference_whose_itr_ranges_lie_is_refused_before_they_are_expanded() -> None:
+    """Found by review: a generation naming the range [0, 10**12) made every reader, even `last`, hang."""
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    for itr in range(3 * TAIL):
+        store.save(itr, {"step": itr})
+    storage = store.storage
+    newest = sorted(n for n in storage.list(MANIFEST_DIR) if n.endswith(".json"))[-1]
+    doc = json.loads(storage.read(f"{MANIFEST_DIR}/{newest}"))
+
+    def lie(node: Any) -> None:
+        if isinstance(node, dict):
+            if "itrs" in node and node.get("level") == 1:
+                node["itrs"] = [0, 10**12]
+            for value in node.values():
+                lie(value)
+        elif isinstance(node, list):
+            for value in node:
+                lie(value)
+
+    lie(doc)
+    assert "10000000000" in json.dumps(doc), "the test needs a level-1 reference in the newest generation"
+    storage.delete(f"{MANIFEST_DIR}/{newest}")
+    storage.create_exclusive(f"{MANIFEST_DIR}/{newest}", json.dumps(doc).encode())
+    with pytest.raises(CorruptSnapshotError, match="itrs ranges"):
+        SnapshotStore(store.url).info("last")

@@ -339,6 +339,8 @@ def metadata_from_tree(tree: Any, members: Mapping[str, MemberInfo], own: str, w
                 state[fqn] = BytesStorageMetadata()
                 continue
             dtype = getattr(torch, md["dtype"])
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{md['dtype']!r} is not a torch dtype")
             chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in md["chunks"]]
             props = TensorProperties(dtype=dtype, requires_grad=bool(md["requires_grad"]))
             state[fqn] = TensorStorageMetadata(props, torch.Size(md["size"]), chunks)

@@ -66,9 +66,12 @@ def collect_garbage(log: ManifestLog, *, min_age: float, dry_run: bool, now: flo
     now = time.time() if now is None else now
     newest = log.read()
     stored = {f"{d}/{name}" for d in DATA_DIRS for name in storage.list(d) if not _young_probe(storage, d, name, now)}
+    # The pages are listed before the generations are read, so that a commit landing in between has its pages
+    # referenced by a generation gc reads (as objects are listed before `newest` is checked, below).
+    listed = [n for n in storage.list(PAGE_DIR) if _page_name(storage, n, now)]
     pages = _live_pages(log)
     if pages is not None:  # pages of no generation present; while one cannot be read, gc keeps every page
-        stored |= {f"{PAGE_DIR}/{n}" for n in storage.list(PAGE_DIR) if _page_name(storage, n, now)} - pages
+        stored |= {f"{PAGE_DIR}/{n}" for n in listed} - pages
     unreferenced = stored - newest.referenced()
     if dry_run:
         doomed = {rel for rel in unreferenced if _ripe(newest.condemned.get(rel, now), now, min_age)}

@@ -466,8 +466,10 @@ class ManifestLog:
                 current = Manifest(self.generations()[-1], Tree(self.pages), unreadable=True)
             try:
                 changed = change(current)
-            except MissingPageError:  # a page of a generation pruned meanwhile: read the newest again
-                continue
+            except MissingPageError:
+                if current.generation in self.generations():
+                    raise  # its generation is still there: the page was lost, not replaced (repair the run)
+                continue  # a page of a generation pruned meanwhile: read the newest again
             new = replace(
                 changed,
                 tree=changed.tree.sealed(),

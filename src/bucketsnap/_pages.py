@@ -97,7 +97,7 @@ class PageRef:
                 _int(d["count"]),
                 _int(d["size"]),
                 bool(d.get("shares", False)),
-                _unruns(d.get("itrs", [])),
+                _unruns(d.get("itrs", []), _int(d["count"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptSnapshotError(f"manifest {where} has a malformed page reference: {exc}") from exc
@@ -128,11 +128,18 @@ def _runs(itrs: Sequence[int]) -> list[int]:
     return out
 
 
-def _unruns(runs: object) -> tuple[int, ...]:
+def _unruns(runs: object, count: int) -> tuple[int, ...]:
+    """The itrs of ``[start, stop, ...]`` ranges, checked first (ascending, non-empty, at most ``count`` itrs in
+    all) so that a corrupt reference cannot make a reader expand a range of 10**12 itrs."""
     if not isinstance(runs, list) or len(runs) % 2:
         raise ValueError("itrs is not a list of [start, stop) pairs")
     bounds = [_int(b) for b in runs]
-    return tuple(i for start, stop in zip(bounds[::2], bounds[1::2], strict=True) for i in range(start, stop))
+    pairs = list(zip(bounds[::2], bounds[1::2], strict=True))
+    if any(stop <= start for start, stop in pairs) or any(a[1] > b[0] for a, b in itertools.pairwise(pairs)):
+        raise ValueError("itrs ranges are not ascending and non-empty")
+    if sum(stop - start for start, stop in pairs) > count:
+        raise ValueError(f"itrs ranges hold more than the reference's count ({count})")
+    return tuple(i for start, stop in pairs for i in range(start, stop))
 
 
 def _int(value: object) -> int:

@@ -155,7 +155,10 @@ def select_rows(loc: ValueLocation, rows: slice | None, where: str) -> tuple[Any
     if loc.kind not in ("$tensor", "$ndarray"):
         raise TypeError(f"{where}: rows= selects rows of a tensor or array, not of {loc.kind or 'a plain value'}")
     spec = loc.node[loc.kind]
-    shape = [int(d) for d in spec["shape"]]
+    try:
+        shape = [int(d) for d in spec["shape"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptSnapshotError(f"{where}: malformed shape in the value's header: {exc}") from exc
     if not shape or spec.get("scalar"):
         raise TypeError(f"{where}: rows= needs a tensor or array with at least one dimension, not a scalar")
     start, stop, step = rows.indices(shape[0])
