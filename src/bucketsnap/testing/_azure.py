@@ -20,7 +20,8 @@ from typing import Any
 
 from bucketsnap.testing._process import (
     STARTUP_TIMEOUT,
-    ServerProcess,
+    ChildServer,
+    Endpoint,
     free_port,
     http_server_header,
     project_root,
@@ -57,7 +58,7 @@ def _parse_connection_string(conn: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in parts}
 
 
-class AzureServer:
+class AzureServer(Endpoint):
     """An Azure Blob Storage account, reached through a connection string. Used as-is for an
     external account: start/stop do nothing and reset() only deletes containers made by
     create_container()."""
@@ -81,19 +82,6 @@ class AzureServer:
     @property
     def blob_endpoint(self) -> str:
         return _parse_connection_string(self.connection_string).get("BlobEndpoint", "")
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def __enter__(self) -> AzureServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def client(self) -> Any:
         """A synchronous azure-storage-blob BlobServiceClient for this account (few, short retries)."""
@@ -154,7 +142,7 @@ def azurite_blob_binary() -> Path:
     )
 
 
-class AzuriteServer(AzureServer):
+class AzuriteServer(ChildServer, AzureServer):
     """Azurite's blob service (no queue or table service) as a subprocess, data in a temporary folder.
 
     --skipApiVersionCheck: azure-storage-blob sends a newer x-ms-version than Azurite knows and
@@ -172,12 +160,8 @@ class AzuriteServer(AzureServer):
         self.extra_args = list(extra_args)
         self.port = 0
         self.endpoint_url = ""
-        self.workdir: Path | None = None
-        self._process: ServerProcess | None = None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process else None
+        self.workdir = None
+        self._process = None
 
     def start(self) -> None:
         if self._process is not None:
@@ -205,23 +189,8 @@ class AzuriteServer(AzureServer):
         # AZURITE_ACCOUNTS would replace devstoreaccount1's key; AZURITE_DB would move the metadata.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AZURITE_")}
         url = f"{self.endpoint_url}?comp=list"  # answers 403 without a signature: that is enough
-        self._process = ServerProcess("azurite", self.workdir)
-        try:
-            self._process.start(argv, env)
-            self.startup_seconds = self._process.wait_ready(
-                lambda: (http_server_header(url) or "").startswith("Azurite-Blob"), self.timeout
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        ready = lambda: (http_server_header(url) or "").startswith("Azurite-Blob")  # noqa: E731
+        self._launch("azurite", argv, ready, self.timeout, env)
 
 
 def describe_azure_server() -> str:

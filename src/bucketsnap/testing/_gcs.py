@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import urllib.error
@@ -21,7 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bucketsnap.testing._process import STARTUP_TIMEOUT, ServerProcess, free_port, http_get, unique_bucket_name
+from bucketsnap.testing._process import (
+    STARTUP_TIMEOUT,
+    ChildServer,
+    Endpoint,
+    free_port,
+    http_get,
+    unique_bucket_name,
+)
 
 __all__ = [
     "GCS_ENDPOINT_ENV",
@@ -39,7 +45,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 GCS_ENDPOINT_ENV = "BUCKETSNAP_TEST_GCS_ENDPOINT"
 
 
-class GcsServer:
+class GcsServer(Endpoint):
     """A GCS JSON-API endpoint without auth. Used as-is for an external endpoint:
     start/stop do nothing and reset() only deletes buckets made by create_bucket()."""
 
@@ -51,19 +57,6 @@ class GcsServer:
         self.project = project
         self.startup_seconds = 0.0
         self.created_buckets: set[str] = set()
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def __enter__(self) -> GcsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """JSON request against /storage/v1/...; returns the decoded body (or None)."""
@@ -133,7 +126,7 @@ def fake_gcs_binary() -> Path:
         return found[0]
 
 
-class FakeGcsServer(GcsServer):
+class FakeGcsServer(ChildServer, GcsServer):
     """fake-gcs-server (in-memory backend, plain http) as a subprocess."""
 
     owns_all_buckets = True
@@ -144,12 +137,8 @@ class FakeGcsServer(GcsServer):
         self.timeout = timeout
         self.extra_args = list(extra_args)
         self.port = 0
-        self.workdir: Path | None = None
-        self._process: ServerProcess | None = None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process else None
+        self.workdir = None
+        self._process = None
 
     def start(self) -> None:
         if self._process is not None:
@@ -169,21 +158,7 @@ class FakeGcsServer(GcsServer):
             *self.extra_args,
         ]  # fmt: skip
         url = f"{self.endpoint_url}/storage/v1/b"
-        self._process = ServerProcess("fake-gcs-server", self.workdir)
-        try:
-            self._process.start(argv)
-            self.startup_seconds = self._process.wait_ready(lambda: http_get(url) is not None, self.timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        self._launch("fake-gcs-server", argv, lambda: http_get(url) is not None, self.timeout)
 
 
 def describe_gcs_server() -> str:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
     "LOG_TAIL_LINES",
@@ -168,3 +170,66 @@ class ServerProcess:
         # reap stragglers left in the group after the leader exited
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+_E = TypeVar("_E", bound="Endpoint")
+
+
+class Endpoint:
+    """A test server as a context manager: ``start()`` on entry, ``stop()`` on exit; both do nothing for an
+    endpoint someone else runs (the subclasses that start one override them)."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def __enter__(self: _E) -> _E:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ChildServer(Endpoint):
+    """A server this process starts as a child (:class:`ServerProcess`) in a temporary ``workdir`` of its own:
+    its log, its launch (stopped again, workdir removed, if it does not become ready) and its stop."""
+
+    workdir: Path | None = None
+    startup_seconds: float = 0.0
+    _process: ServerProcess | None = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._process.log_path if self._process else None
+
+    def _launch(
+        self,
+        name: str,
+        argv: Sequence[str],
+        ready: Callable[[], bool],
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """Start ``argv`` in ``workdir`` (after ``prepare``) and wait until ``ready``; on any failure, stop."""
+        assert self.workdir is not None
+        self._process = ServerProcess(name, self.workdir)
+        try:
+            if prepare is not None:
+                prepare()
+            self._process.start(argv, env)
+            self.startup_seconds = self._process.wait_ready(ready, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None

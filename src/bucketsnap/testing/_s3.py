@@ -23,7 +23,8 @@ from typing import Any
 
 from bucketsnap.testing._process import (
     STARTUP_TIMEOUT,
-    ServerProcess,
+    ChildServer,
+    Endpoint,
     free_port,
     http_get,
     project_root,
@@ -52,7 +53,7 @@ CATALOG_CACHE_DIR = "bucketsnap-service-catalog"  # inside the LocalStack venv (
 S3_SERVER_KINDS = ("auto", "localstack", "moto")
 
 
-class S3Server:
+class S3Server(Endpoint):
     """An S3 endpoint. Used as-is for an external endpoint: start/stop do nothing and
     reset() only deletes buckets created through create_bucket()."""
 
@@ -72,19 +73,6 @@ class S3Server:
         self.region = region
         self.startup_seconds = 0.0
         self.created_buckets: set[str] = set()
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def __enter__(self) -> S3Server:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def client(self) -> Any:
         """A boto3 S3 client for this endpoint (path-style addressing)."""
@@ -151,7 +139,7 @@ def _environment_without_python_paths() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
-class LocalStackServer(S3Server):
+class LocalStackServer(ChildServer, S3Server):
     """LocalStack (S3 only) as a host process from the LocalStack venv."""
 
     owns_all_buckets = True
@@ -162,12 +150,8 @@ class LocalStackServer(S3Server):
         self.venv = venv or localstack_venv()
         self.timeout = timeout
         self.port = 0
-        self.workdir: Path | None = None
-        self._process: ServerProcess | None = None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process else None
+        self.workdir = None
+        self._process = None
 
     def start(self) -> None:
         if self._process is not None:
@@ -197,14 +181,8 @@ class LocalStackServer(S3Server):
             DNS_ADDRESS="0",  # no DNS server (would try to bind port 53)
             LS_LOG="warn",
         )
-        self._process = ServerProcess("localstack", self.workdir)
-        try:
-            self._link_service_catalog()
-            self._process.start([str(python), "-m", "localstack.runtime.main"], env)
-            self.startup_seconds = self._process.wait_ready(self._ready, self.timeout)
-        except BaseException:
-            self.stop()
-            raise
+        argv = [str(python), "-m", "localstack.runtime.main"]
+        self._launch("localstack", argv, self._ready, self.timeout, env, prepare=self._link_service_catalog)
         self._save_service_catalog()
 
     # LocalStack builds a service-catalog index (~3 s) into a fresh FILESYSTEM_ROOT on
@@ -244,16 +222,8 @@ class LocalStackServer(S3Server):
             return False
         return state in ("available", "running")
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
 
-
-class MotoServer(S3Server):
+class MotoServer(ChildServer, S3Server):
     """moto's standalone server (``python -m moto.server``, from ``moto[server]``) as a subprocess of this
     interpreter, in memory."""
 
@@ -264,12 +234,8 @@ class MotoServer(S3Server):
         super().__init__()
         self.timeout = timeout
         self.port = 0
-        self.workdir: Path | None = None
-        self._process: ServerProcess | None = None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process else None
+        self.workdir = None
+        self._process = None
 
     def start(self) -> None:
         if self._process is not None:
@@ -285,22 +251,8 @@ class MotoServer(S3Server):
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self._process = ServerProcess("moto", self.workdir)
-        try:
-            self._process.start(argv, _environment_without_python_paths())
-            url = f"{self.endpoint_url}/moto-api/data.json"
-            self.startup_seconds = self._process.wait_ready(lambda: http_get(url) is not None, self.timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        url = f"{self.endpoint_url}/moto-api/data.json"
+        self._launch("moto", argv, lambda: http_get(url) is not None, self.timeout, _environment_without_python_paths())
 
 
 def _choose(kind: str) -> str:
