@@ -44,6 +44,8 @@ import numpy as np
 import psutil
 
 STACK = 4
+#: The load average when the measurements began (printed with the table).
+LOAD_BEFORE: list[float] = []
 
 
 def generate_frames(n: int, out: Path) -> None:
@@ -317,6 +319,12 @@ def main() -> None:
     parser.add_argument("--remote", type=json.loads, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-s3", action="store_true", help="leave out the S3 column")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of the local phases; each figure is their median (times also show min-max)",
+    )
+    parser.add_argument(
         "--s3-transitions",
         type=int,
         default=None,
@@ -337,12 +345,17 @@ def main() -> None:
         t = time.perf_counter()
         generate_frames(n, data)
         print(f"generated {n} Pong frames in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    runs: list[dict[str, dict[str, Any]]] = []
+    LOAD_BEFORE.extend(os.getloadavg())
     try:
-        results = {name: run_phase(name, data, work, n) for name in PHASES}
+        for _ in range(max(1, args.repeats)):
+            runs.append({name: run_phase(name, data, work, n) for name in PHASES})
+            for path in (work / "run", work / "sb3_buffer.pkl"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     finally:  # keep the frames for the next run when --dir was given
-        for path in (work / "run", work / "sb3_buffer.pkl") if args.dir else (work,):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    print_table(results, n)
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(median_of(runs), n, spread_of(runs), len(runs))
     if not args.skip_s3:
         print(flush=True)
         n_s3 = min(n, args.s3_transitions or n)
@@ -363,18 +376,51 @@ def run_s3(data: Path, work: Path, n: int) -> dict[str, dict[str, Any]]:
         server.stop()
 
 
-def print_table(r: dict[str, dict[str, Any]], n: int) -> None:
+def median_of(runs: list[Any]) -> Any:
+    """The median of each number across ``runs`` (dicts of the same shape, nested)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: median_of([run[key] for run in runs]) for key in first}
+    if isinstance(first, int) and not isinstance(first, bool):
+        return round(float(np.median(runs)))
+    if isinstance(first, float):
+        return float(np.median(runs))
+    return first
+
+
+def spread_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, str]:
+    """``phase`` -> the min-max of its wall times across ``runs`` (empty for a single run)."""
+    if len(runs) < 2:
+        return {}
+    out = {}
+    for phase in runs[0]:
+        seconds = [run[phase]["seconds"] for run in runs]
+        out[phase] = f" [{min(seconds):.2f}-{max(seconds):.2f}]"
+    return out
+
+
+def print_table(r: dict[str, dict[str, Any]], n: int, spread: dict[str, str] | None = None, repeats: int = 1) -> None:
     mb = 1e6
+    spread = spread or {}
     raw = r["bs_save"]["raw_bytes"]
     sb3s, sb3l, bss, bsl = r["sb3_save"], r["sb3_load"], r["bs_save"], r["bs_load"]
     hashed, ring = bss["save2"], bss["save3"]
     print(f"SB3 DQN ReplayBuffer, {n:,} transitions of 4x84x84 uint8 frames (obs + next_obs: {raw / 1e9:.2f} GB)")
     print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, local disk")
-    print(f"load average before the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    runs = f", median of {repeats} runs [min-max]" if repeats > 1 else ""
+    print(f"load average before the run: {' '.join(f'{x:.1f}' for x in LOAD_BEFORE or os.getloadavg())}{runs}\n")
     rows = [
         ("size on storage", f"{sb3s['bytes'] / mb:,.0f} MB", f"{bss['bytes'] / mb:,.1f} MB ({bss['chunks']} chunks)"),
-        ("save time", f"{sb3s['seconds']:.2f} s", f"{bss['seconds']:.2f} s ({sb3s['seconds'] / bss['seconds']:.1f}x)"),
-        ("load time", f"{sb3l['seconds']:.2f} s", f"{bsl['seconds']:.2f} s ({sb3l['seconds'] / bsl['seconds']:.1f}x)"),
+        (
+            "save time",
+            f"{sb3s['seconds']:.2f} s{spread.get('sb3_save', '')}",
+            f"{bss['seconds']:.2f} s{spread.get('bs_save', '')} ({sb3s['seconds'] / bss['seconds']:.1f}x)",
+        ),
+        (
+            "load time",
+            f"{sb3l['seconds']:.2f} s{spread.get('sb3_load', '')}",
+            f"{bsl['seconds']:.2f} s{spread.get('bs_load', '')} ({sb3l['seconds'] / bsl['seconds']:.1f}x)",
+        ),
         ("save CPU time, all threads", f"{sb3s['cpu']:.2f} s", f"{bss['cpu']:.2f} s ({sb3s['cpu'] / bss['cpu']:.1f}x)"),
         ("load CPU time, all threads", f"{sb3l['cpu']:.2f} s", f"{bsl['cpu']:.2f} s ({sb3l['cpu'] / bsl['cpu']:.1f}x)"),
         (

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from bucketsnap._buffer_changes import Ring, Tracker
-from bucketsnap._chunks import ChunkedArrays, ChunkTable, read_chunks
+from bucketsnap._chunks import DEFAULT_LEVEL, ChunkedArrays, ChunkTable, read_chunks
 from bucketsnap._storage import Storage
 from bucketsnap._store import SnapshotStore, as_store
 
@@ -347,7 +347,7 @@ def buffer_state(
     buffer: Any,
     *,
     chunk_rows: int | None = None,
-    level: int = 3,
+    level: int = DEFAULT_LEVEL,
     hash_threads: int | None = None,
     changes: Literal["hash", "ring"] = "hash",
 ) -> ChunkedArrays:
@@ -359,7 +359,7 @@ def buffer_state(
             registered with :func:`register_buffer_kind`.
         chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
             saves of a run, or no chunk is shared.
-        level: zstd level of the chunks.
+        level: zstd level of the chunks (1 by default: fastest, and on replay buffers as small as 3).
         hash_threads: threads hashing, compressing and writing chunks; by default one per core, up to 8.
         changes: how the save finds the chunks that changed since the buffer's last save. ``"hash"`` hashes
             every chunk: whatever wrote the arrays, the snapshot holds what they hold. ``"ring"`` hashes only
