@@ -144,10 +144,10 @@ def peak_rss() -> Iterator[dict[str, float]]:
         result["ru_maxrss"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads: unlike wall time, not stretched by other load."""
+def cpu_seconds() -> tuple[float, float]:
+    """User and system CPU time of this process, all threads: unlike wall time, not stretched by other load."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
@@ -155,7 +155,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
         t, cpu = time.perf_counter(), cpu_seconds()
         out = fn()
         seconds = time.perf_counter() - t
-        rss["cpu"] = cpu_seconds() - cpu
+        user, system = cpu_seconds()
+        rss["cpu_user"], rss["cpu_sys"] = user - cpu[0], system - cpu[1]
+        rss["cpu"] = rss["cpu_user"] + rss["cpu_sys"]
     return out, seconds, rss
 
 
@@ -421,8 +423,8 @@ def print_table(r: dict[str, dict[str, Any]], n: int, spread: dict[str, str] | N
             f"{sb3l['seconds']:.2f} s{spread.get('sb3_load', '')}",
             f"{bsl['seconds']:.2f} s{spread.get('bs_load', '')} ({sb3l['seconds'] / bsl['seconds']:.1f}x)",
         ),
-        ("save CPU time, all threads", f"{sb3s['cpu']:.2f} s", f"{bss['cpu']:.2f} s ({sb3s['cpu'] / bss['cpu']:.1f}x)"),
-        ("load CPU time, all threads", f"{sb3l['cpu']:.2f} s", f"{bsl['cpu']:.2f} s ({sb3l['cpu'] / bsl['cpu']:.1f}x)"),
+        ("save CPU, all threads (user + system)", cpu_split(sb3s), f"{cpu_split(bss)} {ratio(sb3s, bss, 'cpu')}"),
+        ("load CPU, all threads (user + system)", cpu_split(sb3l), f"{cpu_split(bsl)} {ratio(sb3l, bsl, 'cpu')}"),
         (
             "2nd save, +1,000 transitions, changes='hash'",
             f"{sb3s['bytes'] / mb:,.0f} MB written (all again)",
@@ -474,6 +476,14 @@ def print_s3_table(r: dict[str, dict[str, Any]], n: int) -> None:
         ),
     ]
     print_rows(rows, "SB3 through fsspec.open(s3://...)", "bucketsnap buffer_state / restore_buffer")
+
+
+def ratio(theirs: dict[str, Any], ours: dict[str, Any], key: str) -> str:
+    return f"({theirs[key] / ours[key]:.1f}x)"
+
+
+def cpu_split(r: dict[str, Any]) -> str:
+    return f"{r['cpu']:.2f} s ({r['cpu_user']:.2f} + {r['cpu_sys']:.2f})"
 
 
 def print_rows(rows: list[tuple[str, str, str]], left: str, right: str) -> None:
