@@ -4,8 +4,10 @@ SB3 cloudpickles every ``data`` entry that is not JSON: spaces, schedules, class
 them have a plain description, and bucketsnap stores that instead, as tagged dicts (``{"$sb3": kind, ...}``):
 
 ==================  ==================================================================================
-``class``           a class or function by import name, only from stable_baselines3, sb3_contrib, torch
-                    and gymnasium (importing an installed library runs no code from the snapshot)
+``class``           a class by import name, only one defined in stable_baselines3, sb3_contrib, torch.nn,
+                    torch.optim or gymnasium, and only a ``torch.nn.Module``, optimizer, space, buffer,
+                    action noise or enum (importing an installed library runs no code from the snapshot, and
+                    no class that SB3 might call with the snapshot's arguments does anything but build one)
 ``space``           gymnasium ``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary``, ``Dict``, ``Tuple``, with
                     the state of the space's random generator (numpy's bit generators only)
 ``schedule``        SB3's ``FloatSchedule``, ``ConstantSchedule``, ``LinearSchedule``, and the closures of its
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import importlib
 import inspect
 import types
@@ -415,6 +418,17 @@ def _importable_as(name: str, obj: Any) -> bool:
         return False
 
 
+@functools.cache
+def _roles() -> tuple[type, ...]:
+    """What a class named in SB3's data may be: what SB3 stores there (a policy, a features extractor or an
+    activation is a ``torch.nn.Module``; an optimizer class; a replay-buffer class; HER's goal strategy, an
+    enum), never a class whose constructor does something else (SB3's logger formats open files)."""
+    from stable_baselines3.common.buffers import BaseBuffer
+    from stable_baselines3.common.noise import ActionNoise
+
+    return (torch.nn.Module, torch.optim.Optimizer, gymnasium.spaces.Space, BaseBuffer, ActionNoise, enum.Enum)
+
+
 def _import_class(name: str) -> type:
     """``a.b.C`` (or ``a.b.C.Inner``) -> the class, importing the longest module prefix.
 
@@ -436,5 +450,10 @@ def _import_class(name: str) -> type:
                 raise ValueError(f"refusing to import {name!r}: {attr!r} is not a class")
         if not _safe_class(obj):
             raise ValueError(f"refusing to import {name!r}: it is defined in {obj.__module__}")
+        if not issubclass(obj, _roles()):
+            raise ValueError(
+                f"refusing to import {name!r}: a class named in SB3's data must be a module, optimizer, space, "
+                "buffer, action noise or enum"
+            )
         return obj  # type: ignore[no-any-return]
     raise ImportError(f"cannot import {name}")
