@@ -481,7 +481,7 @@ class ManifestLog:
             # Pages first, under names no other writer uses: the generation is the commit, and a page it does
             # not reference (this attempt lost its race) is an orphan for gc.
             for rel, data in new.tree.written().items():
-                self.storage.create_exclusive(rel, data)
+                self._create_page(rel, data)
             new = replace(new, tree=new.tree.committed())
             try:
                 self.storage.create_exclusive(generation_name(new.generation), new.to_json())
@@ -506,6 +506,29 @@ class ManifestLog:
             f"could not commit to {self.storage.url} after {MAX_COMMIT_ATTEMPTS} attempts: other writers kept "
             "committing first. The snapshot object was written; retry the save."
         )
+
+    def _create_page(self, rel: str, data: bytes) -> None:
+        """Create page ``rel`` (a name this writer drew at random) with ``data``.
+
+        A create whose response was lost and that the store's client retried finds the page there: it is this
+        writer's own if it holds the same bytes, and the commit goes on. A page there with other bytes is no
+        page of this commit: the commit stops before its generation, so nothing is committed.
+        """
+        try:
+            self.storage.create_exclusive(rel, data)
+        except FileExistsError as exc:
+            try:
+                stored: bytes | None = self.storage.read(rel)
+            except FileNotFoundError:
+                stored = None
+            if stored == data:
+                logger.debug("manifest page %s was created by this commit's earlier try", rel)
+                return
+            raise StorageError(
+                f"not committed to {self.storage.url}: manifest page {self.storage.url_of(rel)}, a fresh random "
+                "name, already exists with other bytes (a store that does not keep what it is sent, or a copy "
+                "into the run). Nothing was committed and every committed snapshot is intact: save again."
+            ) from exc
 
     def _built_upon(self, committed: Manifest) -> bool:
         """Whether the generation after ``committed`` was built on it (rather than on a pruned predecessor)."""
