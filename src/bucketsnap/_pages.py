@@ -29,7 +29,9 @@ import bisect
 import itertools
 import json
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
@@ -151,6 +153,10 @@ def _int(value: object) -> int:
 class PageStore:
     """Reads pages for one run, and remembers the ones read or written (pages never change once written).
 
+    A remembered page is checked against the reference it is read through exactly as a page just read is (a
+    reference that does not describe it is a corrupt generation, whatever was cached). Safe to share between
+    threads: the cache is guarded by a lock, and evicts its oldest pages past :attr:`MAX_CACHED`.
+
     Args:
         read: reads a page's bytes by its relative path (FileNotFoundError if missing).
         url_of: the URL of a relative path, for messages.
@@ -163,12 +169,16 @@ class PageStore:
         self._read = read
         self._url_of = url_of
         self.base_url = base_url
-        self._cache: dict[str, tuple[Item, ...]] = {}
+        self._cache: OrderedDict[str, tuple[tuple[Item, ...], int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def load(self, ref: PageRef) -> tuple[Item, ...]:
-        """The items of page ``ref``; FileNotFoundError if it is gone, CorruptSnapshotError if it is not it."""
-        items = self._cache.get(ref.path)
-        if items is None:
+        """The items of page ``ref``; MissingPageError if it is gone, CorruptSnapshotError if it is not it."""
+        with self._lock:
+            cached = self._cache.get(ref.path)
+        if cached is not None:
+            items, size = cached
+        else:
             try:
                 data = self._read(ref.path)
             except FileNotFoundError as exc:
@@ -176,22 +186,23 @@ class PageStore:
                     f"manifest page {self._url_of(ref.path)} is missing; if it stays missing, run "
                     "SnapshotStore.repair() (`bucketsnap repair`) to commit a generation rebuilt from the archives"
                 ) from exc
-            items = self._parse(ref, data)
-            self.remember(ref.path, items)
+            items, size = self._parse(ref, data), len(data)
+        self._check(ref, items, size)
+        if cached is None:
+            self.remember(ref.path, items, size)
         return items
 
-    def remember(self, path: str, items: tuple[Item, ...]) -> None:
-        if len(self._cache) >= self.MAX_CACHED:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[path] = items
+    def remember(self, path: str, items: tuple[Item, ...], size: int) -> None:
+        """Remember page ``path`` of ``size`` bytes, holding ``items``."""
+        with self._lock:
+            self._cache[path] = (items, size)
+            while len(self._cache) > self.MAX_CACHED:
+                self._cache.popitem(last=False)
 
     def _parse(self, ref: PageRef, data: bytes) -> tuple[Item, ...]:
         where = self._url_of(ref.path)
         if len(data) != ref.size:
-            raise CorruptSnapshotError(
-                f"manifest page {where} has {len(data)} bytes, its generation says {ref.size}; run "
-                "SnapshotStore.repair() (`bucketsnap repair`) to commit a generation rebuilt from the archives"
-            )
+            raise self._size_error(ref, len(data))
         try:
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("format") != PAGE_FORMAT or doc.get("level") != ref.level:
@@ -203,16 +214,32 @@ class PageStore:
             raise CorruptSnapshotError(
                 f"manifest page {where} is not valid ({exc}); run SnapshotStore.repair()"
             ) from exc
-        items: tuple[Item, ...]
         if ref.level == 1:
-            items = tuple(SnapshotInfo.from_json(e, base_url=self.base_url) for e in raw)
-        else:
-            items = tuple(PageRef.from_json(r, where) for r in raw)
+            return tuple(SnapshotInfo.from_json(e, base_url=self.base_url) for e in raw)
+        return tuple(PageRef.from_json(r, where) for r in raw)
+
+    def _size_error(self, ref: PageRef, size: int) -> CorruptSnapshotError:
+        return CorruptSnapshotError(
+            f"manifest page {self._url_of(ref.path)} has {size} bytes, its generation says {ref.size}; run "
+            "SnapshotStore.repair() (`bucketsnap repair`) to commit a generation rebuilt from the archives"
+        )
+
+    def _check(self, ref: PageRef, items: tuple[Item, ...], size: int) -> None:
+        """Raise CorruptSnapshotError unless page ``ref`` of ``size`` bytes, holding ``items``, is what ``ref``
+        says: its size, level, span, count, order and (level 1) its itrs."""
+        where = self._url_of(ref.path)
+        if size != ref.size:
+            raise self._size_error(ref, size)
         if not items or _span(items) != (ref.first, ref.last) or _count(items) != ref.count or not _ascending(items):
             raise CorruptSnapshotError(f"manifest page {where} does not hold what its reference says; run repair()")
-        if any(isinstance(i, PageRef) and i.level != ref.level - 1 for i in items):
-            raise CorruptSnapshotError(f"manifest page {where} references pages of the wrong level; run repair()")
-        return items
+        if ref.level == 1:
+            ok = all(isinstance(i, SnapshotInfo) for i in items) and tuple(_lo(i) for i in items) == ref.itrs
+        else:
+            ok = all(isinstance(i, PageRef) and i.level == ref.level - 1 for i in items)
+        if not ok:
+            raise CorruptSnapshotError(
+                f"manifest page {where} holds other itrs or levels than its reference says; run repair()"
+            )
 
 
 def _lo(item: Item) -> int:
@@ -436,7 +463,7 @@ class Tree:
         data = json.dumps(doc, separators=(",", ":")).encode()
         pending[path] = (data, tuple(items))
         if self.pages is not None:
-            self.pages.remember(path, tuple(items))
+            self.pages.remember(path, tuple(items), len(data))
         itrs = tuple(i.itr for i in items if isinstance(i, SnapshotInfo)) if level == 1 else ()
         return PageRef(path, level, first, last, _count(items), len(data), _shares(items), itrs)
 
