@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -212,6 +214,34 @@ def test_credentials_never_appear_in_errors() -> None:
     with pytest.raises(BucketsnapError) as exc:
         store.load()
     assert "hunter2" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "meant"),
+    [
+        ("s3:/bucket/run", "s3://bucket/run"),
+        ("gs:bucket/run", "gs://bucket/run"),
+        ("memory:/bucket/run", "memory://bucket/run"),
+        ("s3:/AKIAEXAMPLE:hunter2@bucket/run", "s3://***@bucket/run"),
+    ],
+)
+def test_a_scheme_without_its_two_slashes_is_refused_not_written_locally(
+    url: str, meant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsspec reads "s3:/bucket/run" as a local path: a save would write a folder "s3:" here, not the bucket."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="needs two slashes") as exc:
+        SnapshotStore(url).save(1, {"x": 1})
+    assert str(exc.value).endswith(f"did you mean {meant}?")
+    assert "hunter2" not in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_paths_with_a_colon_and_chained_urls_still_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url in ("run:1", "./s3:/run"):
+        SnapshotStore(url).save(1, {"x": 1})
+        assert SnapshotStore(url).load()["x"] == 1
 
 
 def test_unwritable_location_is_a_storage_error_naming_the_url(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -135,6 +135,7 @@ class Storage:
         if not url:
             raise ValueError("url is empty: pass a local path or an fsspec URL such as s3://bucket/run")
         self.url = redact(url.rstrip("/") or url)
+        _refuse_malformed_scheme(url)
         protocol = fsspec.utils.get_protocol(url)
         options = backend_for(protocol).prepare_options(dict(storage_options or {}))
         try:
@@ -501,6 +502,17 @@ def _within(seconds: float, fn: Callable[[], T]) -> T:
     if ok:
         return value  # type: ignore[no-any-return]
     raise value
+
+
+def _refuse_malformed_scheme(url: str) -> None:
+    """Refuse ``s3:/bucket/run`` or ``gs:bucket``: fsspec would take them for local paths, and a save would
+    write a folder named ``s3:`` in the working directory instead of the bucket."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or rest.startswith(("//", ":")) or len(scheme) < 2 or not scheme.isidentifier():
+        return  # a URL, a chained URL (simplecache::s3://...), a Windows drive (C:\\...) or no scheme at all
+    if scheme.lower() in fsspec.available_protocols():
+        fixed = redact(f"{scheme}://{rest.lstrip('/')}")  # the input itself is not shown: redact needs "//"
+        raise ValueError(f"not a URL: {scheme}: needs two slashes; did you mean {fixed}?")
 
 
 def _open_error(url: str, protocol: str, exc: ValueError) -> BucketsnapError:
