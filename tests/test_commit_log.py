@@ -9,6 +9,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
 import bucketsnap._manifest as manifest_module
@@ -16,7 +17,7 @@ import counting_fs  # noqa: F401 -- registers countmem://
 from bucketsnap import CorruptSnapshotError, SnapshotStore
 from bucketsnap._info import SnapshotInfo
 from bucketsnap._manifest import KEEP_GENERATIONS, MANIFEST_DIR, generation_name
-from bucketsnap._pages import PAGE_DIR, TAIL
+from bucketsnap._pages import PAGE_DIR, REUSE_PAGES, TAIL
 from bucketsnap._storage import Storage
 
 LOOKUP_BYTES = 64 * 1024
@@ -29,6 +30,7 @@ class Tally:
         self.storage = storage
         self.lists = self.reads = self.read_bytes = self.deletes = self.written = 0
         self.deleted: list[str] = []
+        self.read_paths: list[str] = []
         real_list, real_read = storage.list, storage.read
         real_create, real_delete = storage.create_exclusive, storage.delete
 
@@ -40,6 +42,7 @@ class Tally:
             data = real_read(rel, start, end)
             self.reads += 1
             self.read_bytes += len(data)
+            self.read_paths.append(rel)
             return data
 
         def create(rel: str, data: bytes) -> None:
@@ -61,6 +64,7 @@ class Tally:
     def reset(self) -> None:
         self.lists = self.reads = self.read_bytes = self.written = 0
         self.deleted.clear()
+        self.read_paths.clear()
 
 
 def _grow(store: SnapshotStore, count: int) -> SnapshotInfo:
@@ -129,6 +133,33 @@ def test_a_save_reads_no_page_and_writes_a_bounded_generation(big_run: Any) -> N
     newest = json.loads(writer.storage.read(generation_name(writer._log.generations()[-1])))
     assert newest["version"] == 3 and newest["count"] == 3001 and len(newest["snapshots"]) < TAIL
     assert len(json.dumps(newest)) < 16 * 1024
+
+
+def _save_buffer_cost(count: int) -> tuple[Tally, set[str], set[str]]:
+    """A restarted writer's save of a replay buffer into a run of ``count`` snapshots that all share chunks: its
+    requests, and the chunks of the run's snapshots and of the new one."""
+    from bucketsnap.buffers import TransitionStorage, buffer_state
+
+    url = f"memory://commit-log/{uuid.uuid4().hex}"
+    buffer = TransitionStorage(40)
+    buffer.insert_data_slice({"x": np.arange(40)})
+    store = SnapshotStore(url)
+    real = store.save(0, {"buf": buffer_state(buffer, chunk_rows=10)})
+    store._log.commit(lambda current: [real] + [replace(real, itr=i) for i in range(1, count)])
+    writer = SnapshotStore(url)  # a restarted writer: nothing cached
+    tally = Tally(writer.storage)
+    buffer.insert_data_slice({"x": np.arange(5) + 100})
+    info = writer.save(count, {"buf": buffer_state(buffer, chunk_rows=10)})
+    return tally, set(real.refs), set(info.refs)
+
+
+def test_a_save_of_shared_chunks_at_3000_snapshots_costs_what_it_costs_at_10() -> None:
+    small, _, _ = _save_buffer_cost(10)
+    big, old_chunks, new_chunks = _save_buffer_cost(3000)
+    page_reads = [r for r in big.read_paths if r.startswith(f"{PAGE_DIR}/")]
+    assert len(page_reads) <= REUSE_PAGES, page_reads
+    assert big.requests <= small.requests + REUSE_PAGES, (big.read_paths, small.read_paths)
+    assert len(old_chunks & new_chunks) == 3, "the three unchanged chunks are reused, not written again"
 
 
 def test_overwrite_and_delete_inside_sealed_pages_rewrite_only_their_path(big_run: Any) -> None:

@@ -50,6 +50,10 @@ TAIL = 24
 FANOUT = 16
 #: The highest level of page; its references are all inline.
 TOP = 3
+#: A save reuses the chunks of the newest snapshots holding some: until this many are found (the tail's all
+#: count), reading at most :data:`REUSE_PAGES` pages, newest first.
+REUSE_SNAPSHOTS = 8
+REUSE_PAGES = 4
 
 Item = Union[SnapshotInfo, "PageRef"]
 
@@ -378,15 +382,26 @@ class Tree:
         return self._memo["referenced"]  # type: ignore[no-any-return]
 
     def shared(self) -> frozenset[str]:
-        """Every object shared by content (``refs``) that some snapshot needs: reads only pages that hold one."""
+        """The objects shared by content (``refs``: replay-buffer chunks) of the newest snapshots that hold some,
+        which a save may reuse: the tail's, then, while fewer than :data:`REUSE_SNAPSHOTS` snapshots with refs are
+        found, those of the pages marked ``shares``, newest first, reading at most :data:`REUSE_PAGES` pages (so a
+        save's cost does not grow with the run; a chunk only older snapshots hold is written again)."""
         out: set[str] = set()
-        stack: list[Item] = [i for i in self._inline() if not isinstance(i, PageRef) or i.shares]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, PageRef):
-                stack.extend(i for i in self._load(item) if not isinstance(i, PageRef) or i.shares)
-            else:
-                out.update(item.refs)
+        found = 0
+        reads = REUSE_PAGES
+
+        def visit(items: Sequence[Item]) -> None:
+            nonlocal found, reads
+            for item in reversed(items):
+                if isinstance(item, SnapshotInfo):
+                    if item.refs:
+                        out.update(item.refs)
+                        found += 1
+                elif item.shares and reads > 0 and found < REUSE_SNAPSHOTS:
+                    reads -= 1
+                    visit(self._load(item))
+
+        visit(self._inline())
         return frozenset(out)
 
     # -- changing ------------------------------------------------------------------------------------------
