@@ -349,9 +349,14 @@ def test_a_real_zstd_bomb_stops_at_the_declared_size(store: SnapshotStore) -> No
     patched = bytes(data[: member.offset]) + bomb + bytes(data[member.offset + member.stored_size :])
     replace_archive(store, 1, patched)
     doc = newest_doc(store)
-    doc["snapshots"][0]["members"]["x"].update(stored_size=len(bomb), crc32=f"{zlib.crc32(bomb):08x}")
+    member_doc = doc["snapshots"][0]["members"]["x"]
+    member_doc.update(stored_size=len(bomb), crc32=f"{zlib.crc32(bomb):08x}")
     doc["snapshots"][0]["size"] = len(patched)
     write_generation(store, {**doc, "generation": doc["generation"] + 1})
+    # as a seekable member it has no frame index: refused before a byte is decompressed
+    expect_typed(lambda: store.load(1), match="no frame index")
+    member_doc["codec"] = "zstd"  # as a single-frame member (older archives), streamed: stopped at the size
+    write_generation(store, {**doc, "generation": doc["generation"] + 2})
     expect_typed(lambda: store.load(1), match="declared size")
 
 

@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 import zstandard
 
 from bucketsnap import _frames
+from bucketsnap._frame_reader import FramesReader
 from bucketsnap._info import MemberInfo, crc32_checksum
 from bucketsnap._zipformat import (
     READ_AHEAD,
@@ -42,6 +43,7 @@ from bucketsnap._zipformat import (
     RangeReader,
     ReadRange,
     ZipStreamWriter,
+    crc32,
     crc32_combine,
 )
 from bucketsnap.errors import CorruptSnapshotError, UnsafeLoadError
@@ -271,14 +273,17 @@ def _max_member_size() -> int:
 def _member_stream(
     read_range: ReadRange, member: MemberInfo, where: str, max_member_size: int | None = None
 ) -> Iterator[BinaryIO]:
+    """The member's payload as a stream; on leaving, refuse a member whose payload was not read to its end."""
     check_member(member, where, max_member_size)
+    if member.codec == _frames.CODEC:
+        with _frames_stream(read_range, member, where) as stream:
+            yield stream
+        return
     raw = RangeReader(read_range, member.offset, member.stored_size, where=where, read_ahead=READ_AHEAD)
     try:
-        # a seekable member's frames are read in sequence, its index (a skippable frame) skipped: a whole member
-        # is read once, forward, checked against its CRC-32 and, in compressed frames, zstd's checksums
-        frames = member.codec == _frames.CODEC
+        # one frame, read forward: checked against the member's CRC-32 and, compressed, zstd's checksum
         dctx = zstandard.ZstdDecompressor()
-        with dctx.stream_reader(raw, read_size=READ_CHUNK, closefd=False, read_across_frames=frames) as z:  # type: ignore[arg-type]
+        with dctx.stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
             limited = _LimitedReader(z, member.raw_size, where)  # type: ignore[arg-type]
             yield limited  # type: ignore[misc]
             if limited.readinto(bytearray(1)) or limited._left:
@@ -290,6 +295,49 @@ def _member_stream(
         raw.close()  # cancels the reads still in flight when the consumer stopped early
     if f"{crc:08x}" != member.crc32:
         raise CorruptSnapshotError(f"{where}: checksum mismatch (crc32 {crc:08x}, expected {member.crc32})")
+
+
+@contextmanager
+def _frames_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Iterator[BinaryIO]:
+    """A seekable member's whole payload, its frames decoded on the read pool (:mod:`bucketsnap._frame_reader`).
+
+    The frame index (the member's last 32 KiB) is checked against the member's CRC-32 before any frame is
+    read; each frame is then checked against the index. A member that fits in those 32 KiB is served from them.
+    """
+    tail_start, tail = 0, b""
+    if member.stored_size <= _frames.TAIL:  # the index read brings the whole member: check all of it first
+        tail = read_range(member.offset, member.offset + member.stored_size)
+        crc = crc32(tail)
+        if len(tail) == member.stored_size and f"{crc:08x}" != member.crc32:
+            raise CorruptSnapshotError(f"{where}: checksum mismatch (crc32 {crc:08x}, expected {member.crc32})")
+    cached = _cached(read_range, member.offset, tail) if tail else read_range
+    index = _frames.read_index(cached, member.offset, member.stored_size, member.raw_size, where=where)
+    if not tail:
+        tail_start, tail = index.tail
+        crc = _frames.member_crc(index)
+        if f"{crc:08x}" != member.crc32:
+            raise CorruptSnapshotError(
+                f"{where}: checksum mismatch (crc32 {crc:08x} of the frame index, expected {member.crc32})"
+            )
+        cached = _cached(read_range, member.offset + tail_start, tail)
+    reader = FramesReader(cached, member.offset, index, 0, member.raw_size, where=where)
+    try:
+        yield reader  # type: ignore[misc]
+        if reader.readinto(bytearray(1)):
+            raise CorruptSnapshotError(f"{where}: member size differs from the declared {member.raw_size}")
+    finally:
+        reader.close()  # cancels the reads still in flight when the consumer stopped early
+
+
+def _cached(read_range: ReadRange, start: int, data: bytes) -> ReadRange:
+    """``read_range``, answering reads within ``[start, start + len(data))`` from ``data``."""
+
+    def read(lo: int, hi: int) -> bytes:
+        if lo >= start and hi <= start + len(data):
+            return data[lo - start : hi - start]
+        return read_range(lo, hi)
+
+    return read
 
 
 def check_member(member: MemberInfo, where: str, max_member_size: int | None = None) -> None:

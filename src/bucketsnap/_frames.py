@@ -19,14 +19,13 @@ frames are covered too (the seekable format's optional checksum is XXH64 of the 
 Trade-off: independent frames of 1 MiB compress a few percent worse than one long frame, and the index costs
 12 bytes per MiB. In exchange a reader locates any byte range of the payload from the member's last 64 KiB
 (the index, for members up to ~5 GiB; larger ones need one more read of the rest of it) and decompresses only
-the frames that hold it, each checked against its CRC-32 before it is decoded; a save or restore holds one
-frame per compression thread, never the member.
+the frames that hold it, each checked against its CRC-32 before it is decoded; a save holds one frame per
+compression thread, a restore at most 9 units of frames (:mod:`bucketsnap._frame_reader`), never the member.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import os
 import struct
 import threading
@@ -38,10 +37,10 @@ from typing import Any
 
 import zstandard
 
-from bucketsnap._zipformat import READ_AHEAD, MemberSink, RangeReader, ReadRange, crc32, crc32_combine
+from bucketsnap._zipformat import MemberSink, ReadRange, crc32, crc32_combine
 from bucketsnap.errors import CorruptSnapshotError
 
-__all__ = ["ALIGN", "CODEC", "FRAME_SIZE", "FrameIndex", "FramesReader", "read_index", "read_payload", "write_frames"]
+__all__ = ["ALIGN", "CODEC", "FRAME_SIZE", "FrameIndex", "member_crc", "read_index", "write_frames"]
 
 CODEC = "zstd-frames"
 #: Uncompressed bytes per frame, at most.
@@ -256,85 +255,9 @@ def _starts(sizes: list[int]) -> list[int]:
     return out
 
 
-class FramesReader(io.RawIOBase):
-    """Payload bytes ``[start, end)`` of a seekable member, decompressing only the frames that hold them.
-
-    The frames' stored bytes are read in one forward range (with requests in flight ahead, see
-    :class:`RangeReader`); each frame is checked against its CRC-32 and its declared sizes before it is used,
-    and one frame is held at a time. :attr:`crc` (after the last frame) is the CRC-32 of every frame read.
-    """
-
-    def __init__(
-        self, read_range: ReadRange, offset: int, index: FrameIndex, start: int, end: int, *, where: str
-    ) -> None:
-        self._index = index
-        self._frames = iter(index.frames(start, end))
-        span = index.frames(start, end)
-        lo = index.stored_starts[span[0]] if span else 0
-        hi = index.stored_starts[span[-1]] + index.stored_sizes[span[-1]] if span else 0
-        self._raw = RangeReader(read_range, offset + lo, hi - lo, where=where, read_ahead=READ_AHEAD)
-        self._start, self._end = start, end
-        self._where = where
-        self._buf = memoryview(b"")
-        self._dctx = zstandard.ZstdDecompressor()
-
-    @property
-    def crc(self) -> int:
-        return self._raw.crc
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._buf and not self._next_frame():
-            return 0
-        view = memoryview(b).cast("B")
-        n = min(view.nbytes, self._buf.nbytes)
-        view[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def _next_frame(self) -> bool:
-        i = next(self._frames, None)
-        if i is None:
-            return False
-        index, where = self._index, f"{self._where} frame {i}"
-        data = bytearray(index.stored_sizes[i])
-        got = 0
-        while got < len(data):
-            n = self._raw.readinto(memoryview(data)[got:])
-            if not n:
-                raise CorruptSnapshotError(f"{where}: truncated")
-            got += n
-        if crc32(data) != index.crcs[i]:
-            raise CorruptSnapshotError(f"{where}: checksum mismatch: the stored bytes are corrupt")
-        raw_size = index.raw_sizes[i]
-        try:
-            if zstandard.frame_content_size(data) != raw_size:
-                raise CorruptSnapshotError(f"{where}: frame size differs from the index's {raw_size} bytes")
-            out = self._dctx.decompress(data)
-        except zstandard.ZstdError as exc:
-            raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
-        if len(out) != raw_size:
-            raise CorruptSnapshotError(f"{where}: frame decompresses to {len(out)} bytes, not {raw_size}")
-        frame_start = index.raw_starts[i]
-        lo, hi = max(self._start - frame_start, 0), min(self._end - frame_start, raw_size)
-        self._buf = memoryview(out)[lo:hi]
-        return True
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def read_payload(read_range: ReadRange, offset: int, index: FrameIndex, start: int, end: int, *, where: str) -> bytes:
-    """Payload bytes ``[start, end)``, read as :class:`FramesReader` does."""
-    out = bytearray(end - start)
-    with FramesReader(read_range, offset, index, start, end, where=where) as reader:
-        got = 0
-        while got < len(out):
-            n = reader.readinto(memoryview(out)[got:])
-            if not n:
-                raise CorruptSnapshotError(f"{where}: truncated payload")
-            got += n
-    return bytes(out)
+def member_crc(index: FrameIndex) -> int:
+    """The CRC-32 of the whole member as its index describes it: its frames' CRC-32s and its own bytes'."""
+    crc = 0
+    for part, size in zip(index.crcs, index.stored_sizes, strict=True):
+        crc = crc32_combine(crc, part, size)
+    return crc32(index.raw_index, crc)

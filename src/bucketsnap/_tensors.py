@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from bucketsnap import _frames
+from bucketsnap import _frame_reader, _frames
 from bucketsnap._info import MemberInfo
 from bucketsnap._values import _LEN, MAGIC, MAX_HEADER_SIZE, Decoder, MapLocation, _read_exact
 from bucketsnap._zipformat import READ_CHUNK, ReadRange
@@ -129,12 +129,12 @@ def read_layout(read_range: ReadRange, member: MemberInfo, *, where: str) -> Mem
 
     if member.raw_size < _PREFIX:
         raise CorruptSnapshotError(f"{where}: member of {member.raw_size} bytes is too small to hold a value")
-    first = _frames.read_payload(
+    first = _frame_reader.read_payload(
         read_range_cached, member.offset, index, 0, max(_PREFIX, min(index.raw_sizes[0], member.raw_size)), where=where
     )
     end = _PREFIX + _header_length(first, member, where)
     if len(first) < end:
-        first += _frames.read_payload(read_range_cached, member.offset, index, len(first), end, where=where)
+        first += _frame_reader.read_payload(read_range_cached, member.offset, index, len(first), end, where=where)
     tree, data_start = _parse_header(first[:end], where)
     return MemberLayout(dataclasses.replace(index, tail=(0, b"")), locate(tree, data_start, where))
 
@@ -208,7 +208,7 @@ def read_value(
 ) -> Any:
     """The value at ``path`` of a seekable member (rows ``rows`` of it), reading only the frames that hold it."""
     node, start, end, step = select_rows(find(layout.values, path, where), rows, where)
-    with _frames.FramesReader(read_range, member.offset, layout.index, start, end, where=where) as stream:
+    with _frame_reader.FramesReader(read_range, member.offset, layout.index, start, end, where=where) as stream:
         return _decode(
             stream,  # type: ignore[arg-type]
             node,

@@ -1,0 +1,271 @@
+"""Reading a seekable member's frames: raw blocks copied straight into the caller's buffer, frames on many threads.
+
+A restore of a seekable member (codec ``"zstd-frames"``, :mod:`bucketsnap._frames`) reads its frames in
+*units*: runs of whole frames of at most :data:`~bucketsnap._zipformat.READ_CHUNK` (4 MiB) stored and raw
+bytes, each one ranged request. A unit is fetched and decoded on a thread of the read pool, up to
+:data:`~bucketsnap._zipformat.READ_AHEAD` (8) units ahead of the consumer, so frames are decoded on as many
+threads as are in flight and the consumer only copies each unit's bytes, in order, into its buffers (the
+tensors being restored). Decoding a frame means:
+
+* its stored bytes checked against the CRC-32 in the frame index;
+* its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as a view
+  of the fetched bytes; an RLE block is one byte repeated, kept as that byte and a count. Neither is copied
+  until the consumer copies it into its buffer, once;
+* a frame holding a compressed block, or carrying a content checksum (XXH64, which only zstd computes here),
+  handed whole to zstd, which checks the checksum: its output is then copied once more, into the buffer;
+* its declared content size, the sum of its blocks and its end checked against the index's sizes.
+
+Trade-off: a whole-member read first reads the member's last 32 KiB for the index (one request more than a
+plain forward read, none for a member that fits in it, whose frames are then served from those bytes), to cut
+the member into frame-aligned units that decode independently. The index is checked against the member's
+CRC-32 from the manifest before any frame is fetched: the CRC-32s of the frames it lists, folded together
+with its own bytes', must give the member's. Every stored byte is so still covered by that CRC-32 (each
+frame's bytes by the index's CRC-32 of them, the index by the member's), as when the member was read forward.
+
+Memory: at most ``READ_AHEAD + 1`` units are held at once (those in flight and the one being copied), each its
+stored bytes (raw frames, whose pieces are views of them) or its decoded bytes (a compressed unit's stored
+bytes are dropped once decoded): 36 MiB for frames bucketsnap writes (at most 1 MiB raw), whatever the
+member's size; a unit of one larger frame (a frame index allows up to 64 MiB) holds that frame.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import zstandard
+
+from bucketsnap._frames import FrameIndex
+from bucketsnap._prefault import prefault
+from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK, ReadRange, _prefetch_pool, crc32
+from bucketsnap.errors import CorruptSnapshotError
+
+__all__ = ["FramesReader", "decode_frame", "read_payload", "units"]
+
+_MAGIC = 0xFD2FB528
+#: RFC 8878's largest block: no block may hold or regenerate more.
+_BLOCK_MAX = 128 * 1024
+_FCS_SIZES = (0, 2, 4, 8)
+_DICT_ID_SIZES = (0, 1, 2, 4)
+
+#: One piece of a frame's raw bytes: bytes to copy as they are, or ``(byte, count)``: ``byte`` repeated.
+Piece = memoryview | tuple[int, int]
+
+_local = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def decode_frame(frame: memoryview, raw_size: int, *, where: str) -> list[Piece]:
+    """The ``raw_size`` raw bytes of one whole zstd frame ``frame``, as pieces in order.
+
+    Raw and RLE blocks are returned without copying (views of ``frame``, or a byte and its count); a frame
+    with a compressed block or a content checksum is decompressed by zstd (checksum checked) into one piece.
+
+    Raises:
+        CorruptSnapshotError: a malformed header or block, a frame shorter or longer than its blocks, a
+            content size other than ``raw_size``, or, from zstd, corrupt data or a checksum mismatch.
+    """
+    n = frame.nbytes
+    if n < 6 or int.from_bytes(frame[:4], "little") != _MAGIC:
+        raise CorruptSnapshotError(f"{where}: not a zstd frame (bad magic number)")
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    if descriptor & 0x08:
+        raise CorruptSnapshotError(f"{where}: corrupt zstd frame header (reserved bit set)")
+    pos = 5
+    window = 0
+    if not single_segment:
+        exponent, mantissa = frame[pos] >> 3, frame[pos] & 7
+        base = 1 << (10 + exponent)
+        window = base + base // 8 * mantissa
+        pos += 1
+    dict_size = _DICT_ID_SIZES[descriptor & 3]
+    has_dict = dict_size and int.from_bytes(frame[pos : pos + dict_size], "little") != 0
+    pos += dict_size
+    fcs_size = _FCS_SIZES[descriptor >> 6] or single_segment  # flag 0: 1 byte in a single segment, else none
+    content = int.from_bytes(frame[pos : pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
+    pos += fcs_size
+    if not fcs_size or content != raw_size or pos > n:
+        raise CorruptSnapshotError(f"{where}: frame size differs from the index's {raw_size} bytes")
+    block_max = min(content if single_segment else window, _BLOCK_MAX)
+    zstd_needed = bool(has_dict or descriptor & 0x04)  # a dictionary, or a content checksum: zstd's to check
+    pieces: list[Piece] = []
+    produced = 0
+    last = 0
+    while not last:
+        if pos + 3 > n:
+            raise CorruptSnapshotError(f"{where}: truncated zstd frame (a block header is missing)")
+        header = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
+        pos += 3
+        last, kind, size = header & 1, header >> 1 & 3, header >> 3
+        if size > block_max or kind == 3:
+            raise CorruptSnapshotError(f"{where}: corrupt zstd block (type {kind}, {size} bytes)")
+        stored = 1 if kind == 1 else size
+        if pos + stored > n:
+            raise CorruptSnapshotError(f"{where}: truncated zstd frame (a block runs past the frame's end)")
+        if kind == 2:
+            zstd_needed = True
+        elif size:
+            pieces.append(frame[pos : pos + size] if kind == 0 else (frame[pos], size))
+            produced += size
+            if produced > raw_size:
+                raise CorruptSnapshotError(f"{where}: frame holds more than the index's {raw_size} bytes")
+        pos += stored
+    end = pos + 4 * (descriptor >> 2 & 1)
+    if end != n:
+        raise CorruptSnapshotError(f"{where}: the zstd frame ends at byte {end} of the {n} stored for it")
+    if not zstd_needed:
+        if produced != raw_size:
+            raise CorruptSnapshotError(f"{where}: frame decompresses to {produced} bytes, not {raw_size}")
+        return pieces
+    try:
+        out = _dctx().decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
+    if len(out) != raw_size:
+        raise CorruptSnapshotError(f"{where}: frame decompresses to {len(out)} bytes, not {raw_size}")
+    return [memoryview(out)]
+
+
+def units(index: FrameIndex, frames: range) -> Iterator[range]:
+    """``frames`` in runs of whole frames of at most READ_CHUNK stored and raw bytes (or one larger frame)."""
+    first = frames.start
+    stored = raw = 0
+    for i in frames:
+        if i > first and (stored + index.stored_sizes[i] > READ_CHUNK or raw + index.raw_sizes[i] > READ_CHUNK):
+            yield range(first, i)
+            first, stored, raw = i, 0, 0
+        stored += index.stored_sizes[i]
+        raw += index.raw_sizes[i]
+    if first < frames.stop:
+        yield range(first, frames.stop)
+
+
+def _load_unit(read_range: ReadRange, offset: int, index: FrameIndex, unit: range, where: str) -> list[Piece]:
+    """Fetch the frames ``unit`` in one request, check each against its CRC-32, and decode them."""
+    lo = index.stored_starts[unit.start]
+    hi = index.stored_starts[unit[-1]] + index.stored_sizes[unit[-1]]
+    data = read_range(offset + lo, offset + hi)
+    if len(data) != hi - lo:
+        raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {offset + lo}-{offset + hi}, got {len(data)}")
+    view = memoryview(data)
+    pieces: list[Piece] = []
+    for i in unit:
+        start = index.stored_starts[i] - lo
+        frame = view[start : start + index.stored_sizes[i]]
+        if crc32(frame) != index.crcs[i]:
+            raise CorruptSnapshotError(f"{where} frame {i}: checksum mismatch: the stored bytes are corrupt")
+        pieces += decode_frame(frame, index.raw_sizes[i], where=f"{where} frame {i}")
+    return pieces
+
+
+class FramesReader(io.RawIOBase):
+    """Payload bytes ``[start, end)`` of a seekable member, decoding only the frames that hold them.
+
+    The frames are fetched and decoded in units on the read pool, ``read_ahead`` units ahead (see the module
+    docstring), and handed over in order; :meth:`readinto` copies their bytes into the caller's buffer, filling
+    as much of it as the decoded units allow. Every frame is checked against its CRC-32 and its declared sizes.
+
+    Args:
+        read_range: ranged reads of the object holding the member.
+        offset: the offset of the member's data in that object.
+    """
+
+    def __init__(
+        self,
+        read_range: ReadRange,
+        offset: int,
+        index: FrameIndex,
+        start: int,
+        end: int,
+        *,
+        where: str,
+        read_ahead: int = READ_AHEAD,
+    ) -> None:
+        span = index.frames(start, end)
+        self._units = deque(units(index, span))
+        self._read_range, self._offset, self._index = read_range, offset, index
+        self._pending: deque[Future[list[Piece]]] = deque()
+        self._read_ahead = max(read_ahead, 1)
+        self._pieces: deque[Piece] = deque()
+        self._skip = start - index.raw_starts[span.start] if span else 0  # bytes of the first frame before start
+        self._left = end - start
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = min(view.nbytes, self._left)
+        prefault(view[:want])
+        got = 0
+        while got < want:
+            if not self._pieces and not self._next_unit():
+                break
+            piece = self._pieces.popleft()
+            if isinstance(piece, tuple):
+                byte, count = piece
+                if self._skip:
+                    skipped = min(self._skip, count)
+                    self._skip -= skipped
+                    count -= skipped
+                n = min(count, want - got)
+                if n:
+                    view[got : got + n] = bytes((byte,)) * n
+                if count > n:
+                    self._pieces.appendleft((byte, count - n))
+            else:
+                if self._skip:
+                    skipped = min(self._skip, piece.nbytes)
+                    self._skip -= skipped
+                    piece = piece[skipped:]
+                n = min(piece.nbytes, want - got)
+                view[got : got + n] = piece[:n]
+                if piece.nbytes > n:
+                    self._pieces.appendleft(piece[n:])
+            got += n
+        self._left -= got
+        return got
+
+    def _next_unit(self) -> bool:
+        """Move the next unit's pieces into :attr:`_pieces` (keeping ``read_ahead`` units in flight); False at
+        the end."""
+        args = (self._read_range, self._offset, self._index)
+        if not self._pending:
+            if not self._units:
+                return False
+            if len(self._units) == 1:  # the only unit left: no thread to hand it over from
+                self._pieces.extend(_load_unit(*args, self._units.popleft(), self._where))
+                return True
+        pool = _prefetch_pool()
+        while len(self._pending) < self._read_ahead and self._units:
+            self._pending.append(pool.submit(_load_unit, *args, self._units.popleft(), self._where))
+        self._pieces.extend(self._pending.popleft().result())
+        return True
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()  # those running finish on their own; their bytes are dropped
+        self._pending.clear()
+        self._pieces.clear()
+        super().close()
+
+
+def read_payload(read_range: ReadRange, offset: int, index: FrameIndex, start: int, end: int, *, where: str) -> bytes:
+    """Payload bytes ``[start, end)``, read as :class:`FramesReader` does."""
+    out = bytearray(end - start)
+    with FramesReader(read_range, offset, index, start, end, where=where) as reader:
+        if reader.readinto(out) != len(out):
+            raise CorruptSnapshotError(f"{where}: truncated payload")
+    return bytes(out)
