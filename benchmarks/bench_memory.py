@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bucketsnap._storage import DEFAULT_PART_SIZE, DEFAULT_UPLOAD_CONCURRENCY
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE.parent / "tests" / "workers" / "big_member.py"
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -63,7 +65,10 @@ def main() -> None:
     parser.add_argument("--kinds", default="raw,compressed", help="raw (random bytes), compressed (sparse bytes)")
     parser.add_argument("--where", default="s3", help="s3, local, or both (s3,local)")
     parser.add_argument("--container", default="numpy", choices=["numpy", "torch"])
+    parser.add_argument("--part-size", default=str(DEFAULT_PART_SIZE), help="SnapshotStore's part_size (16M, ...)")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_UPLOAD_CONCURRENCY, help="upload_concurrency")
     args = parser.parse_args()
+    store = {"part_size": parse_size(args.part_size), "upload_concurrency": args.concurrency}
     nbytes = parse_size("300M" if args.small else args.size)
     places: dict[str, tuple[str, dict[str, Any]]] = {}
     server = None
@@ -76,7 +81,8 @@ def main() -> None:
     local_root = tempfile.mkdtemp(prefix="bench-memory-")
     if "local" in args.where:
         places["local"] = (local_root, {})
-    print(f"member: {nbytes / MB:,.0f} MiB ({args.container}); peak resident memory above the data, MiB "
+    print(f"member: {nbytes / MB:,.0f} MiB ({args.container}); parts of {store['part_size'] / MB:,.0f} MiB, "
+          f"{args.concurrency} in flight; peak resident memory above the data, MiB "
           "(high-water mark / anonymous memory)")  # fmt: skip
     print(f"{'where':6} {'kind':10} {'codec':12} {'stored MiB':>11} {'save s':>7} {'save +MiB':>14} "
           f"{'restore s':>9} {'restore +MiB':>14}")  # fmt: skip
@@ -84,8 +90,8 @@ def main() -> None:
         for where, (base, options) in places.items():
             for kind in args.kinds.split(","):
                 url = f"{base}/mem-{kind}-{uuid.uuid4().hex[:6]}"
-                save = run_worker("save", url, options, nbytes, kind, args.container)
-                restore = run_worker("restore", url, options, nbytes, kind, args.container)
+                save = run_worker("save", url, options, nbytes, kind, args.container, **store)
+                restore = run_worker("restore", url, options, nbytes, kind, args.container, **store)
                 if restore["crc"] != save["crc"]:
                     raise SystemExit(f"{where} {kind}: the restored data differs from the saved data")
                 print(

@@ -62,7 +62,7 @@ class FakeS3:
             try:
                 if self.barrier is not None and kw["PartNumber"] <= self.barrier.parties:
                     self.barrier.wait(timeout=10)  # passes only if the first parts are in flight together
-                self.uploads[kw["UploadId"]][kw["PartNumber"]] = bytes(kw["Body"])
+                self.uploads[kw["UploadId"]][kw["PartNumber"]] = kw["Body"].read()
             finally:
                 with self._lock:
                     self.active -= 1
@@ -77,7 +77,7 @@ class FakeS3:
             self.uploads.pop(kw["UploadId"])
             return {}
         if method == "put_object":
-            self.objects[kw["Key"]] = bytes(kw["Body"])
+            self.objects[kw["Key"]] = kw["Body"].read()
             return {}
         raise AssertionError(method)
 

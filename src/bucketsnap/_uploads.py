@@ -17,6 +17,7 @@ on the cores the upload's client and the training loop need.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -26,12 +27,67 @@ from typing import Any, Generic, TypeVar
 from bucketsnap._transport import Retry, is_transient
 from bucketsnap.errors import StorageError, redact
 
-__all__ = ["PartUploader"]
+__all__ = ["PartBody", "PartUploader"]
 
 logger = logging.getLogger("bucketsnap")
 
 T = TypeVar("T")
 P = TypeVar("P")
+
+
+class PartBody(io.RawIOBase):
+    """A part's buffer as a read-only, seekable file object, which an HTTP client sends in small reads.
+
+    Handed a bytes-like body, aiohttp (under s3fs and aiobotocore) keeps copies of the whole part while it sends
+    it: a slice of a ``bytearray`` (a copy, where one of ``bytes`` is not), the headers joined to the body on
+    Python < 3.12.9, and the socket transport's buffer of what the kernel did not take at once; over HTTPS
+    botocore also wraps it in a ``BytesIO`` (another copy) for its checksum trailer. Handed a file object, aiohttp
+    and botocore read it in chunks of 256 KiB to 1 MiB and seek back to resend, so that a request holds the part
+    once (this buffer) plus a few chunks. Each read copies its chunk out of a memoryview released at once: no
+    export outlives the call, so the uploader may resize or refill the buffer once its request has returned.
+    """
+
+    def __init__(self, buffer: bytearray) -> None:
+        super().__init__()
+        self._buffer = buffer
+        self._size = len(buffer)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = min(self._pos, self._size)
+        end = self._size if size is None or size < 0 else min(self._size, start + size)
+        with memoryview(self._buffer) as view:
+            chunk = bytes(view[start:end])
+        self._pos = max(self._pos, end)
+        return chunk
+
+    def readinto(self, target: Any) -> int:
+        with memoryview(target) as out, memoryview(self._buffer) as view:
+            out = out.cast("B")
+            start = min(self._pos, self._size)
+            n = min(out.nbytes, self._size - start)
+            out[:n] = view[start : start + n]
+        self._pos = start + n
+        return n
 
 
 class PartUploader(Generic[P]):

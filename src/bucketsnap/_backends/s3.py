@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
 from bucketsnap._transport import Retry, chain, is_server_error
-from bucketsnap._uploads import PartUploader
+from bucketsnap._uploads import PartBody, PartUploader
 from bucketsnap.errors import StorageError
 
 __all__ = ["S3Backend", "S3MultipartWriter"]
@@ -212,7 +212,9 @@ class S3MultipartWriter(PartUploader[dict[str, Any]]):
         self._upload_id = str(created["UploadId"])
 
     def _put_whole(self, body: bytearray) -> None:
-        self._call("put", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body))
+        self._call(
+            "put", lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(body))
+        )
 
     def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
         out = self._call(
@@ -223,7 +225,7 @@ class S3MultipartWriter(PartUploader[dict[str, Any]]):
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=body,  # bytearray is accepted as is: no copy
+                Body=PartBody(body),  # read in chunks: the client holds no copy of the part (see PartBody)
             ),
         )
         part = {"PartNumber": number, "ETag": out["ETag"]}
