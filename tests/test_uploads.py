@@ -1,8 +1,10 @@
 """PartUploader's part buffers: reused once their part is uploaded, never more than ``concurrency + 1`` of them,
-never refilled while a request may still read them (_uploads' module docstring)."""
+never refilled while a request may still read them (_uploads' module docstring); PartBody, the file object a
+part is sent as."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -11,7 +13,7 @@ import pytest
 
 from bucketsnap import StorageError
 from bucketsnap._transport import Retry
-from bucketsnap._uploads import PartUploader
+from bucketsnap._uploads import PartBody, PartUploader
 
 FAST = Retry(attempts=1)
 KiB = 2**10
@@ -78,3 +80,31 @@ def test_a_failed_part_publishes_nothing() -> None:
     with pytest.raises(StorageError, match="test://bucket/key"):
         _write(uploader, data, 16 * KiB)
     assert uploader.published is None
+
+
+def test_a_part_body_reads_its_buffer_in_chunks_and_seeks_back_to_resend() -> None:
+    buffer = bytearray(np.random.default_rng(2).bytes(300 * KiB + 5))
+    body = PartBody(buffer)
+    assert len(body) == len(buffer) and body.readable() and body.seekable() and not body.writable()
+    chunks = iter(lambda: body.read(64 * KiB), b"")
+    assert b"".join(chunks) == buffer and body.tell() == len(buffer)
+    assert body.read(10) == b"" and body.read() == b""
+    assert body.seek(0) == 0 and body.read() == buffer  # a retry reads the part again, whole
+    assert body.seek(-5, io.SEEK_END) == len(buffer) - 5 and body.read(100) == buffer[-5:]
+    body.seek(7)
+    target = bytearray(10)
+    assert body.readinto(target) == 10 and target == buffer[7:17] and body.tell() == 17
+    with pytest.raises(ValueError, match="negative seek"):
+        body.seek(-1)
+
+
+def test_a_part_body_leaves_no_view_of_its_buffer_behind() -> None:
+    """The uploader trims and refills a buffer once its request returned: a view left by a read would make
+    the trim raise BufferError."""
+    buffer = bytearray(b"x" * 1000)
+    body = PartBody(buffer)
+    body.read(10)
+    body.readinto(bytearray(10))
+    del buffer[500:]  # raises BufferError while a memoryview of the buffer is alive
+    buffer[:3] = b"abc"
+    assert len(buffer) == 500
