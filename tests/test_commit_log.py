@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import bucketsnap._manifest as manifest_module
+import bucketsnap._pages as pages_module
 import counting_fs  # noqa: F401 -- registers countmem://
 from bucketsnap import CorruptSnapshotError, SnapshotStore
 from bucketsnap._info import SnapshotInfo
@@ -170,6 +171,40 @@ def test_overwrite_and_delete_inside_sealed_pages_rewrite_only_their_path(big_ru
     assert len(set(store.storage.list(PAGE_DIR)) - before) <= 2 * 3  # a leaf and its parents, per commit
     fresh = SnapshotStore(store.url)
     assert fresh.load(100)["step"] == -100 and 101 not in fresh.itrs() and fresh.info(102).path == real.path
+
+
+def _inline_refs(store: SnapshotStore) -> int:
+    return sum(len(refs) for refs in store._log.read().tree.levels)
+
+
+@pytest.mark.parametrize("per_commit", [4096, 16])
+def test_inline_references_stay_bounded_by_the_entries_held_not_the_itrs_ever_saved(
+    per_commit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages left sparse by deletes (scattered, or by KeepBest) are merged: at each inline level at most one page
+    holds half a page or less. Pages of 4 here, so that 4,096 itrs make three levels; the deletes go all in one
+    commit, or 16 per commit."""
+    monkeypatch.setattr(pages_module, "TAIL", 4)
+    monkeypatch.setattr(pages_module, "FANOUT", 4)
+    store = SnapshotStore(f"memory://commit-log/{uuid.uuid4().hex}")
+    real = store.save(0, {"step": 0})
+    itrs = range(4096)
+    store._log.commit(lambda current: [replace(real, itr=i) for i in itrs])
+    doomed = [i for i in itrs if i % 256]
+    for start in range(0, len(doomed), per_commit):
+
+        def delete(current: Any, batch: list[int] = doomed[start : start + per_commit]) -> Any:
+            for itr in batch:
+                current = current.without(itr)
+            return current
+
+        store._log.commit_state(delete)
+    assert SnapshotStore(store.url).itrs() == [i for i in itrs if i % 256 == 0]
+    tree = store._log.read().tree
+    # Fewer than FANOUT inline at levels 1 and 2, and the level-3 pages but one hold at least FANOUT/2 + 1
+    # level-2 pages, each of at least one entry. (Before merging: one level-3 reference per kept entry.)
+    assert len(tree.levels[2]) <= 1 + tree.count // 3, [len(refs) for refs in tree.levels]
+    assert _inline_refs(store) <= 2 * 3 + 1 + tree.count // 3
 
 
 def _downgrade(doc: dict[str, Any], version: int) -> dict[str, Any]:

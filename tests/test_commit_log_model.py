@@ -60,6 +60,12 @@ class PagedLog(RuleBasedStateMachine):
     def append(self) -> None:
         self._save(max(self.committed, default=-1) + 1, overwrite=False)
 
+    @rule(n=st.integers(4, 16))
+    def append_many(self, n: int) -> None:
+        """Enough new itrs for several level-3 pages, which deletes and retention then thin out."""
+        for _ in range(n):
+            self.append()
+
     @precondition(lambda self: self.committed)
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
@@ -147,16 +153,27 @@ class PagedLog(RuleBasedStateMachine):
     @precondition(lambda self: self.store._log.generations())
     @rule()
     def repair_a_corrupt_generation(self) -> None:
-        newest = self.store._log.generations()[-1]
+        log = self.store._log
+        generations = log.generations()
         storage = self.store.storage
-        storage.fs.pipe_file(storage.path(generation_name(newest)), b'{"format": "bucketsnap-manifest", "vers')
+        storage.fs.pipe_file(storage.path(generation_name(generations[-1])), b'{"format": "bucketsnap-manifest", "vers')
+        # Repair starts from the newest generation that parses: what only the lost ones committed, it can tell
+        # from no other intact archive of the same itr (a killed commit's, say), and may bring back as either.
+        base: dict[int, int] = {}
+        for generation in reversed(generations[:-1]):
+            try:
+                base = {i.itr: i.metrics["v"] for i in log.read_generation(generation).snapshots}
+                break
+            except CorruptSnapshotError:
+                continue
         self.store.repair()
-        self._adopt_recovered()
+        self._adopt_recovered(kept={i: v for i, v in self.committed.items() if base.get(i) == v})
 
-    def _adopt_recovered(self) -> None:
-        """Repair keeps every committed snapshot and may add intact archives it finds (of values once saved)."""
+    def _adopt_recovered(self, kept: dict[int, int] | None = None) -> None:
+        """Repair keeps every committed snapshot (those of ``kept`` after a corrupt generation) and may add intact
+        archives it finds (of values once saved)."""
         found = {info.itr: info.metrics["v"] for info in self.store.infos()}
-        for itr, value in self.committed.items():
+        for itr, value in (self.committed if kept is None else kept).items():
             assert found.get(itr) == value, f"repair lost or changed itr {itr}"
         for itr, value in found.items():
             assert value in self.ever.get(itr, set()), f"repair brought back itr {itr} with a value never saved"
@@ -235,6 +252,12 @@ def _check_tree(tree: Any) -> None:
         walk(item)
     assert seen == sorted(set(seen)) and tree.count == len(seen)
     assert len(tree.tail) < pages_module.TAIL and all(len(r) < pages_module.FANOUT for r in tree.levels[:-1])
+    # Sparse pages are merged: at each inline level, at most one page holds half a page or less, so the inline
+    # references are bounded by the entries the run holds, not by the itrs it ever saved.
+    for k, refs in enumerate(tree.levels):
+        half = (pages_module.TAIL if k == 0 else pages_module.FANOUT) // 2
+        sparse = [r.path for r in refs if len(tree._load(r)) <= half]
+        assert len(sparse) <= 1, f"level-{k + 1} references to sparse pages: {sparse}"
 
 
 PagedLog.TestCase.settings = settings(

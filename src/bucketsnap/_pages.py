@@ -462,8 +462,16 @@ class Tree:
             sub = tuple(c for c in children if isinstance(c, PageRef))
             new_children = self._rewrite(sub, itr, change, pending)
         cap = TAIL if ref.level == 1 else FANOUT
+        lo, hi = i, i + 1
+        if 0 < len(new_children) <= cap // 2 and len(refs) > 1:
+            # Left with half a page or less: merged with a neighbour (split again below if the two hold more than
+            # two pages), so that deletes and retention do not leave a trail of near-empty pages.
+            j = i + 1 if i + 1 < len(refs) else i - 1
+            neighbour = self._load(refs[j])
+            new_children = (*neighbour, *new_children) if j < i else (*new_children, *neighbour)
+            lo, hi = min(i, j), max(i, j) + 1
         parts = [new_children] if len(new_children) <= 2 * cap else [new_children[:cap], new_children[cap:]]
-        return (*refs[:i], *(self._seal(p, ref.level, pending) for p in parts if p), *refs[i + 1 :])
+        return (*refs[:lo], *(self._seal(p, ref.level, pending) for p in parts if p), *refs[hi:])
 
     def _seal(self, items: Sequence[Item], level: int, pending: dict[str, tuple[bytes, tuple[Item, ...]]]) -> PageRef:
         """A new page of ``items`` at ``level``, added to ``pending``."""
