@@ -20,6 +20,7 @@ from bucketsnap._info import SnapshotInfo
 from bucketsnap._manifest import KEEP_GENERATIONS, MANIFEST_DIR, generation_name
 from bucketsnap._pages import PAGE_DIR, REUSE_PAGES, TAIL
 from bucketsnap._storage import Storage
+from bucketsnap.retention import KeepEvery, KeepLast
 
 LOOKUP_BYTES = 64 * 1024
 
@@ -171,6 +172,19 @@ def test_overwrite_and_delete_inside_sealed_pages_rewrite_only_their_path(big_ru
     assert len(set(store.storage.list(PAGE_DIR)) - before) <= 2 * 3  # a leaf and its parents, per commit
     fresh = SnapshotStore(store.url)
     assert fresh.load(100)["step"] == -100 and 101 not in fresh.itrs() and fresh.info(102).path == real.path
+
+
+def test_a_save_with_a_retention_of_itrs_reads_only_the_pages_above_level_1_and_the_dropped_paths(
+    big_run: Any,
+) -> None:
+    store, _ = big_run
+    writer = SnapshotStore(store.url, retention=KeepLast(2990) | KeepEvery(1000))  # restarted: nothing cached
+    tally = Tally(writer.storage)
+    writer.save(3000, {"step": 3000})  # drops itrs 1 to 10, all in the first level-1 page
+    assert SnapshotStore(store.url).itrs() == [0, *range(11, 3001)]
+    page_reads = [r for r in tally.read_paths if r.startswith(f"{PAGE_DIR}/")]
+    # Level-3 and level-2 pages (1 per 384 itrs), and the dropped entries' level-1 page: not the 125 of entries.
+    assert len(page_reads) <= 3000 // 384 + 3 + 2, page_reads
 
 
 def _inline_refs(store: SnapshotStore) -> int:

@@ -195,16 +195,16 @@ def test_a_failed_prune_keeps_the_save_and_is_redone_by_the_next_commit(
 ) -> None:
     store = SnapshotStore("memory://retention/failing", retention=KeepLast(1))
     store.save(0, {"v": 0})
-    original = store._log.commit
+    original = store._log.commit_state
     calls = []
 
     def failing_prune(change):  # type: ignore[no-untyped-def]
         calls.append(change)
-        if len(calls) == 1:  # the prune after the second save's commit (saves commit through commit_state)
+        if len(calls) == 2:  # the prune after the second save's commit (the first call)
             raise StorageError("memory://retention/failing: throttled")
         return original(change)
 
-    monkeypatch.setattr(store._log, "commit", failing_prune)
+    monkeypatch.setattr(store._log, "commit_state", failing_prune)
     with caplog.at_level(logging.WARNING, logger="bucketsnap"):
         info = store.save(1, {"v": 1})
     assert info.itr == 1 and "the next commit retries" in caplog.text

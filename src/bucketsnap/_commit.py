@@ -21,7 +21,7 @@ costs one read) and in the commit (the truth, since another writer may commit th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from bucketsnap._copying import copy_objects
 from bucketsnap._info import SnapshotInfo
@@ -29,7 +29,7 @@ from bucketsnap._manifest import Manifest, ManifestLog, check_not_swept
 from bucketsnap._progress import ProgressCallback
 from bucketsnap._storage import Storage
 from bucketsnap.errors import BucketsnapError, SnapshotExistsError, StorageError
-from bucketsnap.retention import RetentionPolicy, split
+from bucketsnap.retention import RetentionPolicy, _dropped_itrs, split
 
 __all__ = ["Committer", "exists_error"]
 
@@ -129,17 +129,36 @@ class Committer:
         prune is logged, not raised (the save itself is committed), and redone by the next commit.
         """
         policy = self.retention
-        if policy is None or not split(policy, committed.snapshots)[1]:
+        if policy is None:
             return
         dropped: list[int] = []
+        by_itrs = _dropped_itrs(policy, committed.itrs())
+        if by_itrs is not None:
+            # A policy of itrs alone: decided from the itrs (the pages above level 1), each dropped entry removed
+            # along its path, so that no page of entries is read.
+            if not by_itrs:
+                return
 
-        def prune(current: Manifest) -> list[SnapshotInfo]:
-            kept, gone = split(policy, current.snapshots)
-            dropped[:] = [s.itr for s in gone]
-            return kept
+            def prune_itrs(current: Manifest) -> Manifest:
+                dropped[:] = _dropped_itrs(policy, current.itrs()) or []
+                for itr in dropped:
+                    current = current.without(itr)
+                return current
+
+            change: Callable[[Manifest], Manifest] = prune_itrs
+        else:
+            if not split(policy, committed.snapshots)[1]:
+                return
+
+            def prune(current: Manifest) -> Manifest:
+                kept, gone = split(policy, current.snapshots)
+                dropped[:] = [s.itr for s in gone]
+                return current.with_snapshots(kept)
+
+            change = prune
 
         try:
-            self.log.commit(prune)
+            self.log.commit_state(change)
         except Exception as exc:  # the save is committed: a failed prune must not turn it into a failure
             logger.warning("could not apply %r to %s; the next commit retries: %s", policy, self.url, exc)
             return

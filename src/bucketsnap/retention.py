@@ -35,6 +35,12 @@ class RetentionPolicy(abc.ABC):
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
         """The itrs of ``infos`` this policy keeps. ``infos`` may be in any order."""
 
+    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
+        """What :meth:`keep` keeps, from the itrs alone (ascending); None if it needs the entries (their metrics).
+
+        A save applies a policy that needs only itrs without reading every entry of the run."""
+        return None
+
     def __or__(self, other: RetentionPolicy) -> KeepAny:
         if not isinstance(other, RetentionPolicy):
             return NotImplemented
@@ -52,7 +58,9 @@ class KeepLast(RetentionPolicy):
         _check_count("KeepLast", "n", self.n, minimum=0)
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
-        itrs = sorted(s.itr for s in infos)
+        return self._keep_itrs(sorted(s.itr for s in infos))
+
+    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
         # Not itrs[-n:]: that is the whole list for n=0. Clamped, since fewer than n snapshots is the usual start.
         return frozenset(itrs[max(len(itrs) - self.n, 0) :])
 
@@ -67,7 +75,10 @@ class KeepEvery(RetentionPolicy):
         _check_count("KeepEvery", "k", self.k, minimum=1)
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
-        return frozenset(s.itr for s in infos if s.itr % self.k == 0)
+        return self._keep_itrs([s.itr for s in infos])
+
+    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
+        return frozenset(itr for itr in itrs if itr % self.k == 0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,22 @@ class KeepAny(RetentionPolicy):
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
         return frozenset().union(*(p.keep(infos) for p in self.policies))
+
+    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
+        kept = [p._keep_itrs(itrs) for p in self.policies]
+        return None if any(k is None for k in kept) else frozenset().union(*(k for k in kept if k is not None))
+
+
+def _dropped_itrs(policy: RetentionPolicy, itrs: Sequence[int]) -> list[int] | None:
+    """The itrs (ascending) ``policy`` drops of ``itrs``, always keeping the highest; None if it needs the entries.
+
+    >>> _dropped_itrs(KeepLast(2) | KeepEvery(10), [0, 5, 10, 11, 12, 13])
+    [5, 11]
+    """
+    keep = policy._keep_itrs(itrs)
+    if keep is None:
+        return None
+    return [itr for itr in itrs[:-1] if itr not in keep]
 
 
 def split(policy: RetentionPolicy, infos: Sequence[SnapshotInfo]) -> tuple[list[SnapshotInfo], list[SnapshotInfo]]:
