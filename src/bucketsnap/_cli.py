@@ -303,15 +303,15 @@ def _runs_in(store: SnapshotStore, options: dict[str, Any], *, limit: int | None
         generations = log.generations()
         if not generations:
             continue
-        infos = child.infos()
+        newest = log.lookup(lambda manifest: (manifest.tree.count, manifest.tree.last()))  # no page of entries
         written = child.storage.modified(generation_name(generations[-1]))
-        if written is None and infos:
-            written = infos[-1].created.timestamp()
+        if written is None and newest[1] is not None:
+            written = newest[1].created.timestamp()
         runs.append(
             {
                 "url": child.url,
-                "snapshots": len(infos),
-                "last_itr": infos[-1].itr if infos else None,
+                "snapshots": newest[0],
+                "last_itr": None if newest[1] is None else newest[1].itr,
                 "last_write": None if written is None else datetime.fromtimestamp(written, timezone.utc),
             }
         )
