@@ -54,6 +54,8 @@ TAIL = 32 * 1024
 #: Frames declaring more than this are refused: a reader allocates one frame at a time.
 MAX_FRAME = 64 * 2**20
 
+#: Compressed frames smaller than this are copied out of zstd's output buffer (see _Compressor).
+_SMALL_FRAME = 64 * 1024
 _SKIPPABLE = 0x184D2A5B
 _FOOTER_MAGIC = b"BSFX"
 _ENTRY = struct.Struct("<3L")
@@ -116,7 +118,10 @@ class _Compressor:
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return [cctx.compress(data)]
+        out = cctx.compress(data)
+        # compress() leaves a small frame in an allocation of the frame's bound (~1 MiB), a page of it resident:
+        # a batch of thousands of tiny frames held 4 KiB each (40 MiB for 10 GiB of zeros); a copy frees it.
+        return [bytes(memoryview(out)) if len(out) < _SMALL_FRAME else out]
 
 
 def write_frames(
