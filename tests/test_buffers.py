@@ -400,3 +400,59 @@ def test_prefaulting_a_destination_keeps_its_contents() -> None:
     _chunks._prefault(fresh)
     np.testing.assert_array_equal(held, np.arange(3 * 2**20, dtype=np.uint8))
     assert not fresh.any()
+
+
+def test_rows_written_during_a_save_never_leave_a_chunk_under_another_contents_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/buffers.md: whatever writes the arrays (another thread or process, a device), the snapshot holds what
+    they hold when the save reads them. A write landing after a chunk was hashed and before it was read again to
+    be compressed (found by review) stored the new rows under the old rows' id, and a later save of the old rows
+    reused that object: its restore returned a value the buffer did not hold."""
+    space = gymnasium.spaces.Box(-1, 1, (8,), np.float32)
+
+    def buffer() -> ReplayBuffer:
+        b = ReplayBuffer(1000, space, gymnasium.spaces.Box(-1, 1, (2,), np.float32), device="cpu")
+        b.observations[:] = 0.5
+        b.pos, b.full = 0, True
+        return b
+
+    held = buffer()
+    url = "memory://buffer-race/run"
+    SnapshotStore(url).save(1, {"rb": buffer_state(held, chunk_rows=250)})
+    held.rewards[3] = 1.0  # chunk 0 changed: the next save hashes it, then reads it again to compress it
+    views = _chunks.ChunkedArrays._views
+    reads: dict[tuple[int, int], int] = {}
+
+    def another_writer_meanwhile(self: _chunks.ChunkedArrays, start: int, end: int) -> Any:
+        reads[start, end] = reads.get((start, end), 0) + 1
+        if start == 0 and reads[start, end] == 2:
+            held.rewards[3] = 42.0  # after the first read of the rows (their hash), before the second
+        return views(self, start, end)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_chunks.ChunkedArrays, "_views", another_writer_meanwhile)
+        SnapshotStore(url).save(2, {"rb": buffer_state(held, chunk_rows=250)})
+    assert reads[0, 250] == 2
+    restore_buffer(url, buffer(), key="rb", which=2, verify=True)  # every chunk holds what its id names
+    held.rewards[3] = 1.0  # the rows first hashed, again
+    SnapshotStore(url).save(3, {"rb": buffer_state(held, chunk_rows=250)})
+    restored = buffer()
+    restore_buffer(url, restored, key="rb", which=3, verify=True)
+    assert restored.rewards[3, 0] == 1.0
+    assert_same_buffer(restored, held)
+
+
+def test_chunks_of_the_same_content_are_stored_once_in_a_runs_first_save() -> None:
+    """A run's first save hashes each chunk as it compresses it; chunks of one content still make one object."""
+    space = gymnasium.spaces.Box(-1, 1, (64,), np.float32)
+    held = ReplayBuffer(1000, space, gymnasium.spaces.Discrete(2), device="cpu")
+    held.observations[:500] = 0.25  # chunks 0-4 alike, 5-9 alike (zeros)
+    held.pos, held.full = 0, True
+    store = SnapshotStore("memory://buffer-dedup/run")
+    info = store.save(1, {"rb": buffer_state(held, chunk_rows=100)})
+    assert len([ref for ref in info.refs if ref.startswith(CHUNK_DIR)]) == 2
+    assert len(store.storage.list_sizes(CHUNK_DIR)) == 2
+    restored = ReplayBuffer(1000, space, gymnasium.spaces.Discrete(2), device="cpu")
+    restore_buffer(store, restored, key="rb", verify=True)
+    assert_same_buffer(restored, held)
