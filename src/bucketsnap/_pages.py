@@ -16,11 +16,12 @@ of level 2, below level 1, below the tail; within a level the references ascend.
 one page per level (three reads), and absent itrs are told from the level-1 reference's itr list.
 
 A change copies the path to the entry it touches: the page holding it and every page above it are rewritten
-under new names (a random token each), and the generation references the new ones. Appending seals the tail into
-a page when it is full (and a full inline level into a page of the next level), so the amortised cost of a commit
-is constant. Pages are written before the generation that references them; one never referenced (a commit that
-lost its race) is an orphan that gc removes. The trade-off: a lookup by itr costs up to three page reads more
-than a flat list, and listing every itr reads every page above level 1.
+under new names (a random token each), and the generation references the new ones; a page the change leaves
+half full or less is merged with its neighbour, so that deletes leave no trail of sparse pages. Appending seals
+the tail into a page when it is full (and a full inline level into a page of the next level), so the amortised
+cost of a commit is constant. Pages are written before the generation that references them; one never
+referenced (a commit that lost its race) is an orphan that gc removes. The trade-off: a lookup by itr costs up
+to three page reads more than a flat list, and listing every itr reads every page above level 1.
 """
 
 from __future__ import annotations
