@@ -491,6 +491,63 @@ def test_a_name_written_into_the_data_member_imports_only_classes_of_the_allowed
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_name_never_makes_the_load_import_a_module() -> None:
+    """Importing a module runs its code: a name of an allowed package whose module is not imported yet (here SB3's
+    results_plotter, which imports matplotlib and pandas) is refused, and nothing new is imported (found by
+    review)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from stable_baselines3 import PPO
+from bucketsnap import SnapshotStore, CorruptSnapshotError
+from bucketsnap.integrations.sb3 import load_model, save_model
+url = "memory://sb3-import/run"
+save_model(PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16), url, 0)
+store = SnapshotStore(url)
+state = store.load("last")
+name = "stable_baselines3.common.results_plotter.X"
+state["data"]["policy_kwargs"] = {"features_extractor_class": {"$sb3": "class", "name": name}}
+store.save(1, state)
+before = set(sys.modules)
+try:
+    load_model(PPO, url)
+except CorruptSnapshotError as exc:
+    assert "results_plotter" in str(exc), exc
+else:
+    raise AssertionError("loaded")
+new = sorted(m for m in set(sys.modules) - before if "results_plotter" in m or m.startswith(("matplotlib", "pandas")))
+assert not new, new
+print("refused")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and "refused" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("entry", "value"),
+    [
+        ("env", "venv.__main__:X-v0"),  # SB3 would gym.make it: gymnasium imports the module before the colon
+        ("_setup_model", {"$sb3": "class", "name": "torch.nn.modules.linear.Identity"}),  # replaces a method
+    ],
+)
+def test_data_entries_sb3_never_saves_and_a_load_would_act_on_are_refused(
+    tmp_path: Path, entry: str, value: Any
+) -> None:
+    from bucketsnap.errors import CorruptSnapshotError
+
+    url = f"memory://sb3-foreign-{tmp_path.name}/run"
+    save_model(PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16), url, 0)
+    store = SnapshotStore(url)
+    state = store.load("last")
+    state["data"][entry] = value
+    store.save(1, state)
+    with pytest.raises(CorruptSnapshotError, match=f"holds '{entry}', which SB3 never saves"):
+        load_model(PPO, url)
+    assert load_model(PPO, url, which=0).n_steps == 16
+
+
 def test_her_with_the_goal_selection_strategy_enum_loads_without_pickle() -> None:
     from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 import collections
 import enum
 import functools
-import importlib
 import inspect
+import sys
 import types
 import warnings
 from typing import Any
@@ -430,20 +430,22 @@ def _roles() -> tuple[type, ...]:
 
 
 def _import_class(name: str) -> type:
-    """``a.b.C`` (or ``a.b.C.Inner``) -> the class, importing the longest module prefix.
+    """``a.b.C`` (or ``a.b.C.Inner``) -> the class, found from the longest module prefix already imported.
 
-    Refused unless the name is in an allowed package, the attributes after the module are classes (never a
-    module: ``torch.os.system`` would reach ``os.system``), and what it names is a class whose defining module
-    is in an allowed package too (a function or an object re-exported from elsewhere is refused).
+    Nothing is imported: a module's import runs its code (``stable_baselines3.common.results_plotter`` would
+    import matplotlib and pandas and write a font cache), and every class SB3 stores is defined in a module that
+    the algorithm's own import has imported. Refused unless the name is in an allowed package, the attributes
+    after the module are classes (never a module: ``torch.os.system`` would reach ``os.system``), what it names
+    is a class whose defining module is in an allowed package too (a function or an object re-exported from
+    elsewhere is refused), and of a kind SB3 stores (:func:`_roles`).
     """
     if not name.startswith(_IMPORTABLE):
         raise ValueError(f"refusing to import {name!r}: only classes of {', '.join(_IMPORTABLE)} are allowed")
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
+        obj: Any = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue  # never imported here: a name must not make the load import (and run) a module
         for attr in parts[i:]:
             obj = getattr(obj, attr)
             if not isinstance(obj, type):
@@ -456,4 +458,7 @@ def _import_class(name: str) -> type:
                 "buffer, action noise or enum"
             )
         return obj  # type: ignore[no-any-return]
-    raise ImportError(f"cannot import {name}")
+    raise ImportError(
+        f"cannot find {name}: no module of that name is imported (a load imports none; import the module that "
+        "defines the class before loading, if you trust it)"
+    )

@@ -48,7 +48,14 @@ from bucketsnap._storage import Storage
 from bucketsnap._store import SnapshotStore, as_store
 from bucketsnap._zipformat import read_directory, read_member
 from bucketsnap.buffers import buffer_state, restore_buffer
-from bucketsnap.errors import NotASnapshotError, SnapshotNotFoundError, StorageError, UnsafeLoadError, redact
+from bucketsnap.errors import (
+    CorruptSnapshotError,
+    NotASnapshotError,
+    SnapshotNotFoundError,
+    StorageError,
+    UnsafeLoadError,
+    redact,
+)
 from bucketsnap.integrations import _sb3_vecnorm
 from bucketsnap.integrations._sb3_data import encode_data, resolve_data, schedule_defaults
 
@@ -170,6 +177,7 @@ def load_model(
     pickled = snap[_PICKLED]
     if not allow_pickle:
         custom_objects = {**schedule_defaults(cls, pickled, custom_objects, where), **(custom_objects or {})}
+    _refuse_foreign_entries(cls, snap[_DATA], where)
     data = resolve_data(snap[_DATA], pickled, custom_objects=custom_objects, allow_pickle=allow_pickle, where=where)
     params = {name: snap[name] for name in meta["params"]}
     model = _build(cls, data, params, snap[_VARS], env=env, device=device, force_reset=force_reset)
@@ -193,6 +201,18 @@ def load_vec_normalize(url_or_store: str | SnapshotStore, venv: Any, which: int 
     if _VECNORM not in snap:
         raise KeyError(f"{snap.info.url} holds no VecNormalize statistics: its model's env had no VecNormalize")
     return _sb3_vecnorm.wrap(snap[_VECNORM], venv, snap.info.url)
+
+
+def _refuse_foreign_entries(cls: type[BaseAlgorithm], data: dict[str, Any], where: str) -> None:
+    """Refuse plain-data entries that SB3 never saves and that the load would act on: ``env`` (SB3 makes an env
+    from a string with ``gym.make``, which imports the module the string names) and names of the algorithm's
+    methods (the entries become the model's attributes, and would replace them)."""
+    foreign = sorted(k for k in data if k == "env" or callable(getattr(cls, k, None)))
+    if foreign:
+        raise CorruptSnapshotError(
+            f"{where}: the SB3 data member holds {', '.join(map(repr, foreign))}, which SB3 never saves and a "
+            "load would act on: the snapshot was edited; load an intact snapshot"
+        )
 
 
 def _build(
