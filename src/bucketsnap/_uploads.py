@@ -12,7 +12,8 @@ Trade-off: parts are copied once into their buffer (a part must be one contiguou
 one extra pass over its bytes in memory; local saves do not go through this module. The buffers are allocated at
 their full size and reused once their part is uploaded (at most ``concurrency + 1`` of them per writer): growing a
 fresh buffer for every part cost the page faults of the whole object again, about as much CPU as the copy itself,
-on the cores the upload's client and the training loop need.
+on the cores the upload's client and the training loop need. A part goes to the store's client as a
+:class:`PartBody`, a file object over its buffer, so that the client reads it in chunks instead of copying it.
 """
 
 from __future__ import annotations
