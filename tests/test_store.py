@@ -223,6 +223,8 @@ def test_credentials_never_appear_in_errors() -> None:
         ("gs:bucket/run", "gs://bucket/run"),
         ("memory:/bucket/run", "memory://bucket/run"),
         ("s3:/AKIAEXAMPLE:hunter2@bucket/run", "s3://***@bucket/run"),
+        ("file:/tmp/run", "file:///tmp/run"),  # the absolute path meant, not file://tmp/run (found by review)
+        ("simplecache::s3:/bucket/run", "s3://bucket/run"),  # in a chain
     ],
 )
 def test_a_scheme_without_its_two_slashes_is_refused_not_written_locally(
@@ -237,11 +239,23 @@ def test_a_scheme_without_its_two_slashes_is_refused_not_written_locally(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_local_paths_with_a_colon_and_chained_urls_still_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_paths_with_a_colon_still_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for url in ("run:1", "./s3:/run"):
+    for url in ("run:1", "./s3:/run", "local:run"):  # only bucketsnap's own schemes are refused
         SnapshotStore(url).save(1, {"x": 1})
         assert SnapshotStore(url).load()["x"] == 1
+
+
+def test_a_secret_holding_a_slash_or_in_a_url_missing_one_never_appears_in_errors() -> None:
+    """AWS secret keys may hold "/"; and a mistyped "s3:/key:secret@bucket" was shown whole (found by review)."""
+    from bucketsnap.integrations.sb3 import load_sb3_zip
+
+    with pytest.raises(BucketsnapError) as exc:
+        SnapshotStore("memory://AKIAEXAMPLE:hun/ter2@bucket/run").load()
+    assert "ter2" not in str(exc.value) and "***@bucket/run" in str(exc.value)
+    with pytest.raises(BucketsnapError) as exc:
+        load_sb3_zip("s3:/AKIAEXAMPLE:hun/ter2@bucket/model.zip")
+    assert "ter2" not in str(exc.value) and "AKIAEXAMPLE" not in str(exc.value)
 
 
 def test_unwritable_location_is_a_storage_error_naming_the_url(tmp_path) -> None:  # type: ignore[no-untyped-def]

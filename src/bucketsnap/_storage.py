@@ -505,14 +505,20 @@ def _within(seconds: float, fn: Callable[[], T]) -> T:
 
 
 def _refuse_malformed_scheme(url: str) -> None:
-    """Refuse ``s3:/bucket/run`` or ``gs:bucket``: fsspec would take them for local paths, and a save would
-    write a folder named ``s3:`` in the working directory instead of the bucket."""
-    scheme, colon, rest = url.partition(":")
-    if not colon or rest.startswith(("//", ":")) or len(scheme) < 2 or not scheme.isidentifier():
-        return  # a URL, a chained URL (simplecache::s3://...), a Windows drive (C:\\...) or no scheme at all
-    if scheme.lower() in fsspec.available_protocols():
-        fixed = redact(f"{scheme}://{rest.lstrip('/')}")  # the input itself is not shown: redact needs "//"
+    """Refuse ``s3:/bucket/run`` or ``gs:bucket``, alone or in a chain (``simplecache::s3:/bucket``): fsspec would
+    take them for local paths, and a save would write a folder named ``s3:`` in the working directory instead of
+    the bucket. Only the protocols bucketsnap has a backend for count (``data:run`` stays a local folder)."""
+    for part in url.split("::"):
+        scheme, colon, rest = part.partition(":")
+        if not colon or rest.startswith("//") or scheme.lower() not in _MISTYPED_SCHEMES:
+            continue  # a URL, a Windows drive (C:\\...), a local name with a colon, or no scheme at all
+        fixed = redact(f"{scheme}://{rest if scheme.lower() == 'file' else rest.lstrip('/')}")
+        # The input itself is not shown: a mistyped URL may hold credentials in a form redact cannot see.
         raise ValueError(f"not a URL: {scheme}: needs two slashes; did you mean {fixed}?")
+
+
+#: Schemes whose URLs are refused without their two slashes ("local" is left out: a folder may be called that).
+_MISTYPED_SCHEMES = frozenset(p for p in known_protocols() if p != "local")
 
 
 def _open_error(url: str, protocol: str, exc: ValueError) -> BucketsnapError:

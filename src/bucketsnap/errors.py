@@ -92,7 +92,9 @@ class BucketNotFoundError(StorageError):
     """The bucket (or container) the URL names does not exist (at the first request)."""
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]*@")
+#: User info after a scheme and its slashes (two, or one or none in a mistyped URL): up to an ``@`` with no ``/``
+#: before it, or, for ``key:secret@`` (AWS secret keys may hold ``/``), up to the first ``@`` after the colon.
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*:/{0,2})(?:[^/@\s]*|[^/@\s:]*:[^@\s]*)@")
 _SECRET_QUERY = re.compile(
     r"(?i)(?P<key>[?&][^=&\s]*(?:sig|signature|token|secret|password|credential|key)[^=&\s]*=)[^&\s]*"
 )
@@ -103,6 +105,8 @@ def redact(url: str) -> str:
 
     >>> redact("s3://AKIA:s3cr3t@bucket/run?X-Amz-Signature=abc&x=1")
     's3://***@bucket/run?X-Amz-Signature=***&x=1'
+    >>> redact("s3:/AKIA:s3/cr3t@bucket/run@v2")
+    's3:/***@bucket/run@v2'
     """
     url = _USERINFO.sub(r"\g<scheme>***@", url)
     return _SECRET_QUERY.sub(r"\g<key>***", url)
