@@ -330,11 +330,14 @@ def _frames_stream(read_range: ReadRange, member: MemberInfo, where: str) -> Ite
 
 
 def _cached(read_range: ReadRange, start: int, data: bytes) -> ReadRange:
-    """``read_range``, answering reads within ``[start, start + len(data))`` from ``data``."""
+    """``read_range``, answering reads within ``[start, start + len(data))`` from ``data``, and reading only the
+    bytes before ``start`` of a read that ends within it (the last frames of a member, partly in the index read)."""
 
     def read(lo: int, hi: int) -> bytes:
-        if lo >= start and hi <= start + len(data):
-            return data[lo - start : hi - start]
+        if start <= hi <= start + len(data):
+            if lo >= start:
+                return data[lo - start : hi - start]
+            return read_range(lo, start) + data[: hi - start]
         return read_range(lo, hi)
 
     return read

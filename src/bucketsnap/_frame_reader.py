@@ -1,11 +1,11 @@
 """Reading a seekable member's frames: raw blocks copied straight into the caller's buffer, frames on many threads.
 
 A restore of a seekable member (codec ``"zstd-frames"``, :mod:`bucketsnap._frames`) reads its frames in
-*units*: runs of whole frames of at most :data:`~bucketsnap._zipformat.READ_CHUNK` (4 MiB) stored and raw
-bytes, each one ranged request. A unit is fetched and decoded on a thread of the read pool, up to
-:data:`~bucketsnap._zipformat.READ_AHEAD` (8) units ahead of the consumer, so frames are decoded on as many
-threads as are in flight and the consumer only copies each unit's bytes, in order, into its buffers (the
-tensors being restored). Decoding a frame means:
+*units*: runs of whole frames of at most :data:`~bucketsnap._zipformat.READ_CHUNK` (4 MiB) raw bytes (and as
+many stored bytes, give or take their headers), each one ranged request. A unit is fetched and decoded on a
+thread of the read pool, up to :data:`~bucketsnap._zipformat.READ_AHEAD` (8) units ahead of the consumer, so
+frames are decoded on as many threads as are in flight and the consumer only copies each unit's bytes, in
+order, into its buffers (the tensors being restored). Decoding a frame means:
 
 * its stored bytes checked against the CRC-32 in the frame index;
 * its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as a view
@@ -30,6 +30,7 @@ member's size; a unit of one larger frame (a frame index allows up to 64 MiB) ho
 
 from __future__ import annotations
 
+import ctypes
 import io
 import threading
 from collections import deque
@@ -52,8 +53,10 @@ _BLOCK_MAX = 128 * 1024
 _FCS_SIZES = (0, 2, 4, 8)
 _DICT_ID_SIZES = (0, 1, 2, 4)
 
-#: One piece of a frame's raw bytes: bytes to copy as they are, or ``(byte, count)``: ``byte`` repeated.
-Piece = memoryview | tuple[int, int]
+#: One piece of a frame's raw bytes, ``(owner, address, length)``: ``length`` bytes to copy from ``address``,
+#: inside the bytes object ``owner`` (which keeps them alive); or, where ``owner`` is None, the byte ``address``
+#: repeated ``length`` times (an RLE block).
+Piece = tuple[bytes | None, int, int]
 
 _local = threading.local()
 
@@ -65,16 +68,23 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def decode_frame(frame: memoryview, raw_size: int, *, where: str) -> list[Piece]:
-    """The ``raw_size`` raw bytes of one whole zstd frame ``frame``, as pieces in order.
+def address(data: bytes) -> int:
+    """Where the bytes of ``data`` are in memory (valid while ``data`` lives)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
-    Raw and RLE blocks are returned without copying (views of ``frame``, or a byte and its count); a frame
-    with a compressed block or a content checksum is decompressed by zstd (checksum checked) into one piece.
+
+def decode_frame(data: bytes, start: int, length: int, raw_size: int, *, where: str) -> list[Piece]:
+    """The ``raw_size`` raw bytes of the zstd frame ``data[start : start + length]``, as pieces in order.
+
+    Raw and RLE blocks are returned without copying (where their bytes are in ``data``, or a byte and its
+    count); a frame with a compressed block or a content checksum is decompressed by zstd (checksum checked)
+    into one piece.
 
     Raises:
         CorruptSnapshotError: a malformed header or block, a frame shorter or longer than its blocks, a
             content size other than ``raw_size``, or, from zstd, corrupt data or a checksum mismatch.
     """
+    frame = memoryview(data)[start : start + length]
     n = frame.nbytes
     if n < 6 or int.from_bytes(frame[:4], "little") != _MAGIC:
         raise CorruptSnapshotError(f"{where}: not a zstd frame (bad magic number)")
@@ -98,6 +108,7 @@ def decode_frame(frame: memoryview, raw_size: int, *, where: str) -> list[Piece]
     if not fcs_size or content != raw_size or pos > n:
         raise CorruptSnapshotError(f"{where}: frame size differs from the index's {raw_size} bytes")
     block_max = min(content if single_segment else window, _BLOCK_MAX)
+    base = address(data) + start
     zstd_needed = bool(has_dict or descriptor & 0x04)  # a dictionary, or a content checksum: zstd's to check
     pieces: list[Piece] = []
     produced = 0
@@ -116,7 +127,7 @@ def decode_frame(frame: memoryview, raw_size: int, *, where: str) -> list[Piece]
         if kind == 2:
             zstd_needed = True
         elif size:
-            pieces.append(frame[pos : pos + size] if kind == 0 else (frame[pos], size))
+            pieces.append((data, base + pos, size) if kind == 0 else (None, frame[pos], size))
             produced += size
             if produced > raw_size:
                 raise CorruptSnapshotError(f"{where}: frame holds more than the index's {raw_size} bytes")
@@ -134,15 +145,20 @@ def decode_frame(frame: memoryview, raw_size: int, *, where: str) -> list[Piece]
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
     if len(out) != raw_size:
         raise CorruptSnapshotError(f"{where}: frame decompresses to {len(out)} bytes, not {raw_size}")
-    return [memoryview(out)]
+    return [(out, address(out), raw_size)]
+
+
+#: A unit's stored bytes may exceed READ_CHUNK by its frames' headers: 4 raw frames of 1 MiB are one request.
+_UNIT_STORED = READ_CHUNK + READ_CHUNK // 64
 
 
 def units(index: FrameIndex, frames: range) -> Iterator[range]:
-    """``frames`` in runs of whole frames of at most READ_CHUNK stored and raw bytes (or one larger frame)."""
+    """``frames`` in runs of whole frames of at most READ_CHUNK raw bytes and about as many stored bytes (or one
+    larger frame)."""
     first = frames.start
     stored = raw = 0
     for i in frames:
-        if i > first and (stored + index.stored_sizes[i] > READ_CHUNK or raw + index.raw_sizes[i] > READ_CHUNK):
+        if i > first and (stored + index.stored_sizes[i] > _UNIT_STORED or raw + index.raw_sizes[i] > READ_CHUNK):
             yield range(first, i)
             first, stored, raw = i, 0, 0
         stored += index.stored_sizes[i]
@@ -158,14 +174,14 @@ def _load_unit(read_range: ReadRange, offset: int, index: FrameIndex, unit: rang
     data = read_range(offset + lo, offset + hi)
     if len(data) != hi - lo:
         raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {offset + lo}-{offset + hi}, got {len(data)}")
+    data = bytes(data)  # no copy of bytes: what the backends return
     view = memoryview(data)
     pieces: list[Piece] = []
     for i in unit:
-        start = index.stored_starts[i] - lo
-        frame = view[start : start + index.stored_sizes[i]]
-        if crc32(frame) != index.crcs[i]:
+        start, size = index.stored_starts[i] - lo, index.stored_sizes[i]
+        if crc32(view[start : start + size]) != index.crcs[i]:
             raise CorruptSnapshotError(f"{where} frame {i}: checksum mismatch: the stored bytes are corrupt")
-        pieces += decode_frame(frame, index.raw_sizes[i], where=f"{where} frame {i}")
+        pieces += decode_frame(data, start, size, index.raw_sizes[i], where=f"{where} frame {i}")
     return pieces
 
 
@@ -208,32 +224,28 @@ class FramesReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         want = min(view.nbytes, self._left)
-        prefault(view[:want])
+        if not want:
+            return 0
+        prefault(view[:want], background=_prefetch_pool().submit)
+        dest = ctypes.addressof(ctypes.c_char.from_buffer(view))
         got = 0
         while got < want:
             if not self._pieces and not self._next_unit():
                 break
-            piece = self._pieces.popleft()
-            if isinstance(piece, tuple):
-                byte, count = piece
-                if self._skip:
-                    skipped = min(self._skip, count)
-                    self._skip -= skipped
-                    count -= skipped
-                n = min(count, want - got)
-                if n:
-                    view[got : got + n] = bytes((byte,)) * n
-                if count > n:
-                    self._pieces.appendleft((byte, count - n))
+            owner, at, count = self._pieces.popleft()
+            if self._skip:
+                skipped = min(self._skip, count)
+                self._skip -= skipped
+                count -= skipped
+                at += skipped if owner is not None else 0
+            n = min(count, want - got)
+            # ctypes calls release the GIL: the event loop fetching the next units runs meanwhile
+            if owner is None:
+                ctypes.memset(dest + got, at, n)
             else:
-                if self._skip:
-                    skipped = min(self._skip, piece.nbytes)
-                    self._skip -= skipped
-                    piece = piece[skipped:]
-                n = min(piece.nbytes, want - got)
-                view[got : got + n] = piece[:n]
-                if piece.nbytes > n:
-                    self._pieces.appendleft(piece[n:])
+                ctypes.memmove(dest + got, at, n)
+            if count > n:
+                self._pieces.appendleft((owner, at + n if owner is not None else at, count - n))
             got += n
         self._left -= got
         return got
