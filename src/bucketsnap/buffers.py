@@ -359,7 +359,8 @@ def buffer_state(
             registered with :func:`register_buffer_kind`.
         chunk_rows: transitions per chunk; by default as many as fit in 32 MiB. Keep it the same across the
             saves of a run, or no chunk is shared.
-        level: zstd level of the chunks (1 by default: fastest, and on replay buffers as small as 3).
+        level: zstd level of the chunks (1 by default, with a window of at least 2 MiB: faster than 3, and on
+            replay buffers about as small).
         hash_threads: threads hashing, compressing and writing chunks; by default one per core, up to 8.
         changes: how the save finds the chunks that changed since the buffer's last save. ``"hash"`` hashes
             every chunk: whatever wrote the arrays, the snapshot holds what they hold. ``"ring"`` hashes only
