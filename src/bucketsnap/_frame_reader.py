@@ -208,7 +208,9 @@ class FramesReader(io.RawIOBase):
         where: str,
         read_ahead: int = READ_AHEAD,
     ) -> None:
-        span = index.frames(start, end)
+        count = len(index.raw_sizes)
+        whole = start == 0 and end == (index.raw_starts[-1] + index.raw_sizes[-1] if count else 0)
+        span = range(count) if whole else index.frames(start, end)  # whole: empty frames too, all bytes checked
         self._units = deque(units(index, span))
         self._read_range, self._offset, self._index = read_range, offset, index
         self._pending: deque[Future[list[Piece]]] = deque()

@@ -1,0 +1,284 @@
+"""The seekable member reader (``bucketsnap._frame_reader``): each zstd block type decoded as zstd decodes it,
+every corrupted or truncated frame refused naming the member, units decoded on several threads handed over in
+order, and the read-ahead bounded."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+import torch
+import zstandard
+
+from bucketsnap import CorruptSnapshotError, SnapshotStore, _frames
+from bucketsnap._frame_reader import FramesReader, read_payload, units
+from bucketsnap._prefault import prefault
+from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK
+
+_MAGIC = struct.pack("<I", 0xFD2FB528)
+
+
+def _block(kind: int, size: int, body: bytes, last: bool) -> bytes:
+    return ((size << 3) | (kind << 1) | int(last)).to_bytes(3, "little") + body
+
+
+def raw_frame(data: bytes, *, block: int = 128 * 1024, single_segment: bool = False) -> bytes:
+    """A frame of raw blocks of ``block`` bytes (no checksum), its content size in 8 bytes or, single-segment,
+    in the fewest the format allows."""
+    if single_segment:
+        size = len(data)
+        fcs = (0, size.to_bytes(1, "little")) if size < 256 else (1, (size - 256).to_bytes(2, "little"))
+        head = _MAGIC + bytes([fcs[0] << 6 | 0x20]) + fcs[1]
+    else:
+        head = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", len(data))
+    blocks = [data[i : i + block] for i in range(0, len(data), block)] or [b""]
+    return head + b"".join(_block(0, len(b), b, i == len(blocks) - 1) for i, b in enumerate(blocks))
+
+
+def rle_frame(byte: int, counts: list[int]) -> bytes:
+    """A frame of RLE blocks: ``byte`` repeated ``counts[i]`` times in block i."""
+    head = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", sum(counts))
+    return head + b"".join(_block(1, n, bytes([byte]), i == len(counts) - 1) for i, n in enumerate(counts))
+
+
+def mixed_frame() -> tuple[bytes, bytes]:
+    """A frame of a raw block, an RLE block and a raw block (no checksum), and its content."""
+    a, b = os.urandom(1000), os.urandom(77)
+    content = a + b"\x07" * 5000 + b
+    head = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", len(content))
+    return head + _block(0, 1000, a, False) + _block(1, 5000, b"\x07", False) + _block(0, 77, b, True), content
+
+
+def member(frames: list[tuple[bytes, int]]) -> tuple[bytes, _frames.FrameIndex]:
+    """The data of a seekable member holding ``frames`` (stored bytes, raw size), and its index."""
+    entries = b"".join(struct.pack("<3L", len(f), raw, zlib.crc32(f)) for f, raw in frames)
+    body = entries + struct.pack("<L4s", len(frames), b"BSFX")
+    data = b"".join(f for f, _ in frames) + struct.pack("<2L", 0x184D2A5B, len(body)) + body
+    raw_size = sum(raw for _, raw in frames)
+    index = _frames.read_index(lambda s, e: data[s:e], 0, len(data), raw_size, where="m")
+    return data, index
+
+
+def read_all(data: bytes, index: _frames.FrameIndex, **kw: object) -> bytes:
+    return read_payload(lambda s, e: data[s:e], 0, index, 0, index.raw_starts[-1] + index.raw_sizes[-1], where="m")
+
+
+def zstd_reads(data: bytes) -> bytes:
+    """What zstd's own decoder reads from the member: its frames in sequence, the index skipped."""
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
+
+
+COMPRESSIBLE = bytes(range(256)) * 40 + b"tail"
+RANDOM = os.urandom(300_000)
+
+
+def frame_cases() -> dict[str, tuple[bytes, bytes]]:
+    """name -> (one frame, its content): every block type, header layout and checksum case."""
+    mixed, mixed_content = mixed_frame()
+    cases = {
+        "stored by bucketsnap": (b"".join(bytes(p) for p in _frames._stored([memoryview(RANDOM)])), RANDOM),
+        "raw, small blocks": (raw_frame(RANDOM[:1000], block=300), RANDOM[:1000]),
+        "raw, single segment, 1-byte size": (raw_frame(RANDOM[:200], single_segment=True), RANDOM[:200]),
+        "raw, single segment, 2-byte size": (raw_frame(RANDOM[:3000], single_segment=True), RANDOM[:3000]),
+        "rle": (rle_frame(0xAB, [131072, 131072, 17]), b"\xab" * (2 * 131072 + 17)),
+        "raw, rle and raw blocks": (mixed, mixed_content),
+        "compressed, checksum": (zstandard.ZstdCompressor(write_checksum=True).compress(COMPRESSIBLE), COMPRESSIBLE),
+        "compressed, no checksum": (zstandard.ZstdCompressor().compress(COMPRESSIBLE), COMPRESSIBLE),
+        "raw blocks by zstd, checksum": (zstandard.ZstdCompressor(write_checksum=True).compress(RANDOM), RANDOM),
+        "empty": (raw_frame(b""), b""),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(frame_cases()))
+def test_each_kind_of_frame_reads_as_zstd_reads_it(case: str) -> None:
+    frame, content = frame_cases()[case]
+    data, index = member([(raw_frame(b"head"), 4), (frame, len(content)), (raw_frame(b"end"), 3)])
+    assert zstd_reads(data) == b"head" + content + b"end"
+    assert read_all(data, index) == b"head" + content + b"end"
+    # any range of it, as Snapshot.tensor reads one
+    whole = b"head" + content + b"end"
+    for start, end in [(2, 9), (4, 4 + len(content)), (5, 7 + len(content)), (0, 1), (len(whole) - 2, len(whole))]:
+        end = min(end, len(whole))
+        got = read_payload(lambda s, e: data[s:e], 0, index, start, end, where="m")
+        assert got == whole[start:end]
+
+
+@pytest.mark.parametrize("case", sorted(frame_cases()))
+def test_every_flipped_byte_of_a_frame_is_refused_naming_the_member(case: str) -> None:
+    frame, content = frame_cases()[case]
+    data, index = member([(raw_frame(b"head"), 4), (frame, len(content))])
+    start = index.stored_starts[1]
+    step = max(1, len(frame) // 3000)  # every byte of small frames, evenly spread ones of large frames
+    for pos in [*range(start, start + min(len(frame), 64)), *range(start, start + len(frame), step)]:
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x01
+        with pytest.raises(CorruptSnapshotError, match=r"^m frame 1: checksum mismatch"):
+            read_all(bytes(flipped), index)
+
+
+@pytest.mark.parametrize("case", sorted(frame_cases()))
+def test_a_frame_corrupt_under_a_matching_crc_is_refused_or_read_at_its_size(case: str) -> None:
+    """A writer that wrote a bad frame and its CRC: the parser and zstd's checks must still refuse a malformed
+    header or block (never crash, hang or return a different number of bytes); a checksummed frame's content
+    must come back intact or be refused."""
+    frame, content = frame_cases()[case]
+    checksummed = frame[4] & 0x04
+    for pos in range(min(len(frame), 40)):
+        for mask in (0xFF, 0x01, 0x80):
+            bad = bytearray(frame)
+            bad[pos] ^= mask
+            data, index = member([(bytes(bad), len(content))])
+            try:
+                out = read_all(data, index)
+            except CorruptSnapshotError as exc:
+                assert str(exc).startswith("m frame 0: "), exc
+                continue
+            assert len(out) == len(content), (pos, mask)
+            if checksummed:
+                assert out == content, (pos, mask)
+
+
+def test_a_frame_cut_short_or_with_bytes_after_it_is_refused() -> None:
+    frame = raw_frame(RANDOM[:5000], block=1000)
+    for bad, match in [
+        (frame[:-1], "truncated zstd frame"),
+        (frame[:-1000], "truncated zstd frame"),
+        (frame[:20], "truncated zstd frame"),
+        (frame + b"\x00", "ends at byte"),
+        (frame[:4], "not a zstd frame"),
+    ]:
+        data, index = member([(bad, 5000)])
+        with pytest.raises(CorruptSnapshotError, match=match):
+            read_all(data, index)
+    # sizes that lie: the frame's content size against the index's, the blocks' sum against both
+    data, index = member([(frame, 4999)])
+    with pytest.raises(CorruptSnapshotError, match="differs from the index's 4999"):
+        read_all(data, index)
+    short = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", 5001) + frame[14:]
+    data, index = member([(short, 5001)])
+    with pytest.raises(CorruptSnapshotError, match="decompresses to 5000 bytes, not 5001"):
+        read_all(data, index)
+    bomb = rle_frame(0, [131072] * 64)  # 8 MiB from a few hundred bytes, declared as 1 KiB
+    bomb = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", 1024) + bomb[14:]
+    data, index = member([(bomb, 1024)])
+    with pytest.raises(CorruptSnapshotError, match="more than the index's 1024"):
+        read_all(data, index)
+
+
+def test_a_short_read_is_a_truncated_member() -> None:
+    data, index = member([(raw_frame(RANDOM[:5000]), 5000), (raw_frame(RANDOM[:700]), 700)])
+    with pytest.raises(CorruptSnapshotError, match=r"^m: truncated: wanted bytes"):
+        read_payload(lambda s, e: data[s : e - 1], 0, index, 0, 5700, where="m")
+
+
+def big_member(frames: int) -> tuple[bytes, _frames.FrameIndex, bytes]:
+    content = os.urandom(frames * _frames.FRAME_SIZE)
+    parts = [memoryview(content)[i : i + _frames.FRAME_SIZE] for i in range(0, len(content), _frames.FRAME_SIZE)]
+    data, index = member([(b"".join(bytes(p) for p in _frames._stored([p])), p.nbytes) for p in parts])
+    return data, index, content
+
+
+def test_units_decoded_on_several_threads_come_back_in_order() -> None:
+    data, index, content = big_member(40)
+    assert [len(u) for u in units(index, range(40))] == [4] * 10  # 4 raw frames of 1 MiB: one request
+    threads: set[int] = set()
+    in_flight = peak = 0
+    lock = threading.Lock()
+
+    def read_range(start: int, end: int) -> bytes:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            threads.add(threading.get_ident())
+        time.sleep(0.02 * (1 - start / len(data)))  # the earlier the unit, the later it arrives
+        with lock:
+            in_flight -= 1
+        return data[start:end]
+
+    assert read_payload(read_range, 0, index, 0, len(content), where="m") == content
+    assert peak > 1 and len(threads) > 1, (peak, len(threads))
+    assert peak <= READ_AHEAD
+
+
+def test_the_read_ahead_holds_at_most_read_ahead_units_beyond_what_was_consumed() -> None:
+    data, index, content = big_member(48)
+    requested = consumed = worst = 0
+    lock = threading.Lock()
+
+    def read_range(start: int, end: int) -> bytes:
+        nonlocal requested, worst
+        with lock:
+            requested += end - start
+            worst = max(worst, requested - consumed)
+        return data[start:end]
+
+    unit = READ_CHUNK + READ_CHUNK // 64
+    out = bytearray()
+    with FramesReader(read_range, 0, index, 0, len(content), where="m") as reader:
+        buffer = bytearray(300_000)  # a slow consumer, in small reads
+        while n := reader.readinto(buffer):
+            out += buffer[:n]
+            consumed += n
+            time.sleep(0.0005)
+    assert bytes(out) == content
+    assert worst <= (READ_AHEAD + 1) * unit, worst / unit
+
+
+def test_a_whole_member_checks_its_index_against_the_members_crc_before_reading_a_frame(tmp_path: object) -> None:
+    store = SnapshotStore("memory://frame-reader-index")
+    store.save(1, {"w": torch.arange(3 * 2**20, dtype=torch.float32)})  # 12 MiB: stored frames
+    info = store.info(1)
+    member_info = info.members["w"]
+    archive = bytearray(store.storage.read(info.path))
+    end = member_info.offset + member_info.stored_size
+    entries_end = end - 8
+    archive[entries_end - 1] ^= 0x01  # the last frame's CRC-32 in the index
+    store.storage.backend.fs.pipe_file(store.storage.path(info.path), bytes(archive))
+    reader = SnapshotStore("memory://frame-reader-index")
+    with pytest.raises(CorruptSnapshotError, match=r"member w\.zst: checksum mismatch .* of the frame index"):
+        reader.load(1)
+    assert reader.storage.read_requests <= 3, "read a frame before checking the index"  # manifest, index
+
+
+def test_a_restore_from_memory_equals_what_was_saved_whatever_the_layout() -> None:
+    store = SnapshotStore("memory://frame-reader-layouts")
+    state = {
+        "raw": {"a": torch.randn(700_001), "b": torch.randn(5), "c": torch.randn(2**20 + 3)},
+        "compressed": {"z": torch.zeros(3_000_000), "r": torch.arange(1_000_000) % 7},
+        "mixed": [torch.randn(10), torch.zeros(2**20), b"bytes", {"n": 3}],
+    }
+    store.save(1, state)
+    got = SnapshotStore("memory://frame-reader-layouts").load(1)
+    assert all(torch.equal(got["raw"][k], v) for k, v in state["raw"].items())
+    assert all(torch.equal(got["compressed"][k], v) for k, v in state["compressed"].items())
+    assert torch.equal(got["mixed"][0], state["mixed"][0]) and torch.equal(got["mixed"][1], state["mixed"][1])
+    assert got["mixed"][2:] == state["mixed"][2:]
+    SnapshotStore("memory://frame-reader-layouts").verify(1)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_prefaulting_a_buffer_keeps_what_it_holds(background: bool) -> None:
+    buffer = bytearray(os.urandom(9 * 2**20 + 123))
+    before = bytes(buffer)
+    done = threading.Event()
+
+    def submit(fn: object) -> None:
+        def run() -> None:
+            fn()  # type: ignore[operator]
+            done.set()
+
+        threading.Thread(target=run).start()
+
+    view = memoryview(buffer)[5:]
+    prefault(view, background=submit if background else None)
+    if background:
+        assert done.wait(10)
+    assert bytes(buffer) == before
+    prefault(memoryview(bytes(10 * 2**20)))  # read-only: left alone
