@@ -378,6 +378,34 @@ def test_unsupported_buffers_are_refused_clearly() -> None:
         buffer_state(TransitionStorage(4))
 
 
+def test_an_sb3_buffer_subclass_with_state_of_its_own_is_refused_not_saved_without_it() -> None:
+    """A prioritized subclass's priorities were neither saved nor restored, without a word (found by review)."""
+
+    class PrioritizedReplayBuffer(ReplayBuffer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.priorities = np.zeros((self.buffer_size, self.n_envs), np.float32)
+
+    space = gymnasium.spaces.Box(-1, 1, (3,), np.float32)
+    buffer = PrioritizedReplayBuffer(100, space, space, device="cpu")
+    with pytest.raises(
+        TypeError, match=r"PrioritizedReplayBuffer holds attributes .* \(priorities\).*register_buffer_kind"
+    ):
+        buffer_state(buffer)
+    SnapshotStore("memory://buffer-subclass/run").save(1, {"rb": buffer_state(ReplayBuffer(100, space, space))})
+    with pytest.raises(TypeError, match="priorities"):
+        restore_buffer("memory://buffer-subclass/run", buffer, key="rb")
+
+    class Plain(ReplayBuffer):  # a subclass that adds methods only is saved as SB3's own
+        pass
+
+    plain = Plain(100, space, space, device="cpu")
+    plain.observations[:10], plain.pos = 1.0, 10
+    SnapshotStore("memory://buffer-subclass/plain").save(1, {"rb": buffer_state(plain)})
+    restored = restore_buffer("memory://buffer-subclass/plain", Plain(100, space, space, device="cpu"), key="rb")
+    assert_same_buffer(restored, plain)
+
+
 def test_hash_threads_is_an_option_of_buffer_state() -> None:
     buffer = TransitionStorage(8)
     buffer.insert_transition({"obs": np.zeros(3, np.float32)})

@@ -7,7 +7,8 @@ someone who does not use it.
 Every array is saved in its physical ring layout with ``pos`` and ``full``, and restored in place into a buffer
 of the same shape (``buffer_size``, ``n_envs``, ``optimize_memory_usage``), so a buffer that has wrapped around
 comes back exact. Dict observations are saved as fields ``observations/<key>``. ``HerReplayBuffer`` (a
-``DictReplayBuffer`` that also holds episode bookkeeping) is refused rather than saved incompletely.
+``DictReplayBuffer`` that also holds episode bookkeeping) is refused rather than saved incompletely, and so is a
+subclass holding attributes of its own (a prioritized buffer's priorities): each needs a kind of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ class _SB3Kind(BufferKind):
     def matches(self, buffer: Any) -> bool:
         if isinstance(buffer, HerReplayBuffer):
             raise TypeError("SB3's HerReplayBuffer is not supported yet: save it with model.save_replay_buffer()")
-        return isinstance(buffer, self.buffer_class)
+        if not isinstance(buffer, self.buffer_class):
+            return False
+        extra = sorted(set(vars(buffer)) - _SB3_ATTRIBUTES)
+        if extra:  # a subclass's own state (a prioritized buffer's priorities) would be lost without a word
+            raise TypeError(
+                f"{type(buffer).__qualname__} holds attributes SB3's {self.buffer_class.__name__} has not "
+                f"({', '.join(extra)}), which this kind would neither save nor restore: register a buffer kind "
+                "for it with bucketsnap.buffers.register_buffer_kind"
+            )
+        return True
 
     def state(self, buffer: Any) -> BufferState:
         size = int(buffer.buffer_size)
@@ -71,6 +81,31 @@ class _ReplayBufferKind(_SB3Kind):
 
     def matches(self, buffer: Any) -> bool:
         return super().matches(buffer) and not isinstance(buffer, DictReplayBuffer)
+
+
+#: The instance attributes of SB3's ReplayBuffer and DictReplayBuffer: what this kind saves (the arrays, ``pos``,
+#: ``full``), checks (the sizes and flags) or takes from the buffer restored into (spaces, shapes, device).
+_SB3_ATTRIBUTES = frozenset(
+    {
+        "buffer_size",
+        "observation_space",
+        "action_space",
+        "obs_shape",
+        "action_dim",
+        "pos",
+        "full",
+        "device",
+        "n_envs",
+        "optimize_memory_usage",
+        "observations",
+        "next_observations",
+        "actions",
+        "rewards",
+        "dones",
+        "handle_timeout_termination",
+        "timeouts",
+    }
+)
 
 
 def _arrays(buffer: Any) -> dict[str, np.ndarray]:
