@@ -256,6 +256,9 @@ def test_a_secret_holding_a_slash_or_in_a_url_missing_one_never_appears_in_error
     with pytest.raises(BucketsnapError) as exc:
         load_sb3_zip("s3:/AKIAEXAMPLE:hun/ter2@bucket/model.zip")
     assert "ter2" not in str(exc.value) and "AKIAEXAMPLE" not in str(exc.value)
+    with pytest.raises(BucketsnapError) as exc:  # s3fs takes "AKIAEXAMPLE:hunter" for the bucket, and says so
+        load_sb3_zip("s3://AKIAEXAMPLE:hunter/2secret@bucket/model.zip")
+    assert "hunter" not in str(exc.value) and "2secret" not in str(exc.value) and "AKIAEXAMPLE" not in str(exc.value)
 
 
 def test_unwritable_location_is_a_storage_error_naming_the_url(tmp_path) -> None:  # type: ignore[no-untyped-def]

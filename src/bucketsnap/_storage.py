@@ -62,6 +62,7 @@ from bucketsnap.errors import (
     StorageError,
     UnreachableError,
     redact,
+    remember_secrets,
 )
 
 __all__ = [
@@ -132,6 +133,7 @@ class Storage:
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"url must be a string or path, not {type(url).__name__}")
         url = os.fspath(url)
+        remember_secrets(url)
         if not url:
             raise ValueError("url is empty: pass a local path or an fsspec URL such as s3://bucket/run")
         self.url = redact(url.rstrip("/") or url)

@@ -100,6 +100,19 @@ _SECRET_QUERY = re.compile(
 )
 
 
+#: Pieces of user info seen in URLs (see :func:`remember_secrets`), hidden wherever they appear in a message.
+_SEEN_SECRETS: set[str] = set()
+
+
+def remember_secrets(url: str) -> None:
+    """Hide the user info of ``url`` from every later :func:`redact`, wherever it appears in a message: a client
+    may repeat part of it on its own (s3fs takes ``key:sec`` of ``s3://key:sec/ret@bucket`` for a bucket name)."""
+    match = _USERINFO.search(url)
+    if match:
+        userinfo = match.group(0)[len(match.group("scheme")) : -1]
+        _SEEN_SECRETS.update(piece for piece in re.split(r"[:/]", userinfo) if len(piece) >= 6)
+
+
 def redact(url: str) -> str:
     """Return ``url`` with user info and secret-looking query values replaced by ``***``.
 
@@ -109,4 +122,6 @@ def redact(url: str) -> str:
     's3:/***@bucket/run@v2'
     """
     url = _USERINFO.sub(r"\g<scheme>***@", url)
+    for secret in _SEEN_SECRETS:
+        url = url.replace(secret, "***")
     return _SECRET_QUERY.sub(r"\g<key>***", url)
