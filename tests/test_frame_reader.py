@@ -152,6 +152,7 @@ def test_a_frame_cut_short_or_with_bytes_after_it_is_refused() -> None:
         (frame[:20], "truncated zstd frame"),
         (frame + b"\x00", "ends at byte"),
         (frame[:4], "not a zstd frame"),
+        (raw_frame(RANDOM[:5000], block=4000, single_segment=True)[:-4005], "truncated zstd frame"),
     ]:
         data, index = member([(bad, 5000)])
         with pytest.raises(CorruptSnapshotError, match=match):
@@ -163,6 +164,12 @@ def test_a_frame_cut_short_or_with_bytes_after_it_is_refused() -> None:
     short = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", 5001) + frame[14:]
     data, index = member([(short, 5001)])
     with pytest.raises(CorruptSnapshotError, match="decompresses to 5000 bytes, not 5001"):
+        read_all(data, index)
+    oversized = raw_frame(RANDOM[:200_000], block=200_000)  # blocks hold at most 128 KiB: zstd refuses it too
+    with pytest.raises(zstandard.ZstdError):
+        zstd_reads(oversized)
+    data, index = member([(oversized, 200_000)])
+    with pytest.raises(CorruptSnapshotError, match="corrupt zstd block"):
         read_all(data, index)
     bomb = rle_frame(0, [131072] * 64)  # 8 MiB from a few hundred bytes, declared as 1 KiB
     bomb = _MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", 1024) + bomb[14:]
@@ -282,3 +289,18 @@ def test_prefaulting_a_buffer_keeps_what_it_holds(background: bool) -> None:
         assert done.wait(10)
     assert bytes(buffer) == before
     prefault(memoryview(bytes(10 * 2**20)))  # read-only: left alone
+
+
+def test_compressed_frames_of_several_units_decode_into_reused_buffers_and_keep_their_checks() -> None:
+    """Past the first unit, compressed frames are decoded into buffers handed back by earlier units: the bytes
+    come back in order, and a frame whose content checksum fails is refused there too."""
+    contents = [bytes([i]) * 1000 + os.urandom(24) + bytes(range(256)) * 4000 for i in range(40)]
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(c) for c in contents]
+    data, index = member([(f, len(c)) for f, c in zip(frames, contents, strict=True)])
+    assert len(list(units(index, range(40)))) > READ_AHEAD + 1  # buffers get reused
+    assert read_all(data, index) == b"".join(contents)
+    bad = bytearray(frames[30])
+    bad[-1] ^= 0x01  # its content checksum
+    data, index = member([(bytes(bad) if i == 30 else f, len(c)) for i, (f, c) in enumerate(zip(frames, contents, strict=True))])
+    with pytest.raises(CorruptSnapshotError, match="m frame 30: corrupt zstd data: .*checksum"):
+        read_all(data, index)

@@ -56,7 +56,7 @@ _DICT_ID_SIZES = (0, 1, 2, 4)
 #: One piece of a frame's raw bytes, ``(owner, address, length)``: ``length`` bytes to copy from ``address``,
 #: inside the bytes object ``owner`` (which keeps them alive); or, where ``owner`` is None, the byte ``address``
 #: repeated ``length`` times (an RLE block).
-Piece = tuple[bytes | None, int, int]
+Piece = tuple[bytes | bytearray | None, int, int]
 
 _local = threading.local()
 
@@ -73,12 +73,14 @@ def address(data: bytes) -> int:
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
-def decode_frame(data: bytes, start: int, length: int, raw_size: int, *, where: str) -> list[Piece]:
+def decode_frame(
+    data: bytes, start: int, length: int, raw_size: int, *, where: str, into: tuple[bytearray, int] | None = None
+) -> list[Piece]:
     """The ``raw_size`` raw bytes of the zstd frame ``data[start : start + length]``, as pieces in order.
 
     Raw and RLE blocks are returned without copying (where their bytes are in ``data``, or a byte and its
     count); a frame with a compressed block or a content checksum is decompressed by zstd (checksum checked)
-    into one piece.
+    into one piece: into ``buffer[at : at + raw_size]`` where ``into`` is ``(buffer, at)``, else new bytes.
 
     Raises:
         CorruptSnapshotError: a malformed header or block, a frame shorter or longer than its blocks, a
@@ -140,12 +142,22 @@ def decode_frame(data: bytes, start: int, length: int, raw_size: int, *, where: 
             raise CorruptSnapshotError(f"{where}: frame decompresses to {produced} bytes, not {raw_size}")
         return pieces
     try:
-        out = _dctx().decompress(frame)
+        if into is None:
+            whole = _dctx().decompress(frame)
+            owner: bytes | bytearray = whole
+            got, at = len(whole), address(whole)
+        else:
+            buffer, at = into
+            owner = buffer
+            with _dctx().stream_reader(frame, read_across_frames=False) as reader:
+                got = reader.readinto(memoryview(buffer)[at : at + raw_size])
+                got += len(reader.read(1))  # the frame's end, where zstd checks its checksum
+            at += ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     except zstandard.ZstdError as exc:
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
-    if len(out) != raw_size:
-        raise CorruptSnapshotError(f"{where}: frame decompresses to {len(out)} bytes, not {raw_size}")
-    return [(out, address(out), raw_size)]
+    if got != raw_size:
+        raise CorruptSnapshotError(f"{where}: frame decompresses to {got} bytes or more, not {raw_size}")
+    return [(owner, at, raw_size)]
 
 
 #: A unit's stored bytes may exceed READ_CHUNK by its frames' headers: 4 raw frames of 1 MiB are one request.
@@ -167,8 +179,11 @@ def units(index: FrameIndex, frames: range) -> Iterator[range]:
         yield range(first, frames.stop)
 
 
-def _load_unit(read_range: ReadRange, offset: int, index: FrameIndex, unit: range, where: str) -> list[Piece]:
-    """Fetch the frames ``unit`` in one request, check each against its CRC-32, and decode them."""
+def _load_unit(
+    read_range: ReadRange, offset: int, index: FrameIndex, unit: range, where: str, out: bytearray | None = None
+) -> list[Piece]:
+    """Fetch the frames ``unit`` in one request, check each against its CRC-32, and decode them (compressed
+    frames into ``out``, at their offsets in the unit's raw bytes, where it is given)."""
     lo = index.stored_starts[unit.start]
     hi = index.stored_starts[unit[-1]] + index.stored_sizes[unit[-1]]
     data = read_range(offset + lo, offset + hi)
@@ -181,7 +196,8 @@ def _load_unit(read_range: ReadRange, offset: int, index: FrameIndex, unit: rang
         start, size = index.stored_starts[i] - lo, index.stored_sizes[i]
         if crc32(view[start : start + size]) != index.crcs[i]:
             raise CorruptSnapshotError(f"{where} frame {i}: checksum mismatch: the stored bytes are corrupt")
-        pieces += decode_frame(data, start, size, index.raw_sizes[i], where=f"{where} frame {i}")
+        into = None if out is None else (out, index.raw_starts[i] - index.raw_starts[unit.start])
+        pieces += decode_frame(data, start, size, index.raw_sizes[i], where=f"{where} frame {i}", into=into)
     return pieces
 
 
@@ -212,8 +228,11 @@ class FramesReader(io.RawIOBase):
         whole = start == 0 and end == (index.raw_starts[-1] + index.raw_sizes[-1] if count else 0)
         span = range(count) if whole else index.frames(start, end)  # whole: empty frames too, all bytes checked
         self._units = deque(units(index, span))
-        self._read_range, self._offset, self._index = read_range, offset, index
-        self._pending: deque[Future[list[Piece]]] = deque()
+        self._index = index
+        self._args = (read_range, offset, index)
+        self._pending: deque[tuple[Future[list[Piece]], bytearray | None]] = deque()
+        self._buffer: bytearray | None = None  # the one holding the pieces being copied
+        self._spares: list[bytearray] = []
         self._read_ahead = max(read_ahead, 1)
         self._pieces: deque[Piece] = deque()
         self._skip = start - index.raw_starts[span.start] if span else 0  # bytes of the first frame before start
@@ -254,25 +273,45 @@ class FramesReader(io.RawIOBase):
 
     def _next_unit(self) -> bool:
         """Move the next unit's pieces into :attr:`_pieces` (keeping ``read_ahead`` units in flight); False at
-        the end."""
-        args = (self._read_range, self._offset, self._index)
+        the end. Called once the previous unit's pieces are all copied: its buffer is free again."""
+        if self._buffer is not None:
+            self._spares.append(self._buffer)
+            self._buffer = None
         if not self._pending:
             if not self._units:
                 return False
             if len(self._units) == 1:  # the only unit left: no thread to hand it over from
-                self._pieces.extend(_load_unit(*args, self._units.popleft(), self._where))
+                unit, self._buffer = self._units.popleft(), None
+                self._pieces.extend(_load_unit(*self._args, unit, self._where))
                 return True
         pool = _prefetch_pool()
         while len(self._pending) < self._read_ahead and self._units:
-            self._pending.append(pool.submit(_load_unit, *args, self._units.popleft(), self._where))
-        self._pieces.extend(self._pending.popleft().result())
+            unit = self._units.popleft()
+            out = self._out_buffer(unit)
+            self._pending.append((pool.submit(_load_unit, *self._args, unit, self._where, out), out))
+        future, self._buffer = self._pending.popleft()
+        self._pieces.extend(future.result())
         return True
 
+    def _out_buffer(self, unit: range) -> bytearray | None:
+        """A buffer for the unit's decompressed frames: one freed by an earlier unit where it is large enough, so
+        that compressed members are decoded into memory already faulted in, not new memory each frame."""
+        index = self._index
+        raw = index.raw_starts[unit[-1]] + index.raw_sizes[unit[-1]] - index.raw_starts[unit.start]
+        stored = index.stored_starts[unit[-1]] + index.stored_sizes[unit[-1]] - index.stored_starts[unit.start]
+        if stored >= raw:  # raw blocks: decoded without a copy
+            return None
+        for i, spare in enumerate(self._spares):
+            if len(spare) >= raw:
+                return self._spares.pop(i)
+        return bytearray(max(raw, READ_CHUNK))
+
     def close(self) -> None:
-        for future in self._pending:
+        for future, _ in self._pending:
             future.cancel()  # those running finish on their own; their bytes are dropped
         self._pending.clear()
         self._pieces.clear()
+        self._spares.clear()
         super().close()
 
 
