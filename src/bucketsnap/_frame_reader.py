@@ -8,12 +8,17 @@ frames are decoded on as many threads as are in flight and the consumer only cop
 order, into its buffers (the tensors being restored). Decoding a frame means:
 
 * its stored bytes checked against the CRC-32 in the frame index;
-* its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as a view
-  of the fetched bytes; an RLE block is one byte repeated, kept as that byte and a count. Neither is copied
-  until the consumer copies it into its buffer, once;
+* its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as where
+  they lie in the fetched bytes; an RLE block is one byte repeated, kept as that byte and a count. Neither is
+  copied until the consumer copies it into its buffer, once;
 * a frame holding a compressed block, or carrying a content checksum (XXH64, which only zstd computes here),
-  handed whole to zstd, which checks the checksum: its output is then copied once more, into the buffer;
+  handed whole to zstd, which checks the checksum, and decoded into a buffer an earlier unit freed (new
+  memory for each frame would be faulted in each time): its bytes are then copied once more, into the tensor;
 * its declared content size, the sum of its blocks and its end checked against the index's sizes.
+
+The consumer's copies are ``ctypes.memmove`` calls, which release the GIL, so the event loop receiving the next
+units runs meanwhile; the destination's pages are faulted in on a pool thread as the first units arrive
+(:mod:`bucketsnap._prefault`).
 
 Trade-off: a whole-member read first reads the member's last 32 KiB for the index (one request more than a
 plain forward read, none for a member that fits in it, whose frames are then served from those bytes), to cut
@@ -22,10 +27,11 @@ CRC-32 from the manifest before any frame is fetched: the CRC-32s of the frames 
 with its own bytes', must give the member's. Every stored byte is so still covered by that CRC-32 (each
 frame's bytes by the index's CRC-32 of them, the index by the member's), as when the member was read forward.
 
-Memory: at most ``READ_AHEAD + 1`` units are held at once (those in flight and the one being copied), each its
-stored bytes (raw frames, whose pieces are views of them) or its decoded bytes (a compressed unit's stored
-bytes are dropped once decoded): 36 MiB for frames bucketsnap writes (at most 1 MiB raw), whatever the
-member's size; a unit of one larger frame (a frame index allows up to 64 MiB) holds that frame.
+Memory, whatever the member's size: at most ``READ_AHEAD + 1`` units are held at once (those in flight and the
+one being copied). A unit of raw frames holds its stored bytes (4 MiB and their headers), a compressed one its
+decoded bytes in one of at most ``READ_AHEAD + 1`` reused 4 MiB buffers (its stored bytes only while it is
+decoded): 37 MiB for raw members, at most 72 MiB for compressed ones, for frames bucketsnap writes (at most
+1 MiB raw). A unit of one larger frame (a frame index allows up to 64 MiB) holds that frame.
 """
 
 from __future__ import annotations
