@@ -305,3 +305,25 @@ def test_compressed_frames_of_several_units_decode_into_reused_buffers_and_keep_
     data, index = member([(f, len(c)) for f, c in zip(frames, contents, strict=True)])
     with pytest.raises(CorruptSnapshotError, match=r"m frame 30: corrupt zstd data: .*checksum"):
         read_all(data, index)
+
+
+def test_a_compressed_member_decodes_into_at_most_read_ahead_plus_one_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bucketsnap import _frame_reader
+
+    contents = [bytes([i % 256]) * _frames.FRAME_SIZE for i in range(64)]  # 16 units of 4 compressed frames
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(c) for c in contents]
+    data, index = member([(f, len(c)) for f, c in zip(frames, contents, strict=True)])
+    allocated: list[int] = []
+
+    def counting_bytearray(*args: object) -> bytearray:
+        out = bytearray(*args)  # type: ignore[call-overload]
+        allocated.append(len(out))
+        return out
+
+    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    with FramesReader(lambda s, e: data[s:e], 0, index, 0, 64 * _frames.FRAME_SIZE, where="m") as reader:
+        out = bytearray(64 * _frames.FRAME_SIZE)
+        assert reader.readinto(out) == len(out)
+    assert bytes(out) == b"".join(contents)
+    assert 1 <= len(allocated) <= READ_AHEAD + 1, allocated
+    assert max(allocated) == READ_CHUNK
