@@ -15,6 +15,7 @@ from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 
 from bucketsnap import CorruptSnapshotError, SnapshotNotFoundError, SnapshotStore, StorageError, _chunks
 from bucketsnap._chunks import CHUNK_DIR
+from bucketsnap._prefault import prefault
 from bucketsnap.buffers import TransitionStorage, buffer_state, restore_buffer
 from conftest import Backend
 
@@ -424,8 +425,8 @@ def test_prefaulting_a_destination_keeps_its_contents() -> None:
     """A restore faults in the pages it is about to write (madvise on Linux): what they hold must not change."""
     held = np.arange(3 * 2**20, dtype=np.uint8)  # a few MiB of data, already in memory
     fresh = np.zeros(3 * 2**20 + 5, dtype=np.uint8)[5:]  # never touched, not page-aligned
-    _chunks._prefault(held)
-    _chunks._prefault(fresh)
+    prefault(held.data)
+    prefault(fresh.data)
     np.testing.assert_array_equal(held, np.arange(3 * 2**20, dtype=np.uint8))
     assert not fresh.any()
 
