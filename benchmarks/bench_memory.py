@@ -7,7 +7,7 @@ high-water mark during it (``/proc/self/status`` VmHWM, reset just before the op
 above what the process held before (the array itself, for a save), and for a restore above the array it
 restores. S3 is the test server (LocalStack where its venv exists, else moto's server;
 ``BUCKETSNAP_TEST_S3_ENDPOINT`` for another), GCS and Azure the emulators of :mod:`bucketsnap.testing`. A save
-to S3 is documented to hold at most ``(upload_concurrency + 1) * part_size`` of part buffers plus 32 MiB above
+to S3 is documented to hold at most ``(upload_concurrency + 1) * part_size`` of part buffers plus 48 MiB above
 the data (docs/performance.md).
 """
 
