@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
 from bucketsnap._transport import Retry, chain
-from bucketsnap._uploads import PartUploader
+from bucketsnap._uploads import PartBody, PartUploader
 from bucketsnap.errors import StorageError
 
 __all__ = ["AzureBackend", "AzureBlockWriter"]
@@ -312,7 +312,9 @@ class AzureBlockWriter(PartUploader[str]):
         block_id = uuid.uuid4().hex
 
         async def stage(client: Any) -> None:
-            await client.stage_block(block_id=block_id, data=bytes(body), length=len(body), retry_total=0)
+            # A file object, read in chunks: a bytes copy of each part cost a pass over the bytes and held the
+            # part twice (see bucketsnap._uploads.PartBody).
+            await client.stage_block(block_id=block_id, data=PartBody(body), length=len(body), retry_total=0)
 
         self._call(f"block {number}", lambda: self._backend._blob(self._path, stage))
         return block_id
