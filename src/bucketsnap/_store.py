@@ -49,8 +49,8 @@ class SnapshotStore:
         compression_threads: zstd worker threads per member (0: compress in the saving thread).
         part_size: bytes buffered per uploaded part on object stores; bounds a save's extra memory.
         upload_concurrency: parts of one save uploaded at once to S3, GCS or Azure; a save holds at most
-            ``(upload_concurrency + 1) * part_size`` bytes of upload buffers; on S3, a save of tensors and
-            arrays at most 48 MiB more above the data (measured up to 10 GiB: docs/performance.md, "Bounded
+            ``(upload_concurrency + 1) * part_size`` bytes of upload buffers; on S3 and Azure, a save of tensors
+            and arrays at most 48 MiB more above the data (measured up to 10 GiB: docs/performance.md, "Bounded
             memory"). On GCS, 1 uses gcsfs's resumable upload instead of a parallel composite upload (see
             docs/backends.md).
         retry: the :class:`~bucketsnap.Retry` policy for transient failures of remote stores (throttling, 5xx,
