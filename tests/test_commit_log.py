@@ -436,3 +436,32 @@ def test_a_reference_whose_itr_ranges_lie_is_refused_before_they_are_expanded() 
     storage.create_exclusive(f"{MANIFEST_DIR}/{newest}", json.dumps(doc).encode())
     with pytest.raises(CorruptSnapshotError, match="itrs ranges"):
         SnapshotStore(store.url).info("last")
+
+
+@pytest.mark.s3
+def test_a_process_that_listed_the_pages_reads_those_another_process_created_since(s3_backend: Any) -> None:
+    """gc lists manifest/pages/; s3fs then sized an open-ended read of a page created later from that cached
+    listing, and this healthy run was reported corrupt ("run repair") to the process that listed (found by
+    review)."""
+    import subprocess
+    import sys
+
+    url = f"{s3_backend.base}/listed-{uuid.uuid4().hex[:8]}"
+    listed = SnapshotStore(url, storage_options=s3_backend.options)
+    for itr in range(30):
+        listed.save(itr, {"x": itr})
+    listed.gc()
+    script = (
+        "import json, sys\n"
+        "from bucketsnap import SnapshotStore\n"
+        "store = SnapshotStore(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n"
+        "for itr in range(30, 120):\n"
+        "    store.save(itr, {'x': itr})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, json.dumps(s3_backend.options)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [info.itr for info in listed.infos()] == list(range(120))
+    assert listed.load(which=5)["x"] == 5
+    listed.save(120, {"x": 120})

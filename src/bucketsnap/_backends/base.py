@@ -163,7 +163,13 @@ class Backend:
     # -- reading -------------------------------------------------------------------------------------------
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        """``path`` whole, or its bytes ``[start, end)``. Raises FileNotFoundError if missing."""
+        """``path`` whole, or its bytes ``[start, end)``, fresh. Raises FileNotFoundError if missing.
+
+        An open-ended read first drops what the filesystem remembers of ``path``: s3fs sizes such a read from its
+        cached listing, in which an object created since (another process's manifest page) is missing.
+        """
+        if start is None or end is None:
+            self.fs.invalidate_cache(path)
         return bytes(self.fs.cat_file(path, start=start, end=end))
 
     def info(self, path: str) -> dict[str, Any]:
