@@ -224,3 +224,26 @@ def test_a_probe_deleted_between_the_listing_and_its_age_check_is_skipped(
 
     monkeypatch.setattr(store.storage, "modified", deleted_meanwhile)
     assert store.gc(min_age=0) == []
+
+
+@pytest.mark.parametrize("directory", ["manifest", "manifest/pages"])
+def test_a_commits_temp_file_gone_between_the_listing_and_its_age_check_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, directory: str
+) -> None:
+    """Found by review (1 gc in 123 beside a writer): a local commit linked its temp file into place and removed
+    it after gc listed it, and gc raised a raw FileNotFoundError."""
+    store = SnapshotStore(str(tmp_path / "run"))
+    store.save(1, {"v": 1})
+    temp = tmp_path / "run" / directory / "000000000002.json.tmp-0c"
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(b"{}")
+    real = store.storage.modified
+
+    def linked_and_removed_meanwhile(rel: str) -> float | None:
+        if ".tmp-" in rel:
+            temp.unlink(missing_ok=True)
+        return real(rel)
+
+    monkeypatch.setattr(store.storage, "modified", linked_and_removed_meanwhile)
+    assert store.gc(min_age=0) == []
+    assert store.load()["v"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import pytest
@@ -211,3 +212,19 @@ def test_a_failed_prune_keeps_the_save_and_is_redone_by_the_next_commit(
     assert store.itrs() == [0, 1]
     store.save(2, {"v": 2})
     assert store.itrs() == [2]
+
+
+def test_a_subclass_of_keep_last_that_overrides_keep_is_applied_as_it_says() -> None:
+    """A save decides KeepLast and KeepEvery from the itrs alone; a user's subclass overriding ``keep`` (the
+    documented extension point) was bypassed that way, and the save dropped what its ``keep`` kept (found by
+    review)."""
+
+    class KeepLastAndBest(KeepLast):
+        def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
+            best = max(infos, key=lambda s: s.metrics.get("reward", 0))
+            return super().keep(infos) | {best.itr}
+
+    store = SnapshotStore("memory://retention-subclass/run", retention=KeepLastAndBest(2) | KeepEvery(100))
+    for itr in range(6):
+        store.save(itr, {"x": itr}, metrics={"reward": 100 if itr == 1 else itr})
+    assert store.itrs() == [0, 1, 4, 5]

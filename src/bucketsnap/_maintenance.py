@@ -165,8 +165,13 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
     for directory in (MANIFEST_DIR, PAGE_DIR):
         for name in storage.list(directory):
             rel = f"{directory}/{name}"
-            young_probe = _young_probe(storage, directory, name, now)
-            if ".tmp-" in name and not young_probe and _ripe(storage.modified(rel) or now, now, min_age):
+            if ".tmp-" not in name or _young_probe(storage, directory, name, now):
+                continue
+            try:
+                modified = storage.modified(rel) or now
+            except FileNotFoundError:  # a commit in progress linked it into place and removed it since the listing
+                continue
+            if _ripe(modified, now, min_age):
                 stale.append(rel)
     return stale
 

@@ -38,7 +38,15 @@ class RetentionPolicy(abc.ABC):
     def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
         """What :meth:`keep` keeps, from the itrs alone (ascending); None if it needs the entries (their metrics).
 
-        A save applies a policy that needs only itrs without reading every entry of the run."""
+        A save applies a policy that needs only itrs without reading every entry of the run. A subclass that
+        overrides :meth:`keep` gets None (its own ``keep`` decides), whatever class it derives from."""
+        owner = next(c for c in type(self).__mro__ if "_kept_of_itrs" in vars(c))
+        if type(self).keep is not owner.keep:  # type: ignore[attr-defined]
+            return None
+        return self._kept_of_itrs(itrs)
+
+    def _kept_of_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
+        """What this class's own :meth:`keep` keeps of ``itrs`` (ascending), or None if it needs the entries."""
         return None
 
     def __or__(self, other: RetentionPolicy) -> KeepAny:
@@ -58,9 +66,9 @@ class KeepLast(RetentionPolicy):
         _check_count("KeepLast", "n", self.n, minimum=0)
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
-        return self._keep_itrs(sorted(s.itr for s in infos))
+        return self._kept_of_itrs(sorted(s.itr for s in infos))
 
-    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
+    def _kept_of_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
         # Not itrs[-n:]: that is the whole list for n=0. Clamped, since fewer than n snapshots is the usual start.
         return frozenset(itrs[max(len(itrs) - self.n, 0) :])
 
@@ -75,9 +83,9 @@ class KeepEvery(RetentionPolicy):
         _check_count("KeepEvery", "k", self.k, minimum=1)
 
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
-        return self._keep_itrs([s.itr for s in infos])
+        return self._kept_of_itrs([s.itr for s in infos])
 
-    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
+    def _kept_of_itrs(self, itrs: Sequence[int]) -> frozenset[int]:
         return frozenset(itr for itr in itrs if itr % self.k == 0)
 
 
@@ -140,7 +148,7 @@ class KeepAny(RetentionPolicy):
     def keep(self, infos: Sequence[SnapshotInfo]) -> frozenset[int]:
         return frozenset().union(*(p.keep(infos) for p in self.policies))
 
-    def _keep_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
+    def _kept_of_itrs(self, itrs: Sequence[int]) -> frozenset[int] | None:
         kept = [p._keep_itrs(itrs) for p in self.policies]
         return None if any(k is None for k in kept) else frozenset().union(*(k for k in kept if k is not None))
 
