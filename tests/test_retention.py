@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 import torch
@@ -228,3 +229,28 @@ def test_a_subclass_of_keep_last_that_overrides_keep_is_applied_as_it_says() -> 
     for itr in range(6):
         store.save(itr, {"x": itr}, metrics={"reward": 100 if itr == 1 else itr})
     assert store.itrs() == [0, 1, 4, 5]
+
+
+@pytest.mark.parametrize("policy", [KeepLast(2), KeepBest(2, "r")], ids=["itrs", "entries"])
+def test_a_prune_decides_on_the_run_it_commits_to_not_on_the_one_the_save_saw(
+    monkeypatch: pytest.MonkeyPatch, policy: RetentionPolicy
+) -> None:
+    """Another writer deletes a snapshot between the save's commit and its prune's: the prune keeps what the
+    policy keeps of the run as it is then (a review found a prune that reused the drops it computed first would
+    pass every test, and leave one snapshot where KeepLast(2) keeps two)."""
+    url = "memory://retention/racing-delete"
+    store = SnapshotStore(url, retention=policy)
+    for itr in range(5):
+        SnapshotStore(url).save(itr, {"v": itr}, metrics={"r": itr})
+    original = store._log.commit_state
+    calls: list[Any] = []
+
+    def another_writer_deletes_first(change: Any) -> Any:
+        calls.append(change)
+        if len(calls) == 2:  # the prune, after the save's own commit
+            SnapshotStore(url).delete(4)
+        return original(change)
+
+    monkeypatch.setattr(store._log, "commit_state", another_writer_deletes_first)
+    store.save(5, {"v": 5}, metrics={"r": 5})
+    assert store.itrs() == [3, 5]
