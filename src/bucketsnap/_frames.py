@@ -246,10 +246,22 @@ def read_index(read_range: ReadRange, offset: int, stored_size: int, raw_size: i
             f"{where}: frame index: member size differs from the declared size ({sum(stored_sizes)} + {size} stored "
             f"bytes of {stored_size}, {sum(raw_sizes)} raw bytes of {raw_size})"
         )
+    for i, (stored, raw) in enumerate(zip(stored_sizes, raw_sizes, strict=True)):
+        if stored > stored_bound(raw):  # a frame padded out (empty blocks) would be fetched and walked whole
+            raise CorruptSnapshotError(
+                f"{where}: frame index: frame {i} stores {stored} bytes for {raw}, more than zstd ever writes"
+            )
     starts = _starts(stored_sizes)
     return FrameIndex(
         _starts(raw_sizes), starts, stored_sizes, raw_sizes, crcs, raw_index, (stored_size - len(tail), tail)
     )
+
+
+def stored_bound(raw: int) -> int:
+    """The most bytes a zstd frame of ``raw`` content bytes takes: zstd's ``ZSTD_compressBound`` (what a
+    compressor may write at worst), plus room for the largest frame header (18 bytes) and a content checksum."""
+    small = (128 * 2**10 - raw) >> 11 if raw < 128 * 2**10 else 0
+    return raw + (raw >> 8) + small + 32
 
 
 def _starts(sizes: list[int]) -> list[int]:
