@@ -241,8 +241,20 @@ def test_a_frame_index_that_lies_is_refused() -> None:
         store.open().tensor("policy", "w")
     _flip(store, member.offset + member.stored_size - 8)
     _flip(store, member.offset + member.stored_size - 10)  # the last frame's CRC-32 in the index
-    with pytest.raises(CorruptSnapshotError, match=r"policy.zst frame 2: checksum mismatch"):
+    with pytest.raises(CorruptSnapshotError, match=r"policy.zst: checksum mismatch \(crc32 \w+ of the frame index"):
         store.open().tensor("policy", "w")
+
+
+def test_a_partial_read_checks_the_frame_index_against_the_members_crc() -> None:
+    """A read of one tensor checks the whole index, not only the entries of the frames it reads: an index that
+    lies about frames the read never touches is refused as well (a review found only whole reads checked it)."""
+    store = SnapshotStore("memory://index-partial/run")
+    store.save(1, {"policy": {"a": torch.randn(400_000), "c": torch.randn(400_000)}})
+    member = store.info(1).members["policy"]
+    assert torch.equal(store.open().tensor("policy", "a")[:3], store.load()["policy"]["a"][:3])
+    _flip(store, member.offset + member.stored_size - 10)  # the last frame's CRC-32 in the index: one of "c"'s
+    with pytest.raises(CorruptSnapshotError, match=r"policy.zst: checksum mismatch \(crc32 \w+ of the frame index"):
+        store.open().tensor("policy", "a")
 
 
 def test_threaded_compression_writes_the_same_values() -> None:

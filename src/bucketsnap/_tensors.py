@@ -119,6 +119,11 @@ def _header_length(prefix: bytes, member: MemberInfo, where: str) -> int:
 def read_layout(read_range: ReadRange, member: MemberInfo, *, where: str) -> MemberLayout:
     """A seekable member's index (one ranged read of its last 64 KiB) and header (its first frame)."""
     index = _frames.read_index(read_range, member.offset, member.stored_size, member.raw_size, where=where)
+    crc = _frames.member_crc(index)  # the index against the member's CRC-32, as a whole read checks it
+    if f"{crc:08x}" != member.crc32:
+        raise CorruptSnapshotError(
+            f"{where}: checksum mismatch (crc32 {crc:08x} of the frame index, expected {member.crc32})"
+        )
     tail_start, tail = index.tail
     tail_start += member.offset
 
