@@ -17,7 +17,8 @@ were written since its last save, see :mod:`bucketsnap._buffer_changes`), then c
 same threads, only the chunks that no snapshot of the generation it started from holds: the chunks that changed
 since the last save, usually one or two per thousand transitions. A chunk written is copied a block at a time
 and hashed again from the copy it is compressed from, so its id names exactly what it holds even if the arrays
-changed after the first hash (another thread or process writing them); it is then stored under that id.
+changed after the first hash (another thread or process writing them); it is then stored under that id. A
+run's first save, with no chunk to reuse, skips the first hash: each chunk is hashed once, as it is compressed.
 
 A chunk is reused only if a committed snapshot refers to it, never on the strength of a listing: an
 unreferenced chunk (an orphan of a killed save, or one that retention dropped) may be condemned and deleted by
@@ -88,7 +89,7 @@ Bounds = tuple[int, int]
 #: transitions rewrites little.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 _CHUNK_ID = re.compile(r"[0-9a-f]{64}")
-#: Bytes of a chunk copied at a time before they are hashed and compressed (see ``_write_chunk``).
+#: Bytes of a chunk copied at a time before they are hashed and compressed (see ``ChunkedArrays._compress``).
 _COPY_BLOCK = 2**20
 #: zstd level of a buffer's chunks, compressed with a window of at least :data:`MIN_WINDOW_LOG`. Measured on
 #: 2026-12-01 against level 3: stacked Atari frames compress 1.2-1.6x faster and to 489:1 against 372:1; dense

@@ -122,6 +122,6 @@ def redact(url: str) -> str:
     's3:/***@bucket/run@v2'
     """
     url = _USERINFO.sub(r"\g<scheme>***@", url)
-    for secret in _SEEN_SECRETS:
+    for secret in tuple(_SEEN_SECRETS):  # a copy: another thread may be opening a store meanwhile
         url = url.replace(secret, "***")
     return _SECRET_QUERY.sub(r"\g<key>***", url)
