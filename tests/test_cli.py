@@ -260,6 +260,26 @@ def test_repair_after_a_corrupt_manifest(memory_backend: Backend) -> None:
     assert not SnapshotStore(f"{memory_backend.base}/typo").storage.list("manifest"), "repair created nothing"
 
 
+def test_repair_of_a_healthy_run_says_so_and_commits_nothing(memory_backend: Backend) -> None:
+    """A snapshot retention dropped (its archive left to gc) and an archive never committed stay invisible."""
+    from bucketsnap import KeepLast
+    from bucketsnap._saving import prepare
+
+    store = memory_backend.store(retention=KeepLast(2))
+    seed(store)
+    store._stage(prepare(40, {"v": 40}, None, overwrite=False, copy=False))  # a save that never committed
+    generations = store.storage.list("manifest")
+    repaired = invoke("repair", store.url)
+    assert repaired.exit_code == 0, repaired.stderr
+    assert repaired.stdout.splitlines() == [f"nothing to repair: manifest generation {store._log.generations()[-1]} "
+                                            "reads, with 2 snapshots: 20, 30"]  # fmt: skip
+    assert store.storage.list("manifest") == generations and store.itrs() == [20, 30]
+    empty = memory_backend.store("archives-only")
+    empty.storage.fs.pipe_file(empty.storage.path(store.info(30).path), store.storage.read(store.info(30).path))
+    alone = invoke("repair", empty.url)
+    assert alone.exit_code == 0 and "no manifest generation" in alone.stdout and empty.itrs() == []
+
+
 # -- secrets, errors, progress, logging ---------------------------------------------------------------------
 
 

@@ -2,10 +2,10 @@
 inline levels seal, and pages are rewritten, split and emptied at almost every step.
 
 Random saves (new itrs, overwrites, itrs inside sealed pages), deletes, retention, gc (``min_age=0``, and the
-default on an injected clock), commits that die after writing their pages, repair (over a healthy and over a
-corrupt newest generation) and fresh reopens, checked after every step against a plain dict of committed itrs
-and the value each was saved with: the listing, every lookup (``first``, ``last``, each itr, absent itrs), the
-tree's own order, and every object and page the newest generation needs existing.
+default on an injected clock), commits that die after writing their pages, repair (over a healthy run, which it
+must leave as it is, and over a corrupt newest generation) and fresh reopens, checked after every step against a
+plain dict of committed itrs and the value each was saved with: the listing, every lookup (``first``, ``last``, each
+itr, absent itrs), the tree's own order, and every object and page the newest generation needs existing.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class PagedLog(RuleBasedStateMachine):
 
         storage.create_exclusive = die  # type: ignore[method-assign]
         self.counter += 1
-        self.ever.setdefault(itr, set()).add(-self.counter)  # its archive is intact: repair may commit it
+        self.ever.setdefault(itr, set()).add(-self.counter)  # intact: a repair over corruption may commit it
         try:
             with pytest.raises(KeyboardInterrupt):
                 self.store.save(itr, {"v": -self.counter}, metrics={"v": -self.counter}, overwrite=True)
@@ -147,8 +147,13 @@ class PagedLog(RuleBasedStateMachine):
 
     @rule()
     def repair(self) -> None:
+        """On a healthy run (here every step leaves one) repair changes nothing visible and commits nothing: what
+        retention dropped, what was deleted, and the archives of commits that died stay invisible."""
+        log = self.store._log
+        generations, before = log.generations(), [(i.itr, i.path, i.metrics) for i in self.store.infos()]
         self.store.repair()
-        self._adopt_recovered()
+        assert log.generations() == generations, "repair committed on a healthy run"
+        assert [(i.itr, i.path, i.metrics) for i in SnapshotStore(self.url).infos()] == before
 
     @precondition(lambda self: self.store._log.generations())
     @rule()
@@ -169,11 +174,11 @@ class PagedLog(RuleBasedStateMachine):
         self.store.repair()
         self._adopt_recovered(kept={i: v for i, v in self.committed.items() if base.get(i) == v})
 
-    def _adopt_recovered(self, kept: dict[int, int] | None = None) -> None:
-        """Repair keeps every committed snapshot (those of ``kept`` after a corrupt generation) and may add intact
-        archives it finds (of values once saved)."""
+    def _adopt_recovered(self, kept: dict[int, int]) -> None:
+        """Repair over a corrupt generation keeps every snapshot of ``kept`` and may add intact archives it finds
+        (of values once saved)."""
         found = {info.itr: info.metrics["v"] for info in self.store.infos()}
-        for itr, value in (self.committed if kept is None else kept).items():
+        for itr, value in kept.items():
             assert found.get(itr) == value, f"repair lost or changed itr {itr}"
         for itr, value in found.items():
             assert value in self.ever.get(itr, set()), f"repair brought back itr {itr} with a value never saved"

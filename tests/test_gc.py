@@ -90,7 +90,16 @@ def _orphan(tmp_path: Path, itr: int) -> tuple[SnapshotStore, str]:
     store.save(1, {"v": 1})
     info = store.save(itr, {"v": itr})
     store._log.commit(lambda current: [s for s in current.snapshots if s.itr != itr])  # uncommit, keep the archive
+    _corrupt_newest(store)  # ... and a newest generation that does not read: the commit of ``itr`` was lost in it
     return store, info.path
+
+
+def _corrupt_newest(store: SnapshotStore) -> None:
+    """A damaged newest generation above the one that was newest (repair only rebuilds over such a one)."""
+    from bucketsnap._manifest import generation_name
+
+    generation = store._log.generations()[-1] + 1
+    store.storage.fs.pipe_file(store.storage.path(generation_name(generation)), b"{torn")
 
 
 def test_repair_does_not_recover_an_archive_a_concurrent_gc_swept(
@@ -103,7 +112,11 @@ def test_repair_does_not_recover_an_archive_a_concurrent_gc_swept(
 
     def then_gc(log: object, rel: str) -> object:
         info = recover(log, rel)  # type: ignore[arg-type]
-        assert SnapshotStore(store.url).gc(min_age=0) == [orphan]  # another process, between verify and commit
+        monkeypatch.setattr(maintenance, "_recover_info", recover)  # the other process's repair is a plain one
+        other = SnapshotStore(store.url)  # another process, between verify and commit: repairs, drops it, gcs
+        other.repair()
+        other._log.commit(lambda current: [s for s in current.snapshots if s.itr != 2])
+        assert other.gc(min_age=0) == [orphan]
         return info
 
     monkeypatch.setattr(maintenance, "_recover_info", then_gc)
@@ -118,23 +131,19 @@ def test_repair_does_not_bring_back_what_a_delete_removes_meanwhile(
 ) -> None:
     from bucketsnap import _maintenance as maintenance
 
-    store = SnapshotStore(str(tmp_path / "run"))
-    store.save(1, {"v": 1})
-    second = store.save(2, {"v": 2})
+    store, second = _orphan(tmp_path, 2)
     recover = maintenance._recover_info
-    base_read = store._log.read()  # repair's base lists itr 2, so the listing skips it; recover another one:
-    store._log.commit(lambda current: [s for s in current.snapshots if s.itr != 2])
-    assert base_read.find(2) is not None
 
     def then_delete(log: object, rel: str) -> object:
         info = recover(log, rel)  # type: ignore[arg-type]
-        store._log.commit(lambda current: [*current.snapshots, info])  # committed again by someone ...
-        SnapshotStore(store.url).delete(2)  # ... and deleted by another process before repair commits
+        monkeypatch.setattr(maintenance, "_recover_info", recover)  # the other process's repair is a plain one
+        SnapshotStore(store.url).repair()  # recovered and committed by another repair ...
+        SnapshotStore(store.url).delete(2)  # ... and deleted by another process before this repair commits
         return info
 
     monkeypatch.setattr(maintenance, "_recover_info", then_delete)
     assert store.repair().itrs() == [1]
-    assert not (tmp_path / "run" / second.path).exists()
+    assert not (tmp_path / "run" / second).exists()
     store.verify(1)
 
 

@@ -1,5 +1,6 @@
 """Model-based test of the commit log and gc: random interleavings of saves (split into their write and commit
-steps), deletes, retention, gc passes on clocks that jump around, checked after every step.
+steps), deletes, retention, gc passes on clocks that jump around, repairs of the healthy run, checked after every
+step.
 
 The reference is plain: a save whose commit returns is listed with exactly its data; a save that fails was
 refused only after a gc pass ran during it; every object that any committed snapshot needs exists; when every
@@ -88,6 +89,14 @@ class CommitLogAndGc(RuleBasedStateMachine):
         self.store.retention = None
         newest = max(self.committed)
         self.committed = {newest: self.committed[newest]}
+
+    @rule()
+    def repair(self) -> None:
+        """repair on a healthy run changes nothing visible: the orphans of crashed and in-flight saves, and what
+        retention and deletes dropped, stay invisible; the saves in flight still land or fail their fence."""
+        generations = self.store._log.generations()
+        self.store.repair()
+        assert self.store._log.generations() == generations, "repair committed on a healthy run"
 
     # -- gc, on clocks that disagree -----------------------------------------------------------------------
 

@@ -247,12 +247,14 @@ def test_repair_skips_an_archive_whose_meta_json_was_altered(store: SnapshotStor
     at = data.index(b"123.0", data.index(b'"metrics"'))
     data[at] = ord("9")  # "923.0": still valid JSON, wrong metric
     store._log.commit(lambda current: [s for s in current.snapshots if s.itr != 2])  # its commit lost
+    write_generation(store, None, raw=b"{torn")  # in a generation that does not read: repair rebuilds
     store.storage.fs.pipe_file(path, bytes(data))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert store.repair().itrs() == [1]
     data[at] = ord("1")  # the archive as written is recovered
     store.storage.fs.pipe_file(path, bytes(data))
+    write_generation(store, None, raw=b"{torn")
     repaired = store.repair()
     assert repaired.itrs() == [1, 2]
     assert store.info(2).metrics == {"return": 123.0}
@@ -449,6 +451,7 @@ def test_repair_keeps_a_newer_format_archive_but_loading_names_the_version(
     monkeypatch.undo()
     data = buf.getvalue()
     assert b'"format_version": 9' in data
+    write_generation(store, None, raw=b"{torn")  # the generation that committed it does not read
     store.storage.fs.pipe_file(store.storage.path("snapshots/000000000003-0123456789abcdef.zip"), data)
     assert store.repair().itrs() == [3]  # a newer bucketsnap can read it: repair never drops data
     expect_typed(lambda: store.load(3), match="format version 9.*upgrade bucketsnap")

@@ -7,7 +7,8 @@ The reference, sentence by sentence:
 - ``KeepBest(n, metric, mode)``: "the ``n`` snapshots with the best value of ``metric``"; "ties ... go to the newer
   snapshot (the higher itr)"; "snapshots without the metric, or whose value is not a number, are not candidates";
 - ``a | b``: "what any of them keeps"; "the newest snapshot is always kept";
-- "the store applies the policy after each commit" of a save; a delete removes just the itr it names.
+- "the store applies the policy after each commit" of a save; a delete removes just the itr it names;
+- repair on a healthy run "adds nothing and commits nothing" (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ class RetentionModel(RuleBasedStateMachine):
         itr = data.draw(st.sampled_from(sorted(self.committed)), label="itr")
         self.store.delete(itr)
         del self.committed[itr]
+
+    @precondition(lambda self: hasattr(self, "store"))
+    @rule()
+    def repair(self) -> None:
+        """repair on a healthy run changes nothing visible: what retention dropped (its archive left to gc) and
+        what was deleted stay dropped (docs/protocol.md, repair)."""
+        generations = self.store._log.generations()
+        self.store.repair()
+        assert self.store._log.generations() == generations, "repair committed on a healthy run"
 
     def teardown(self) -> None:
         # and drop this example's objects: the memory store is one dict that fsspec lists by scanning it all

@@ -594,13 +594,25 @@ def gc_command(url: str, dry_run: bool, min_age: float, options: dict[str, Any])
 @click.argument("url")
 @_command
 def repair_command(url: str, options: dict[str, Any]) -> None:
-    """Commit a manifest generation rebuilt from the intact archives, after a corrupt manifest."""
-    manifest = _open_run(url, options, need=(MANIFEST_DIR, SNAPSHOT_DIR), command="repair").repair()
+    """Commit a manifest generation rebuilt from the intact archives, after a corrupt manifest.
+
+    On a healthy run (its newest generation reads) it commits nothing and changes nothing: archives the manifest
+    does not list there were dropped by retention, deleted, or never committed.
+    """
+    from bucketsnap._manifest import ManifestLog
+
+    store = _open_run(url, options, need=(MANIFEST_DIR, SNAPSHOT_DIR), command="repair")
+    before = ManifestLog(store.storage).generations()
+    manifest = store.repair()
     itrs = manifest.itrs()
     shown = ", ".join(map(str, itrs)) if len(itrs) <= 20 else f"{itrs[0]} to {itrs[-1]}"
-    click.echo(
-        f"committed manifest generation {manifest.generation} with {count(len(itrs), 'snapshot')}: {shown or '-'}"
-    )
+    listed = f"{count(len(itrs), 'snapshot')}: {shown or '-'}"
+    if manifest.generation > max(before, default=0):
+        click.echo(f"committed manifest generation {manifest.generation} with {listed}")
+    elif manifest.generation:
+        click.echo(f"nothing to repair: manifest generation {manifest.generation} reads, with {listed}")
+    else:
+        click.echo("nothing to repair: the run has no manifest generation (nothing was ever committed)")
 
 
 def _kept_by_min_age(store: SnapshotStore, kept: list[str], min_age: float, dry_run: bool) -> str:

@@ -42,7 +42,6 @@ from bucketsnap._manifest import (
     ManifestLog,
     Sweep,
     generation_name,
-    swept,
 )
 from bucketsnap._pages import PAGE_DIR, MissingPageError, Tree
 from bucketsnap._snapshot import Snapshot
@@ -177,13 +176,28 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
 
 
 def repair(log: ManifestLog) -> Manifest:
-    """Commit a generation rebuilt from the newest one that parses plus the intact archives it lacks.
+    """Commit a generation rebuilt after a corrupt one; on a healthy run, commit nothing and add nothing.
 
-    A recovered archive is an object found by listing, so it is fenced as a save's objects are: it is not
-    recovered if it, or a chunk it needs, is in a sweep recorded by the generation repair started from (a gc
-    may still be deleting it) or in a sweep committed since (see :func:`~bucketsnap._manifest.swept`).
+    A run is healthy when its newest generation and every page it references read (a run with no generation is
+    an empty one): repair then returns that generation unchanged. An archive it does not list is then no lost
+    commit: retention dropped it (gc has not swept it yet), its save or overwrite was killed before committing,
+    or its save is still in flight, and bringing it back would make dropped, deleted or never-committed data
+    visible.
+
+    Over a newest generation that does not read, repair commits the newest generation that reads plus the
+    intact archives it does not list. A recovered archive is
+    an object found by listing, so it is fenced as a save's objects are: it is not recovered if it, or a chunk it
+    needs, is in a sweep recorded by the generation repair started from. If the run is healthy by the time
+    repair commits (another repair fixed it), repair commits nothing.
     """
     storage = log.storage
+    try:
+        newest = log.read()
+        newest.snapshots  # noqa: B018 -- a generation whose pages do not read is corrupt too
+    except CorruptSnapshotError as exc:
+        logger.warning("repairing the manifest of %s: %s", storage.url, exc)
+    else:
+        return _healthy(log, newest)
     base = Manifest(0, Tree(log.pages))
     for generation in reversed(log.generations()):
         try:
@@ -213,30 +227,46 @@ def repair(log: ManifestLog) -> Manifest:
             recovered[info.itr] = info
 
     def merged(current: Manifest) -> Manifest:
-        if current.unreadable:
-            # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number
-            # the sweeps past any that may have been lost with it. Each commit records at most one sweep more, and
-            # a repair sets the number to its generation's + SWEEP_HISTORY, so no generation g ever recorded a
-            # sweep above g + SWEEP_HISTORY: this number was never used, and a save in flight cannot mistake a
-            # later sweep for one it has seen; it fails instead (see manifest.swept). Which objects the lost
-            # sweeps deleted is unknown: repairing a corrupt manifest trusts that no gc runs meanwhile.
-            sweep = max(base.sweep + 1, current.generation + 1 + SWEEP_HISTORY)
-            current = replace(base, generation=current.generation, sweep=sweep, sweeps=())
-            # The lost generation may have deleted or overwritten snapshots of the base (their archives are gone,
-            # recorded in its lost sweep): keep only the base's snapshots whose objects are all still stored.
-            stored = {f"{SNAPSHOT_DIR}/{n}" for n in listed} | {f"{CHUNK_DIR}/{n}" for n in storage.list(CHUNK_DIR)}
-            intact = [s for s in current.snapshots if s.objects() <= stored]
-            if len(intact) < current.tree.count:
-                logger.warning("repair drops %d snapshot(s) whose objects are gone", current.tree.count - len(intact))
-                current = current.with_snapshots(intact)
-            fenced = recovered
-        else:
-            fenced = {itr: i for itr, i in recovered.items() if not swept(base, current, i.objects())}
-        # Commits made since (by another writer, or another repair) win over what was recovered.
-        snapshots = {**fenced, **{s.itr: s for s in current.snapshots}}
-        return current.with_snapshots(snapshots.values())
+        if not current.unreadable:  # healthy now: another repair came first
+            raise _Healthy(current)
+        # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number
+        # the sweeps past any that may have been lost with it. Each commit records at most one sweep more, and
+        # a repair sets the number to its generation's + SWEEP_HISTORY, so no generation g ever recorded a
+        # sweep above g + SWEEP_HISTORY: this number was never used, and a save in flight cannot mistake a
+        # later sweep for one it has seen; it fails instead (see manifest.swept). Which objects the lost
+        # sweeps deleted is unknown: repairing a corrupt manifest trusts that no gc runs meanwhile.
+        sweep = max(base.sweep + 1, current.generation + 1 + SWEEP_HISTORY)
+        current = replace(base, generation=current.generation, sweep=sweep, sweeps=())
+        # The lost generation may have deleted or overwritten snapshots of the base (their archives are gone,
+        # recorded in its lost sweep): keep only the base's snapshots whose objects are all still stored.
+        stored = {f"{SNAPSHOT_DIR}/{n}" for n in listed} | {f"{CHUNK_DIR}/{n}" for n in storage.list(CHUNK_DIR)}
+        intact = [s for s in current.snapshots if s.objects() <= stored]
+        if len(intact) < current.tree.count:
+            logger.warning("repair drops %d snapshot(s) whose objects are gone", current.tree.count - len(intact))
+            current = current.with_snapshots(intact)
+        return current.with_snapshots({**recovered, **{s.itr: s for s in current.snapshots}}.values())
 
-    return log.commit_state(merged, over_corrupt=True)
+    try:
+        return log.commit_state(merged, over_corrupt=True)
+    except _Healthy as healthy:
+        return _healthy(log, healthy.manifest)
+
+
+class _Healthy(Exception):
+    """Raised out of repair's change: the newest generation reads, so there is nothing to commit."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(manifest.generation)
+        self.manifest = manifest
+
+
+def _healthy(log: ManifestLog, newest: Manifest) -> Manifest:
+    logger.info(
+        "the manifest of %s is healthy (generation %d and its pages read): nothing to repair, nothing committed",
+        log.storage.url,
+        newest.generation,
+    )
+    return newest
 
 
 def _recover_info(log: ManifestLog, rel: str) -> SnapshotInfo:

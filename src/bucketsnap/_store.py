@@ -426,11 +426,13 @@ class SnapshotStore:
         return collect_garbage(self._log, min_age=min_age, dry_run=dry_run)
 
     def repair(self) -> Manifest:
-        """Commit a new manifest generation rebuilt after a corrupt one.
+        """Commit a new manifest generation rebuilt after a corrupt one; on a healthy run, change nothing.
 
-        Starts from the newest generation that parses, and adds every intact archive under ``snapshots/`` whose
-        itr it does not list (read from the archive's own ``meta.json``). Use it when a load reports a corrupt
-        manifest; it never deletes anything.
+        When the newest generation does not read (or a page it references does not), starts from the newest
+        generation that does, and adds every intact archive under ``snapshots/`` it does not list (read from the
+        archive's own ``meta.json``). Use it when a load reports a corrupt manifest; it never deletes anything.
+        On a healthy run it commits nothing and returns the newest generation: an archive that generation does
+        not list was dropped by retention, deleted, or never committed, and stays invisible.
         """
         return repair(self._log)
 

@@ -1,0 +1,204 @@
+"""repair() never brings back what was dropped or never committed, and never loses what is committed.
+
+From docs/protocol.md ("Cleaning up", repair): on a healthy run (its newest generation and every page it references
+read) repair adds nothing and commits nothing, so a snapshot retention dropped and gc has not swept yet, the
+archive of a save or overwrite killed before its commit, and an itr deleted since stay invisible; gc still
+collects what retention dropped; saves in flight across a repair still land or fail their fence. Over a corrupt
+generation repair rebuilds from the newest generation that reads plus the intact archives it does not list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bucketsnap import KeepLast, SnapshotStore, StorageError
+from bucketsnap._maintenance import DATA_DIRS, collect_garbage
+from bucketsnap._manifest import generation_name
+from bucketsnap._saving import prepare
+from conftest import Backend
+
+KILLED = str(Path(__file__).parent / "workers" / "killed_before_commit.py")
+
+
+def visible(store: SnapshotStore, options: dict[str, Any] | None = None) -> dict[int, tuple[str, object]]:
+    """What a fresh reader (its own page cache) sees: each itr's archive and the value it was saved with."""
+    fresh = SnapshotStore(store.url, storage_options=options)
+    return {i.itr: (i.path, i.metrics.get("v")) for i in fresh.infos()}
+
+
+def stored(store: SnapshotStore) -> set[str]:
+    return {f"{d}/{n}" for d in DATA_DIRS for n in store.storage.list(d) if not n.startswith(".")}
+
+
+def corrupt_newest(store: SnapshotStore) -> None:
+    """A newest generation that does not parse (a damaged object), above the one that was newest."""
+    generation = store._log.generations()[-1] + 1
+    store.storage.fs.pipe_file(store.storage.path(generation_name(generation)), b'{"format": "bucketsnap-manifest", "v')
+
+
+def killed_save(backend: Backend, url: str, itr: int, value: int) -> str:
+    """Run a real process that stores itr's archive (overwrite=True) and is SIGKILLed before its commit."""
+    proc = subprocess.run(
+        [sys.executable, KILLED, url, json.dumps(backend.options), str(itr), str(value)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stored ")]
+    assert len(lines) == 1, proc.stdout
+    return lines[0].split()[1]
+
+
+# -- retention's drops ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [KeepLast(1), KeepLast(2)], ids=repr)
+def test_repair_of_a_healthy_run_does_not_bring_back_what_retention_dropped(backend: Backend, policy: KeepLast) -> None:
+    store = backend.store("retained", retention=policy)
+    for itr in range(4):
+        store.save(itr, {"v": itr}, metrics={"v": itr})
+    before = visible(store, backend.options)
+    assert sorted(before) == list(range(4 - policy.n, 4))
+    generations = store._log.generations()
+    dropped = stored(store) - store._log.read().referenced()
+    assert dropped, "retention left the dropped archives to gc"
+    repaired = SnapshotStore(store.url, storage_options=backend.options).repair()
+    assert repaired.itrs() == sorted(before)
+    assert visible(store, backend.options) == before
+    assert store._log.generations() == generations, "repair of a healthy run commits nothing"
+    # gc still collects what retention dropped: nothing leaks
+    store.gc(min_age=0)
+    assert stored(store) == store._log.read().referenced()
+    assert visible(store, backend.options) == before
+
+
+def test_repair_of_a_healthy_run_leaves_a_dropped_snapshot_to_gc_across_its_grace(local_backend: Backend) -> None:
+    """gc's default min_age: the dropped archive is condemned, repaired over (nothing comes back), then swept."""
+    store = local_backend.store(retention=KeepLast(1))
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    dropped = store.info(1).path
+    store.save(2, {"v": 2}, metrics={"v": 2})
+    store.gc()  # condemns itr 1's archive
+    assert dropped in store._log.read().condemned
+    store.repair()
+    assert store.itrs() == [2]
+    assert dropped in collect_garbage(store._log, min_age=3600, dry_run=False, now=time.time() + 7200)
+    assert stored(store) == store._log.read().referenced() and store.itrs() == [2]
+
+
+# -- saves and overwrites killed before their commit -------------------------------------------------------
+
+
+def test_repair_does_not_bring_back_the_archive_of_an_overwrite_killed_before_its_commit(
+    process_backend: Backend,
+) -> None:
+    url, options = process_backend.url("killed"), process_backend.options
+    store = SnapshotStore(url, storage_options=options)
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    store.save(2, {"v": 2}, metrics={"v": 2})
+    orphan = killed_save(process_backend, url, 1, 99)  # an overwrite of itr 1, killed before its commit
+    assert store.storage.exists(orphan)
+    assert {itr: v for itr, (_, v) in visible(store, options).items()} == {1: 1, 2: 2}
+    store.delete(1)  # the committed itr 1 is deleted; the killed overwrite's archive was never committed
+    store.repair()
+    assert {itr: v for itr, (_, v) in visible(store, options).items()} == {2: 2}, "the killed overwrite came back"
+    # an overwrite of an itr still committed, killed too: the itr keeps its committed archive and value
+    second = killed_save(process_backend, url, 2, 98)
+    store.repair()
+    assert {itr: v for itr, (_, v) in visible(store, options).items()} == {2: 2} and store.load(2)["v"] == 2
+    store.gc(min_age=0)  # the orphans are collected
+    assert not store.storage.exists(orphan) and not store.storage.exists(second)
+    assert stored(store) == store._log.read().referenced()
+
+
+def test_repair_does_not_commit_the_archive_of_a_new_save_killed_before_its_commit(local_backend: Backend) -> None:
+    store = local_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    orphan = killed_save(local_backend, store.url, 5, 5)
+    assert store.storage.exists(orphan)
+    assert store.repair().itrs() == [1]
+    assert store.itrs() == [1]
+
+
+@pytest.mark.parametrize("where", ["memory", "local"])
+def test_repair_of_a_healthy_run_does_not_commit_an_archive_whose_commit_never_landed(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """The same in-process: a staged save (archive stored) whose writer stops before committing, on memory:// too."""
+    backend: Backend = request.getfixturevalue(f"{where}_backend")
+    store = backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    store._stage(prepare(1, {"v": 7}, {"v": 7}, overwrite=True, copy=False))  # an overwrite, never committed
+    store._stage(prepare(3, {"v": 3}, {"v": 3}, overwrite=False, copy=False))  # a new save, never committed
+    store.delete(1)
+    assert store.repair().itrs() == []
+    assert visible(store) == {}
+
+
+# -- saves in flight across a repair -----------------------------------------------------------------------
+
+
+def test_a_save_in_flight_across_a_repair_of_a_healthy_run_commits(memory_backend: Backend) -> None:
+    store = memory_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    staged = store._stage(prepare(2, {"v": 2}, {"v": 2}, overwrite=False, copy=False))
+    store.repair()
+    assert store.itrs() == [1], "repair did not commit the save in flight for it"
+    store._commit_new(staged.info, staged.base, overwrite=False, written=[staged.info.path])
+    assert visible(store) == {1: (store.info(1).path, 1), 2: (staged.info.path, 2)}
+    store.verify(2)
+
+
+def test_a_save_in_flight_whose_archive_gc_swept_fails_across_a_repair(memory_backend: Backend) -> None:
+    store = memory_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    staged = store._stage(prepare(2, {"v": 2}, {"v": 2}, overwrite=False, copy=False))
+    assert staged.info.path in store.gc(min_age=0)
+    store.repair()
+    with pytest.raises(StorageError, match="gc deleted or may have deleted"):
+        store._commit_new(staged.info, staged.base, overwrite=False, written=[staged.info.path])
+    assert store.itrs() == [1]
+
+
+def test_a_save_in_flight_across_a_repair_of_a_corrupt_generation_fails_its_fence(memory_backend: Backend) -> None:
+    """Over a corrupt generation the lost sweeps are unknown: the repair numbers sweeps past them, so a save
+    that read its base before fails rather than trust it."""
+    store = memory_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    staged = store._stage(prepare(2, {"v": 2}, {"v": 2}, overwrite=False, copy=False))
+    corrupt_newest(store)
+    repaired = store.repair()
+    assert repaired.itrs() == [1, 2]  # its archive is intact and the base does not list it: recovered
+    store.delete(2)
+    with pytest.raises(StorageError, match="gc deleted or may have deleted"):
+        store._commit_new(staged.info, staged.base, overwrite=False, written=[])
+    assert store.itrs() == [1]
+
+
+# -- over a corrupt generation -----------------------------------------------------------------------------
+
+
+def test_repair_over_a_corrupt_generation_recovers_what_only_the_lost_generation_committed(
+    local_backend: Backend,
+) -> None:
+    store = local_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    store.save(2, {"v": 2}, metrics={"v": 2})
+    committed = visible(store)
+    newest = store._log.generations()[-1]
+    store.storage.fs.pipe_file(
+        store.storage.path(generation_name(newest)), b"{torn"
+    )  # the generation that committed itr 2
+    repaired = store.repair()
+    assert repaired.itrs() == [1, 2] and visible(store) == committed
+    store.verify(2)
