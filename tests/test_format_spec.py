@@ -243,7 +243,7 @@ class Run:
 
     def buffer(self, table: dict[str, Any]) -> dict[str, np.ndarray]:
         """A chunk table's fields, rows [0, rows), put together from its chunks."""
-        assert table["format"] in ("bucketsnap.chunked/1", "bucketsnap.chunked/2")
+        assert table["format"] in ("bucketsnap.chunked/1", "bucketsnap.chunked/2", "bucketsnap.chunked/3")
         digest = {"sha256": hashlib.sha256, "blake3": blake3.blake3}[table.get("hash", "sha256")]
         fields = [(f["name"], numpy_dtype(f["dtype"]), tuple(f["shape"])) for f in table["fields"]]
         parts: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in fields}
@@ -253,6 +253,9 @@ class Run:
             assert len(stored) == chunk["stored_size"]
             assert int(path.split("-")[1], 16) == zlib.crc32(stored)  # chunks/<id>-<crc32>-<token>.zst
             raw = unzstd(stored)
+            if path.endswith(".shift.zst"):
+                assert table["format"] == "bucketsnap.chunked/3"
+                raw = unshift(raw, chunk["raw_size"])
             assert len(raw) == chunk["raw_size"] and digest(raw).hexdigest() == chunk["id"]
             at = 0
             for name, dtype, shape in fields:  # field after field, C order
@@ -263,6 +266,40 @@ class Run:
         out = {name: np.concatenate(parts[name]) for name, _, _ in fields}
         assert all(len(a) == table["rows"] for a in out.values())
         return out
+
+
+def unshift(body: bytes, raw_size: int) -> bytes:
+    """A shifted-rows chunk's raw bytes, rebuilt from what its frame decompresses to (the header, then records)."""
+    assert body[:8] == b"BSSHIFT1"
+    (count,) = struct.unpack_from("<I", body, 8)
+    at = 12
+    regions = []
+    for _ in range(count):
+        regions.append(struct.unpack_from("<4Q", body, at))
+        at += 32
+    raw = bytearray()
+    for source, target, row_bytes, rows in regions:
+        assert source + rows * row_bytes <= target and len(raw) <= target
+        plain = target - len(raw)  # the raw bytes before the region, as they are
+        raw += body[at : at + plain]
+        at += plain
+        r = 0
+        while r < rows:
+            (word,) = struct.unpack_from("<Q", body, at)
+            at += 8
+            k = word >> 1
+            assert k >= 1 and r + k <= rows
+            if word & 1:
+                raw += body[at : at + k * row_bytes]
+                at += k * row_bytes
+            else:
+                assert r + k < rows  # never the region's last row
+                for i in range(r, r + k):
+                    raw += raw[source + (i + 1) * row_bytes : source + (i + 2) * row_bytes]
+            r += k
+    raw += body[at:]
+    assert len(raw) == raw_size
+    return bytes(raw)
 
 
 def unzstd(data: bytes) -> bytes:
@@ -478,8 +515,9 @@ def test_an_sb3_replay_buffer_decodes_with_its_fields_and_counters(tmp_path: Pat
     buffer = buffers.ReplayBuffer(32, space, gymnasium.spaces.Discrete(3), device="cpu", n_envs=2)
     for i in range(40):
         obs = np.full((2, 3, 4), i, np.uint8)
-        buffer.add(obs, obs + 1, np.array([[i % 3], [0]]), np.array([1.0, 2.0]), np.array([False, i % 7 == 0]),
-                   [{}, {}])  # fmt: skip
+        ended = np.full((2, 3, 4), 200, np.uint8)  # an episode's last observation: not the next row's
+        buffer.add(obs, obs + 1 if i % 5 else ended, np.array([[i % 3], [0]]), np.array([1.0, 2.0]),
+                   np.array([False, i % 7 == 0]), [{}, {}])  # fmt: skip
     store = SnapshotStore(str(tmp_path))
     store.save(1, {"replay_buffer": buffer_state(buffer, chunk_rows=10)})
 
@@ -490,6 +528,9 @@ def test_an_sb3_replay_buffer_decodes_with_its_fields_and_counters(tmp_path: Pat
         "observations", "next_observations", "actions", "rewards", "dones", "timeouts",
     ]  # fmt: skip
     assert table["attrs"]["n_envs"] == 2 and table["fields"][0]["shape"] == [2, 3, 4]
+    # next_observations repeat the next row of observations (but where an episode ended): stored once
+    assert table["format"] == "bucketsnap.chunked/3"
+    assert all(c["path"].endswith(".shift.zst") for c in table["chunks"])
     fields = run.buffer(table)
     for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         np.testing.assert_array_equal(fields[name], getattr(buffer, name), err_msg=name)

@@ -8,6 +8,10 @@ and each chunk is stored once, as its own object::
         one zstd frame (content size and checksum included) of the chunk's rows of every field, field after
         field; the name says what it holds (its BLAKE3 hash, or sha256 in tables of format 1), checks every
         stored byte (CRC-32) and which save wrote it
+    chunks/<hash of the raw bytes>-<CRC-32 of the object>-<save token>.shift.zst
+        the same rows, where those of a field that repeat the next row of an earlier one (``shifted``: SB3's
+        ``next_observations``) are stored once, as records (see :mod:`bucketsnap._row_shifts`); tables holding
+        such chunks are of format 3
 
 The snapshot's member for the buffer holds only the chunk table (hash function, ids, object names, row counts,
 sizes) and the buffer's counters; the snapshot's ``refs`` list the chunk objects, so gc and delete keep a chunk
@@ -52,9 +56,10 @@ import blake3
 import numpy as np
 import zstandard
 
-from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, named_checksum, object_crc
+from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, is_shifted, named_checksum, object_crc
 from bucketsnap._chunk_names import CHUNK_OBJECT as _CHUNK_OBJECT
 from bucketsnap._prefault import prefault
+from bucketsnap._row_shifts import RegionWriter, Scatter, Shift, decode, header
 from bucketsnap._storage import Storage
 from bucketsnap._zipformat import READ_CHUNK, RangeReader, crc32
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
@@ -78,8 +83,11 @@ __all__ = [
 #: per core, up to 8.
 HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 TABLE_FORMAT = "bucketsnap.chunked/2"
+#: The format of a table with ``.shift.zst`` chunks (rows repeating another field's next row stored once): a
+#: reader of format 2 would not know them, so it is told to upgrade instead.
+SHIFTED_TABLE_FORMAT = "bucketsnap.chunked/3"
 #: Tables of format 1 name chunks by sha256; format 2 says which hash in its ``hash`` field.
-_TABLE_FORMATS = ("bucketsnap.chunked/1", TABLE_FORMAT)
+_TABLE_FORMATS = ("bucketsnap.chunked/1", TABLE_FORMAT, SHIFTED_TABLE_FORMAT)
 #: The hash a save names new chunks by.
 HASH = "blake3"
 _HASHES: dict[str, Callable[[], Any]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
@@ -133,6 +141,9 @@ class ChunkedArrays:
         spot_check: bounds of ``known`` chunks to hash anyway: if one differs from its known id, the caller's
             account was wrong, and every chunk is hashed (with a warning).
         on_hashed: called with every chunk's bounds -> id once they are known (the caller's next ``known``).
+        shifted: field -> an earlier field of the same dtype and row shape whose next row its rows usually
+            repeat (SB3's ``next_observations`` -> ``observations``): such rows are stored once, as records
+            (see :mod:`bucketsnap._row_shifts`); what a restore rebuilds, and the chunk ids, are unchanged.
     """
 
     def __init__(
@@ -148,6 +159,7 @@ class ChunkedArrays:
         known: Mapping[Bounds, str] | None = None,
         spot_check: Sequence[Bounds] = (),
         on_hashed: Callable[[dict[Bounds, str]], None] | None = None,
+        shifted: Mapping[str, str] | None = None,
     ) -> None:
         if not arrays:
             raise ValueError("a chunked value needs at least one array")
@@ -167,6 +179,7 @@ class ChunkedArrays:
         self.known = dict(known or {})
         self.spot_check = [b for b in spot_check if b in self.known]
         self.on_hashed = on_hashed
+        self.shifted = _check_shifted(self.fields, dict(shifted or {}))
         #: How many chunks the last :meth:`write_objects` hashed (for tests and benchmarks).
         self.hashed = 0
 
@@ -191,6 +204,7 @@ class ChunkedArrays:
             known=self.known,
             spot_check=self.spot_check,
             on_hashed=self.on_hashed,
+            shifted=self.shifted,
         )
 
     def write_objects(self, storage: Storage, objects: StoredObjects) -> tuple[dict[str, Any], list[str]]:
@@ -202,12 +216,12 @@ class ChunkedArrays:
         lock = threading.Lock()
 
         def store(i: int) -> tuple[str, tuple[str, int] | None]:
-            chunk_id, compressed = self._compress(bounds[i])
+            chunk_id, compressed, shifted = self._compress(bounds[i])
             with lock:
                 if chunk_id in existing or chunk_id in claimed:  # another chunk of this content
                     return chunk_id, None
                 claimed.add(chunk_id)
-            return chunk_id, self._write_compressed(storage, objects.token, chunk_id, compressed)
+            return chunk_id, self._write_compressed(storage, objects.token, chunk_id, compressed, shifted)
 
         with ThreadPoolExecutor(self.hash_threads, thread_name_prefix="bucketsnap-chunks") as pool:
             # Nothing stored to reuse (a run's first save): every chunk is hashed once, as it is compressed.
@@ -238,7 +252,7 @@ class ChunkedArrays:
             for (start, end), chunk_id in zip(bounds, final, strict=True)
         ]
         table = {
-            "format": TABLE_FORMAT,
+            "format": SHIFTED_TABLE_FORMAT if any(is_shifted(c["path"]) for c in chunks) else TABLE_FORMAT,
             "hash": HASH,
             "kind": self.kind,
             "rows": self.rows,
@@ -274,31 +288,62 @@ class ChunkedArrays:
     def _digest_rows(self, start: int, end: int) -> str:
         return _digest(self._views(start, end), HASH)
 
-    def _compress(self, bounds: Bounds) -> tuple[str, memoryview]:
+    def _compress(self, bounds: Bounds) -> tuple[str, memoryview, bool]:
         """Rows ``bounds`` compressed (one chunk's worth, in memory, so that its name can carry its id and CRC-32),
-        and their id.
+        their id, and whether they are stored as shifted rows (see :mod:`bucketsnap._row_shifts`).
 
-        The rows go through a private copy, a block at a time, and the id is the hash of exactly the bytes
-        compressed: whatever else writes the arrays meanwhile, a stored chunk always holds what its id names.
+        The rows go through a private copy, a block at a time (a shifted field's source field whole), and the id
+        is the hash of exactly the bytes compressed: whatever else writes the arrays meanwhile, a stored chunk
+        always holds what its id names.
         """
         start, end = bounds
         raw_size = (end - start) * sum(f.row_bytes for f in self.fields)
+        shifts = self._shifts(end - start)
         cctx = zstandard.ZstdCompressor(compression_params=_parameters(self.level, raw_size))
         digest = _HASHES[HASH]()
-        block = bytearray(min(raw_size, _COPY_BLOCK))
+        block = memoryview(bytearray(min(raw_size, max(_COPY_BLOCK, *(f.row_bytes for f in self.fields)))))
+        sources = _private_sources(self.fields, set(self.shifted.values()) if shifts else set(), end - start)
         data = io.BytesIO()
-        with cctx.stream_writer(data, size=raw_size, closefd=False) as zw:
-            for view in self._views(start, end):
-                for offset in range(0, view.nbytes, len(block)):
-                    part = memoryview(block)[: min(len(block), view.nbytes - offset)]
-                    part[:] = view[offset : offset + len(part)]
+        # A shifted chunk's decompressed size is known only once its rows are compared: it is left undeclared.
+        with cctx.stream_writer(data, size=-1 if shifts else raw_size, closefd=False) as zw:
+            if shifts:
+                zw.write(header(list(shifts.values())))
+            for i, view in enumerate(self._views(start, end)):
+                field, row_bytes = self.fields[i], max(1, self.fields[i].row_bytes)
+                if i in shifts:
+                    region = RegionWriter(sources[self.shifted[field.name]], row_bytes, end - start, zw.write)
+                step = max(1, len(block) // row_bytes) * row_bytes  # whole rows
+                for offset in range(0, view.nbytes, step):
+                    n = min(step, view.nbytes - offset)
+                    part = sources[field.name].data[offset : offset + n] if field.name in sources else block[:n]
+                    part[:] = view[offset : offset + n]
                     digest.update(part)
-                    zw.write(part)
-        return str(digest.hexdigest()), data.getbuffer()
+                    if i in shifts:
+                        region.add(part)
+                    else:
+                        zw.write(part)
+                if i in shifts:
+                    region.close()
+        return str(digest.hexdigest()), data.getbuffer(), bool(shifts)
 
-    def _write_compressed(self, storage: Storage, token: str, chunk_id: str, compressed: memoryview) -> tuple[str, int]:
+    def _shifts(self, rows: int) -> dict[int, Shift]:
+        """Field index -> its region in a chunk of ``rows`` rows, for the fields stored as shifted rows."""
+        if rows < 2:
+            return {}
+        index = {f.name: i for i, f in enumerate(self.fields)}
+        offsets = np.concatenate([[0], np.cumsum([rows * f.row_bytes for f in self.fields])]).tolist()
+        shifts = {}
+        for target, source in self.shifted.items():
+            i = index[target]
+            shifts[i] = Shift(offsets[index[source]], offsets[i], self.fields[i].row_bytes, rows)
+        return dict(sorted(shifts.items()))
+
+    def _write_compressed(
+        self, storage: Storage, token: str, chunk_id: str, compressed: memoryview, shifted: bool = False
+    ) -> tuple[str, int]:
         """Write a compressed chunk as a new object; return its path and stored size."""
-        rel = f"{CHUNK_DIR}/{chunk_id}-{crc32(compressed):08x}-{token}.zst"
+        suffix = ".shift.zst" if shifted else ".zst"
+        rel = f"{CHUNK_DIR}/{chunk_id}-{crc32(compressed):08x}-{token}{suffix}"
         with storage.write(rel) as f:
             f.write(compressed)
         return rel, len(compressed)
@@ -319,6 +364,39 @@ def _parameters(level: int, raw_size: int) -> zstandard.ZstdCompressionParameter
         write_checksum=1,
         write_content_size=1,
     )
+
+
+def _check_shifted(fields: list[_Field], shifted: dict[str, str]) -> dict[str, str]:
+    """``shifted`` checked against ``fields``: each target after its source, both of one dtype and row shape."""
+    index = {f.name: i for i, f in enumerate(fields)}
+    for target, source in shifted.items():
+        if target not in index or source not in index:
+            raise ValueError(f"shifted names a field the arrays do not have: {target!r} -> {source!r}")
+        t, s = fields[index[target]], fields[index[source]]
+        if index[source] >= index[target] or source in shifted or (t.dtype, t.row_shape) != (s.dtype, s.row_shape):
+            raise ValueError(
+                f"field {target!r} cannot repeat {source!r}'s rows: the source must be an earlier field, not itself "
+                "shifted, of the same dtype and row shape"
+            )
+    return shifted
+
+
+#: Each thread's private copy of the source fields of the chunk it compresses, kept for its next chunk.
+_PRIVATE = threading.local()
+
+
+def _private_sources(fields: list[_Field], names: set[str], rows: int) -> dict[str, np.ndarray]:
+    """Field name -> this thread's private buffer for ``rows`` rows of that field, for the fields ``names``."""
+    need = sum(rows * f.row_bytes for f in fields if f.name in names)
+    buffer = getattr(_PRIVATE, "buffer", None)
+    if buffer is None or buffer.nbytes < need:
+        buffer = _PRIVATE.buffer = np.empty(need, np.uint8)
+    out, at = {}, 0
+    for f in fields:
+        if f.name in names:
+            out[f.name] = buffer[at : at + rows * f.row_bytes]
+            at += rows * f.row_bytes
+    return out
 
 
 def _reusable_chunks(storage: Storage, committed: Iterable[str]) -> dict[str, tuple[str, int]]:
@@ -473,15 +551,13 @@ def _decompress_chunk(
     views = [a.reshape(-1).view(np.uint8).data for a in arrays]
     for a in arrays:
         prefault(a.reshape(-1).view(np.uint8).data)
+    scatter = Scatter(views)
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
-            for view in views:
-                got = 0
-                while got < view.nbytes:
-                    n = z.readinto(view[got:])
-                    if not n:
-                        raise CorruptSnapshotError(f"{where}: decompresses to fewer bytes than its rows need")
-                    got += n
+            if is_shifted(rel):
+                decode(z, scatter, where)  # type: ignore[arg-type]
+            else:
+                scatter.fill(z, 0, scatter.size, where)  # type: ignore[arg-type]
             if z.read(1):
                 raise CorruptSnapshotError(f"{where}: decompresses to more bytes than its rows need")
     except zstandard.ZstdError as exc:

@@ -165,6 +165,9 @@ class BufferState:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: The ring position, for buffers whose rows are a ring written at ``pos`` (``changes="ring"``).
     ring: Ring | None = None
+    #: Field -> an earlier field whose next row its rows usually repeat (SB3's ``next_observations`` ->
+    #: ``observations``): such rows are stored once, and restored as they were.
+    shifted: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,7 @@ def buffer_state(
                 chunk_rows=chunk_rows,
                 level=level,
                 hash_threads=hash_threads,
+                shifted=state.shifted,
             )
             if state.ring is not None:  # recorded in either mode, so that a later "ring" save can build on it
                 account = _TRACKER.account(

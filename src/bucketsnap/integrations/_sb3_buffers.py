@@ -54,7 +54,10 @@ class _SB3Kind(BufferKind):
             "optimize_memory_usage": bool(buffer.optimize_memory_usage),
             "handle_timeout_termination": bool(buffer.handle_timeout_termination),
         }
-        return BufferState(_arrays(buffer), rows, attrs, Ring(size, int(buffer.pos), bool(buffer.full)))
+        arrays = _arrays(buffer)
+        # next_observations[t] is observations[t + 1] but where an episode ended at t: stored once
+        shifted = {n: "observations" + n.removeprefix("next_observations") for n in arrays if n.startswith("next_")}
+        return BufferState(arrays, rows, attrs, Ring(size, int(buffer.pos), bool(buffer.full)), shifted)
 
     def restore(self, buffer: Any, saved: SavedBuffer) -> None:
         attrs = saved.attrs
