@@ -202,3 +202,54 @@ def test_repair_over_a_corrupt_generation_recovers_what_only_the_lost_generation
     repaired = store.repair()
     assert repaired.itrs() == [1, 2] and visible(store) == committed
     store.verify(2)
+
+
+def test_a_repair_that_finds_the_run_repaired_meanwhile_commits_nothing(
+    memory_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bucketsnap import _maintenance as maintenance
+
+    store = memory_backend.store()
+    store.save(1, {"v": 1}, metrics={"v": 1})
+    dropped = store.save(2, {"v": 2}, metrics={"v": 2})
+    store._log.commit(lambda current: [s for s in current.snapshots if s.itr != 2])  # as retention drops it
+    corrupt_newest(store)
+    recover = maintenance._recover_info
+    seen: list[list[int]] = []
+
+    def then_another_repair(log: object, rel: str) -> object:
+        info = recover(log, rel)  # type: ignore[arg-type]
+        monkeypatch.setattr(maintenance, "_recover_info", recover)
+        other = SnapshotStore(store.url)
+        other.repair()  # another process repairs first (and brings itr 2 back, as over corruption it must) ...
+        other.delete(2)  # ... and the user deletes it again
+        seen.append(store._log.generations())
+        return info
+
+    monkeypatch.setattr(maintenance, "_recover_info", then_another_repair)
+    assert store.repair().itrs() == [1]
+    assert store._log.generations() == seen[0], "a repair over a run that reads now commits nothing"
+    assert not store.storage.exists(dropped.path) and visible(store) == {1: (store.info(1).path, 1)}
+
+
+@pytest.mark.parametrize("damage", ["generation", "page"])
+def test_gc_refuses_a_run_whose_newest_generation_does_not_read(memory_backend: Backend, damage: str) -> None:
+    """So that over a corrupt generation no gc that reads the run now runs beside repair."""
+    from bucketsnap import CorruptSnapshotError
+    from bucketsnap._pages import PAGE_DIR, TAIL
+
+    store = memory_backend.store()
+    for itr in range(TAIL + 2):
+        store.save(itr, {"v": itr}, metrics={"v": itr})
+    store.storage.fs.pipe_file(store.storage.path("snapshots/000000000099-00000000000000aa.zip"), b"an orphan")
+    if damage == "generation":
+        corrupt_newest(store)
+    else:
+        store.storage.delete(f"{PAGE_DIR}/{sorted(store.storage.list(PAGE_DIR))[0]}")
+    objects = stored(store)
+    with pytest.raises(CorruptSnapshotError, match="repair"):
+        SnapshotStore(store.url).gc(min_age=0)
+    assert stored(store) == objects
+    SnapshotStore(store.url).repair()
+    if damage == "generation":
+        assert SnapshotStore(store.url).itrs() == list(range(TAIL + 2))

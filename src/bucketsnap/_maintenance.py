@@ -18,8 +18,9 @@ snapshot dropped, or whose clock disagrees with gc's, can fail a save, but never
 saves in flight, that long to finish (measured on gc's clocks, so a gc host whose clock runs ahead shortens it).
 With ``min_age=0`` one call condemns and deletes every unreferenced object, failing any save in flight.
 
-**repair** commits a new generation after a corrupt one: the newest generation that parses, plus every intact
-archive it does not list, read from the archive's own ``meta.json``.
+**repair** commits a new generation after a corrupt one: the newest generation that reads, plus every intact
+archive it does not list, read from the archive's own ``meta.json``. On a healthy run it commits nothing: an
+archive the newest generation does not list was dropped, deleted or never committed (docs/protocol.md, "Repair").
 """
 
 from __future__ import annotations
