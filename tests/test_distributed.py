@@ -292,6 +292,8 @@ def test_repair_does_not_recover_one_rank_of_an_uncommitted_save(local_backend: 
         writer = ArchiveWriter(f)
         writer.add("opt@rank1", torch.zeros(2))
         writer.finish({"format": "bucketsnap", "itr": 2, "created": "2026-01-01T00:00:00+00:00", "world_size": 2})
+    newest = store.storage.path(f"manifest/{store._log.generations()[-1] + 1:012d}.json")
+    store.storage.fs.pipe_file(newest, b"{torn")  # repair rebuilds only over a generation that does not read
     store.repair()
     assert store.itrs() == [1]
 

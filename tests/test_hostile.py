@@ -210,6 +210,7 @@ def test_hostile_central_directories_are_refused(case: str, store: SnapshotStore
     # repair() meets it as an unlisted archive: skipped with a warning, never recovered, never fatal.
     saved(store)
     store.storage.fs.pipe_file(store.storage.path("snapshots/000000000002-0123456789abcdef.zip"), data)
+    write_generation(store, None, raw=b"{torn")  # repair reads unlisted archives only over a corrupt generation
     assert store.repair().itrs() == [1]
 
 
@@ -220,6 +221,7 @@ def test_hostile_names_never_write_outside_the_run(tmp_path: Path) -> None:
     for i, data in enumerate(HOSTILE_ZIPS.values()):
         (run / "snapshots" / f"{100 + i:012d}-0123456789abcdef.zip").write_bytes(data)
     before = sorted(p for p in tmp_path.rglob("*") if run not in p.parents and p != run)
+    write_generation(store, None, raw=b"{torn")  # repair reads unlisted archives only over a corrupt generation
     store.repair()
     store.verify(1)
     store.gc(min_age=0)
@@ -235,6 +237,7 @@ def test_repair_skips_archives_with_hostile_meta(store: SnapshotStore) -> None:
         with zipfile.ZipFile(buf, "w") as zf:
             zf.writestr("meta.json", meta)
         store.storage.fs.pipe_file(store.storage.path(f"snapshots/{50 + i:012d}-0123456789abcdef.zip"), buf.getvalue())
+    write_generation(store, None, raw=b"{torn")  # repair reads unlisted archives only over a corrupt generation
     assert store.repair().itrs() == [1]
 
 

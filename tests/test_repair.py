@@ -253,3 +253,24 @@ def test_gc_refuses_a_run_whose_newest_generation_does_not_read(memory_backend: 
     SnapshotStore(store.url).repair()
     if damage == "generation":
         assert SnapshotStore(store.url).itrs() == list(range(TAIL + 2))
+
+
+def test_repair_over_a_corrupt_generation_above_a_version_2_one_writes_version_3(tmp_path: Path) -> None:
+    """tests/data/manifest-v2-run (see test_commit_log): a damaged generation 42 above its version 2 generation 41.
+    Repair starts from 41, recovers nothing it lists, and commits version 3 (pages); on the healthy v2 run before
+    the damage it committed nothing."""
+    import shutil
+
+    from bucketsnap._pages import TAIL
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "manifest-v2-run", run)
+    store = SnapshotStore(str(run))
+    expected = [i for i in range(40) if i != 3]
+    assert store.repair().generation == 41 and store._log.generations() == [41]
+    corrupt_newest(store)
+    repaired = store.repair()
+    after = json.loads(store.storage.read(generation_name(repaired.generation)))
+    assert after["version"] == 3 and after["count"] == 39 and after["pages"] and len(after["snapshots"]) < TAIL
+    fresh = SnapshotStore(str(run))
+    assert fresh.itrs() == expected and fresh.load(38)["step"] == 38
