@@ -4,7 +4,9 @@ The buffer is what SB3's DQN keeps for Atari: a ``ReplayBuffer`` of 100k transit
 4 stacked 84x84 grayscale frames, stored as ``(buffer_size, n_envs, 4, 84, 84)`` uint8 for both
 ``observations`` and ``next_observations`` (DQN's default ``optimize_memory_usage=False``): 5.6 GB of arrays.
 Frames are real Pong frames from ale-py (random actions, frameskip 4), grayscale, resized to 84x84 by index
-sampling (OpenCV is not installed here; SB3's AtariWrapper uses INTER_AREA).
+sampling (OpenCV is not installed here; SB3's AtariWrapper uses INTER_AREA). As in SB3, ``next_observations[t]``
+is ``observations[t + 1]`` except after an episode's end (108 of 100k), where the next row's stack restarts
+from zeros.
 
 Every measurement runs in its own subprocess, so peak RSS is that operation's own: sampled with psutil every
 5 ms during the operation (and cross-checked with ``resource.getrusage``), reported as the peak minus the RSS
@@ -99,7 +101,12 @@ def filled_buffer(data: Path, n: int, size: int) -> Any:
         buffer.next_observations[rows, 0] = windows[start + 1 : end + 1]
     buffer.actions[np.arange(n) % size, 0, 0] = np.load(data / "actions.npy")[:n]
     buffer.rewards[np.arange(n) % size, 0] = np.load(data / "rewards.npy")[:n]
-    buffer.dones[np.arange(n) % size, 0] = np.load(data / "dones.npy")[:n]
+    dones = np.load(data / "dones.npy")[:n]
+    buffer.dones[np.arange(n) % size, 0] = dones
+    # After an episode's end, VecFrameStack starts the stack again from zeros: that row's observation is not the
+    # terminal next_observation of the row before (which SB3 takes from infos["terminal_observation"]).
+    for t in np.flatnonzero(dones[: n - 1]):
+        buffer.observations[(t + 1) % size, 0, :-1] = 0
     buffer.pos = n % size
     buffer.full = n >= size
     del frames, windows
