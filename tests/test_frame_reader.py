@@ -18,7 +18,7 @@ import zstandard
 from bucketsnap import CorruptSnapshotError, SnapshotStore, _frames
 from bucketsnap._frame_reader import FramesReader, read_payload, units
 from bucketsnap._prefault import prefault
-from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK
+from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK, ReadRange
 
 _MAGIC = struct.pack("<I", 0xFD2FB528)
 
@@ -354,3 +354,96 @@ def test_a_frame_stored_larger_than_zstd_ever_writes_is_refused_unread() -> None
             assert len(zstandard.ZstdCompressor(level=level, write_checksum=True).compress(incompressible)) <= (
                 _frames.stored_bound(raw)
             )
+
+
+def reads_into_a_buffer(data: bytes, calls: list[tuple[int, int]]) -> ReadRange:
+    """Ranged reads of ``data`` that also read into a caller's buffer, as a store's do (Storage.read_into)."""
+
+    def read(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    def into(start: int, buffer: memoryview) -> int:
+        piece = data[start : start + buffer.nbytes]
+        buffer[: len(piece)] = piece
+        calls.append((start, len(piece)))
+        return len(piece)
+
+    read.into = into  # type: ignore[attr-defined]
+    return read
+
+
+def test_raw_units_are_read_into_at_most_read_ahead_plus_one_reused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/performance.md: a unit of raw frames is read into one of at most READ_AHEAD + 1 buffers the reader
+    reuses, not into new bytes per request; its frames are then copied out of it, checked as before."""
+    from bucketsnap import _frame_reader
+
+    data, index, content = big_member(64)  # 16 units of 4 raw frames
+    allocated: list[int] = []
+
+    def counting_bytearray(*args: object) -> bytearray:
+        out = bytearray(*args)  # type: ignore[call-overload]
+        allocated.append(len(out))
+        return out
+
+    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    calls: list[tuple[int, int]] = []
+    out = memoryview(torch.empty(len(content), dtype=torch.uint8).numpy())
+    with FramesReader(reads_into_a_buffer(data, calls), 0, index, 0, len(content), where="m") as reader:
+        assert reader.readinto(out) == len(content)
+    assert out.tobytes() == content
+    assert len(calls) == 16  # every unit, each one request
+    assert 1 <= len(allocated) <= READ_AHEAD + 1, allocated
+
+
+def test_a_unit_read_into_a_buffer_keeps_every_check() -> None:
+    """Each frame of a unit read into a reused buffer is still checked against its CRC-32 (a flipped byte of any
+    unit, in a frame header, a block header or the data, is refused naming its frame), a short read is a
+    truncated member, and any range reads exactly."""
+    data, index, content = big_member(12)  # 3 units
+    for frame in (0, 5, 11):
+        start = index.stored_starts[frame]
+        for pos in (start, start + 4, start + 14, start + 3 + 131072 + 14, start + index.stored_sizes[frame] - 1):
+            flipped = bytearray(data)
+            flipped[pos] ^= 0x01
+            with pytest.raises(CorruptSnapshotError, match=rf"^m frame {frame}: checksum mismatch"):
+                read_payload(reads_into_a_buffer(bytes(flipped), []), 0, index, 0, len(content), where="m")
+
+    def short(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    def into_short(start: int, buffer: memoryview) -> int:
+        piece = data[start : start + buffer.nbytes - 1]
+        buffer[: len(piece)] = piece
+        return len(piece)
+
+    short.into = into_short  # type: ignore[attr-defined]
+    with pytest.raises(CorruptSnapshotError, match=r"^m: truncated: wanted bytes"):
+        read_payload(short, 0, index, 0, len(content), where="m")
+    mib = _frames.FRAME_SIZE
+    for lo, hi in [(0, len(content)), (1, 9 * mib + 5), (4 * mib - 1, 8 * mib + 1), (3, 4), (11 * mib, 12 * mib)]:
+        calls: list[tuple[int, int]] = []
+        assert read_payload(reads_into_a_buffer(data, calls), 0, index, lo, hi, where="m") == content[lo:hi]
+
+
+def test_a_restore_reads_raw_units_into_the_readers_buffers_through_the_storage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store's restore reads a raw member's units with Storage.read_into (S3 and GCS copy the response's
+    pieces straight into the buffer), and returns what was saved."""
+    from bucketsnap._storage import Storage
+
+    counted: list[int] = []
+    read_into = Storage.read_into
+
+    def counting(self: Storage, rel: str, start: int, buffer: object) -> int:
+        got = read_into(self, rel, start, buffer)
+        counted.append(got)
+        return got
+
+    monkeypatch.setattr(Storage, "read_into", counting)
+    url = f"memory://into-{os.urandom(4).hex()}/run"
+    weights = torch.randn(5_000_000)  # 20 MB of random floats: stored raw
+    SnapshotStore(url).save(1, {"w": weights, "step": 3})
+    loaded = SnapshotStore(url).load(1)
+    assert torch.equal(loaded["w"], weights) and loaded["step"] == 3
+    assert sum(counted) >= 0.99 * weights.numel() * 4  # all but the last frames, partly in the index read

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import fsspec
 import pytest
+import torch
 from fsspec.implementations.dirfs import DirFileSystem
 
 from bucketsnap._backends import backend_class
@@ -150,6 +151,30 @@ class StorageContract:
         assert storage.read("snapshots/d.zip") == data
         assert storage.read("snapshots/d.zip", 5000, None) == data[5000:]
 
+    def test_a_ranged_read_into_a_buffer_fills_exactly_that_range(self, storage: Storage) -> None:
+        """Storage.read_into: the bytes [start, start + len(buffer)) land in the buffer, nothing around them
+        changes, a range past the object's end gives the bytes there are, and the read is counted."""
+        data = os.urandom(5 * MiB + 17)
+        with storage.write("snapshots/d.zip") as f:
+            f.write(data)
+        n = len(data)
+        for start, length in [(0, 1), (0, n), (1, 2), (1000, 70_000), (n - 1, 1), (12345, 4 * MiB + 3)]:
+            guarded = bytearray(b"\xaa" * (length + 2 * KiB))
+            before = storage.read_requests
+            got = storage.read_into("snapshots/d.zip", start, memoryview(guarded)[KiB : KiB + length])
+            assert got == length, (start, length)
+            assert guarded[KiB : KiB + length] == data[start : start + length], (start, length)
+            assert guarded[:KiB] == guarded[KiB + length :] == b"\xaa" * KiB  # no byte written outside it
+            assert storage.read_requests == before + 1
+        tail = bytearray(100)
+        assert storage.read_into("snapshots/d.zip", n - 40, tail) == 40  # the object ends first
+        assert tail[:40] == data[n - 40 :]
+        into_tensor = torch.zeros(1000, dtype=torch.float32)  # any writable buffer: a tensor's bytes, say
+        assert storage.read_into("snapshots/d.zip", 8, into_tensor.numpy()) == 4000
+        assert into_tensor.numpy().tobytes() == data[8:4008]
+        with pytest.raises(FileNotFoundError):
+            storage.read_into("snapshots/missing.zip", 0, bytearray(10))
+
     def test_reading_a_missing_object_is_file_not_found(self, storage: Storage) -> None:
         with pytest.raises(FileNotFoundError):
             storage.read("snapshots/missing.zip")
@@ -275,7 +300,31 @@ class _Remote(StorageContract):
         assert caught.value.__cause__ is not None and dead.backend.is_transient(caught.value.__cause__)
 
 
-class TestS3(_Remote):
+class _PiecesInPlace:
+    """S3 and GCS: read_into copies each piece of the response body into the buffer as aiohttp receives it."""
+
+    def test_a_read_into_copies_the_responses_pieces_and_never_joins_them(
+        self, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import aiohttp.streams
+
+        data = os.urandom(3 * MiB + 5)
+        with storage.write("snapshots/d.zip") as f:
+            f.write(data)
+
+        def joined(*args: Any, **kwargs: Any) -> bytes:
+            raise AssertionError("the body was joined into one bytes object")
+
+        monkeypatch.setattr(aiohttp.streams.StreamReader, "read", joined)  # what s3fs's and gcsfs's reads call
+        monkeypatch.setattr(aiohttp.streams.StreamReader, "readany", joined)
+        buffer = bytearray(3 * MiB)
+        assert storage.read_into("snapshots/d.zip", 5, buffer) == len(buffer)
+        assert buffer == data[5 : 5 + len(buffer)]
+        with pytest.raises(StorageError, match="joined"):
+            storage.read("snapshots/d.zip", 5, 5 + len(buffer))  # the monkeypatch does bite the plain read
+
+
+class TestS3(_PiecesInPlace, _Remote):
     name = "s3"
     backend = "S3Backend"
     pytestmark = pytest.mark.s3
@@ -288,7 +337,7 @@ class TestS3(_Remote):
         }
 
 
-class TestGcs(_Remote):
+class TestGcs(_PiecesInPlace, _Remote):
     name = "gcs"
     backend = "GcsBackend"
     pytestmark = pytest.mark.gcs
@@ -328,6 +377,17 @@ def test_a_412_in_an_error_text_is_not_a_refused_create() -> None:
     answer = OSError("conditional request failed")
     answer.response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}  # type: ignore[attr-defined]
     assert GenericBackend.is_precondition_failure(answer)
+
+
+def test_a_server_answering_a_range_with_more_bytes_than_asked_is_a_storage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that ignores Range sends the whole object: read_into never takes its start for the range."""
+    storage = Storage(f"memory://more-{uuid.uuid4().hex[:8]}/run")
+    storage.create_exclusive("snapshots/d.zip", b"0123456789")
+    monkeypatch.setattr(type(storage.backend), "read", lambda self, path, start=None, end=None: b"0123456789")
+    with pytest.raises(StorageError, match=r"^storage operation on memory://more-.*/run/snapshots/d.zip failed: "):
+        storage.read_into("snapshots/d.zip", 2, bytearray(4))
 
 
 def test_a_part_size_below_one_byte_is_refused() -> None:

@@ -340,6 +340,18 @@ def _cached(read_range: ReadRange, start: int, data: bytes) -> ReadRange:
             return read_range(lo, start) + data[: hi - start]
         return read_range(lo, hi)
 
+    into = getattr(read_range, "into", None)  # reads into a buffer (see _frame_reader.reads_into), kept
+    if into is not None:
+
+        def read_into(lo: int, buffer: memoryview) -> int:
+            hi = lo + buffer.nbytes
+            if start <= hi <= start + len(data):
+                got = read(lo, hi)
+                buffer[: len(got)] = got
+                return len(got)
+            return int(into(lo, buffer))
+
+        read.into = read_into  # type: ignore[attr-defined]
     return read
 
 

@@ -40,7 +40,7 @@ import ctypes
 import io
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -51,7 +51,7 @@ from bucketsnap._prefault import prefault
 from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK, ReadRange, _prefetch_pool, crc32
 from bucketsnap.errors import CorruptSnapshotError
 
-__all__ = ["FramesReader", "decode_frame", "read_payload", "units"]
+__all__ = ["FramesReader", "ReadInto", "decode_frame", "read_payload", "reads_into", "units"]
 
 _MAGIC = 0xFD2FB528
 #: RFC 8878's largest block: no block may hold or regenerate more.
@@ -64,6 +64,9 @@ _DICT_ID_SIZES = (0, 1, 2, 4)
 #: repeated ``length`` times (an RLE block).
 Piece = tuple[bytes | bytearray | None, int, int]
 
+#: A ranged read into a caller's buffer: ``into(start, buffer)`` -> the bytes read (see :func:`reads_into`).
+ReadInto = Callable[[int, memoryview], int]
+
 _local = threading.local()
 
 
@@ -74,13 +77,28 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def address(data: bytes) -> int:
-    """Where the bytes of ``data`` are in memory (valid while ``data`` lives)."""
-    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+def address(data: bytes | bytearray) -> int:
+    """Where the bytes of ``data`` are in memory (valid while ``data`` lives, and a bytearray is not resized)."""
+    if isinstance(data, bytes):
+        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(data)) if data else 0
+
+
+def reads_into(read_range: ReadRange) -> ReadInto | None:
+    """The ranged read into a buffer that ``read_range`` carries as its ``into`` attribute, if any:
+    ``into(start, buffer)`` fills ``buffer`` with the bytes from ``start`` and returns how many it read."""
+    into: ReadInto | None = getattr(read_range, "into", None)
+    return into
 
 
 def decode_frame(
-    data: bytes, start: int, length: int, raw_size: int, *, where: str, into: tuple[bytearray, int] | None = None
+    data: bytes | bytearray,
+    start: int,
+    length: int,
+    raw_size: int,
+    *,
+    where: str,
+    into: tuple[bytearray, int] | None = None,
 ) -> list[Piece]:
     """The ``raw_size`` raw bytes of the zstd frame ``data[start : start + length]``, as pieces in order.
 
@@ -188,14 +206,23 @@ def units(index: FrameIndex, frames: range) -> Iterator[range]:
 def _load_unit(
     read_range: ReadRange, offset: int, index: FrameIndex, unit: range, where: str, out: bytearray | None = None
 ) -> list[Piece]:
-    """Fetch the frames ``unit`` in one request, check each against its CRC-32, and decode them (compressed
-    frames into ``out``, at their offsets in the unit's raw bytes, where it is given)."""
+    """Fetch the frames ``unit`` in one request, check each against its CRC-32, and decode them.
+
+    Where ``out`` is given: a unit of raw frames is read into it (with ``read_range``'s ``into``), and its pieces
+    point into it; a compressed unit's frames are decoded into it, at their offsets in the unit's raw bytes.
+    """
     lo = index.stored_starts[unit.start]
     hi = index.stored_starts[unit[-1]] + index.stored_sizes[unit[-1]]
-    data = read_range(offset + lo, offset + hi)
-    if len(data) != hi - lo:
-        raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {offset + lo}-{offset + hi}, got {len(data)}")
-    data = bytes(data)  # no copy of bytes: what the backends return
+    read_into = reads_into(read_range)
+    data: bytes | bytearray
+    if out is not None and read_into is not None and _is_raw(index, unit):
+        data, out = out, None  # the stored bytes are the pieces' owner: nothing is decoded into a buffer
+        got = read_into(offset + lo, memoryview(data)[: hi - lo])
+    else:
+        data = bytes(read_range(offset + lo, offset + hi))  # no copy of bytes: what the backends return
+        got = len(data)
+    if got != hi - lo:
+        raise CorruptSnapshotError(f"{where}: truncated: wanted bytes {offset + lo}-{offset + hi}, got {got}")
     view = memoryview(data)
     pieces: list[Piece] = []
     for i in unit:
@@ -205,6 +232,15 @@ def _load_unit(
         into = None if out is None else (out, index.raw_starts[i] - index.raw_starts[unit.start])
         pieces += decode_frame(data, start, size, index.raw_sizes[i], where=f"{where} frame {i}", into=into)
     return pieces
+
+
+def _span(starts: list[int], sizes: list[int], unit: range) -> int:
+    return starts[unit[-1]] + sizes[unit[-1]] - starts[unit.start]
+
+
+def _is_raw(index: FrameIndex, unit: range) -> bool:
+    """Whether the unit's frames are stored at least as large as their content: raw blocks, nothing to decode."""
+    return _span(index.stored_starts, index.stored_sizes, unit) >= _span(index.raw_starts, index.raw_sizes, unit)
 
 
 class FramesReader(io.RawIOBase):
@@ -303,14 +339,18 @@ class FramesReader(io.RawIOBase):
         """A buffer for the unit's decompressed frames: one freed by an earlier unit where it is large enough, so
         that compressed members are decoded into memory already faulted in, not new memory each frame."""
         index = self._index
-        raw = index.raw_starts[unit[-1]] + index.raw_sizes[unit[-1]] - index.raw_starts[unit.start]
-        stored = index.stored_starts[unit[-1]] + index.stored_sizes[unit[-1]] - index.stored_starts[unit.start]
-        if stored >= raw:  # raw blocks: decoded without a copy
-            return None
+        raw = _span(index.raw_starts, index.raw_sizes, unit)
+        stored = _span(index.stored_starts, index.stored_sizes, unit)
+        if stored >= raw:  # raw blocks: decoded without a copy, read into the buffer where the reads can
+            if reads_into(self._args[0]) is None:
+                return None
+            need, least = stored, _UNIT_STORED
+        else:
+            need, least = raw, READ_CHUNK
         for i, spare in enumerate(self._spares):
-            if len(spare) >= raw:
+            if len(spare) >= need:
                 return self._spares.pop(i)
-        return bytearray(max(raw, READ_CHUNK))
+        return bytearray(max(need, least))
 
     def close(self) -> None:
         for future, _ in self._pending:

@@ -208,6 +208,13 @@ class Snapshot(Mapping[str, Any]):
                 on_read(len(data))
             return data
 
+        def into(start: int, buffer: memoryview) -> int:  # the frame reader's reads into its reused buffers
+            got = self._call_missing(path, lambda: self._storage.read_into(path, start, buffer))
+            if on_read is not None:
+                on_read(got)
+            return got
+
+        read_range.into = into  # type: ignore[attr-defined]
         return read_range
 
     def _size(self, path: str) -> int:

@@ -203,6 +203,19 @@ class Storage:
             self.read_requests += 1
         return data
 
+    def read_into(self, rel: str, start: int, buffer: Any) -> int:
+        """Read the bytes ``[start, start + len(buffer))`` of ``rel`` into ``buffer`` (any writable bytes-like
+        object); how many were read, fewer only where the object ends first. Raises FileNotFoundError if missing.
+
+        The same request as :meth:`read`, but the response is copied into ``buffer`` as it arrives, on S3 and GCS
+        piece by piece (a restore's reader reuses its buffers: no new object per request)."""
+        view = memoryview(buffer).cast("B")
+        got = self._call(rel, lambda: self.backend.read_into(self.path(rel), start, view), reading=True)
+        with self._stats_lock:
+            self.bytes_read += got
+            self.read_requests += 1
+        return got
+
     def size(self, rel: str) -> int:
         """The size in bytes of ``rel`` (a fresh request, not a cached listing)."""
         return self._call(rel, lambda: self.backend.size(self.path(rel)), reading=True)

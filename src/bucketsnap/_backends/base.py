@@ -27,7 +27,7 @@ from typing import IO, Any, ClassVar, Literal, Protocol
 import fsspec
 from fsspec.spec import AbstractBufferedFile
 
-from bucketsnap._transport import Retry, ThreadedWriter, chain, is_throttled, is_transient
+from bucketsnap._transport import Retry, ThreadedWriter, chain, copy_into, is_throttled, is_transient
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import redact
 
@@ -171,6 +171,18 @@ class Backend:
         if start is None or end is None:
             self.fs.invalidate_cache(path)
         return bytes(self.fs.cat_file(path, start=start, end=end))
+
+    def read_into(self, path: str, start: int, buffer: memoryview) -> int:
+        """Read the bytes ``[start, start + len(buffer))`` of ``path`` into ``buffer`` (writable bytes); how many
+        were read, fewer only where the object ends first. Raises FileNotFoundError if missing, OSError where the
+        server answers with more bytes than asked for.
+
+        This generic version reads the range as :meth:`read` does and copies it in. S3 and GCS copy each piece of
+        the response in as it arrives instead, so that a restore's ranged reads make no new object per request.
+        """
+        if not buffer.nbytes:
+            return 0
+        return copy_into(buffer, self.read(path, start, start + buffer.nbytes))
 
     def info(self, path: str) -> dict[str, Any]:
         """The store's own description of ``path``, fresh (never a cached listing). FileNotFoundError if missing."""
