@@ -1,9 +1,12 @@
-"""Shared test helpers: a state with every supported value type, and a deep equality that checks types."""
+"""Shared test helpers: a state with every supported value type, a deep equality that checks types, and threads
+that start together."""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,3 +105,36 @@ def assert_same(a: Any, b: Any, path: str = "state") -> None:
         assert math.isnan(b), f"{path}: {a} != {b}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def run_together(
+    n: int, work: Callable[..., object], *, before: Callable[[int], object] | None = None
+) -> list[BaseException]:
+    """Runs ``work(k)`` for k in 0..n-1, each on a thread of its own, all released at once by a barrier.
+
+    ``before(k)``, if given, runs on thread k before the barrier (e.g. a store of its own, built outside the race)
+    and its result is passed as ``work``'s second argument. Returns what the threads raised (every thread is joined
+    first): a failing ``before`` breaks the barrier, so the others end too.
+    """
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(k: int) -> None:
+        try:
+            if before is None:
+                start.wait()
+                work(k)
+            else:
+                prepared = before(k)
+                start.wait()
+                work(k, prepared)
+        except BaseException as exc:  # reported by the caller
+            start.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
+import multiprocessing
 import random
-import signal
-import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch
@@ -17,19 +16,38 @@ from bucketsnap import SnapshotStore
 from bucketsnap._storage import PROBE_PREFIX
 from conftest import Backend
 
-SAVER = str(Path(__file__).parent / "workers" / "saver.py")
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+import saver
+
+#: Savers fork from a server that has torch and bucketsnap imported (benchmarks/campaign_common.py's way): a
+#: saver is ready in milliseconds, where a new interpreter took seconds of each kill's time.
+CONTEXT = multiprocessing.get_context("forkserver")
+CONTEXT.set_forkserver_preload(["torch", "bucketsnap", "saver"])
 
 
-def start_saver(backend: Backend, url: str, first: int, step: int, count: int, size: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, SAVER, url, json.dumps(backend.options), str(first), str(step), str(count), str(size)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
+def start_saver(
+    backend: Backend, url: str, first: int, step: int, count: int, size: int
+) -> tuple[BaseProcess, Connection]:
+    """A saver process, started and ready (its store open), and the end of the pipe it reports on."""
+    receive, send = CONTEXT.Pipe(duplex=False)
+    proc = CONTEXT.Process(target=saver.save, args=(url, backend.options, first, step, count, size, send))
+    proc.start()
+    send.close()
+    assert receive.poll(120) and receive.recv() == "ready"
+    return proc, receive
+
+
+def lines_of(proc: BaseProcess, receive: Connection) -> list[str]:
+    """What the saver reported, once it has ended (killed or finished)."""
+    proc.join()
+    lines = []
+    while receive.poll():
+        try:
+            lines.append(receive.recv())
+        except EOFError:
+            break
+    receive.close()
+    return lines
 
 
 def check_run(store: SnapshotStore, committed: set[int], *, only: set[int] | None = None) -> None:
@@ -55,11 +73,10 @@ def test_sigkill_at_random_instants_leaves_committed_snapshots_intact(process_ba
     next_itr = 0
     for _ in range(kills):
         # Sizes up to 7 x 400k floats (11 MB): many saves span several 5 MiB upload parts.
-        proc = start_saver(process_backend, url, next_itr, 1, 1000, 400_000)
+        proc, receive = start_saver(process_backend, url, next_itr, 1, 1000, 400_000)
         time.sleep(rng.uniform(0.05, 1.2))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate()
-        committed |= {int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")}
+        proc.kill()  # SIGKILL
+        committed |= {int(line.split()[1]) for line in lines_of(proc, receive) if line.startswith("committed")}
         # The new snapshots and the one around the kill are read whole; all of them again at the end.
         check_run(store, committed, only=set(range(next_itr, max(store.itrs(), default=0) + 1)))
         next_itr = max(store.itrs(), default=-1) + 1
@@ -77,11 +94,11 @@ def test_two_processes_committing_concurrently_lose_nothing(process_backend: Bac
     url = process_backend.url("concurrent")
     per_writer = 15
     writers = [start_saver(process_backend, url, first, 2, per_writer, 1000) for first in (0, 1)]
-    outputs = [w.communicate()[0] for w in writers]
-    assert all(w.returncode == 0 for w in writers), outputs
+    outputs = [lines_of(proc, receive) for proc, receive in writers]
+    assert all(proc.exitcode == 0 for proc, _ in writers), outputs
     store = SnapshotStore(url, storage_options=process_backend.options)
     assert store.itrs() == list(range(2 * per_writer))
     check_run(store, set(range(2 * per_writer)))
-    lines = [line.split() for out in outputs for line in out.splitlines()]
+    lines = [line.split() for out in outputs for line in out]
     conflicts = sum(int(words[1]) for words in lines if words[0] == "conflicts")
     print(f"{process_backend.name}: {2 * per_writer} commits, {conflicts} conflicts retried")

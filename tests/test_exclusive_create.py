@@ -23,6 +23,7 @@ import pytest
 import servers
 from bucketsnap import SnapshotStore, StorageError
 from bucketsnap._storage import Storage
+from helpers import run_together
 
 KEY, SECRET = "AKIAPROBETEST", "s3cr3t-probe-test"  # must never appear in a message
 
@@ -219,24 +220,15 @@ def test_moto_honours_if_none_match_and_concurrent_writers_lose_nothing(moto_url
     storage.delete("manifest/.direct-check.tmp-0")
 
     writers, saves = 4, 10
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(writers)
 
-    def writer(w: int) -> None:
-        try:
-            store = SnapshotStore(url, storage_options=options(moto_url))  # a filesystem instance of its own
-            barrier.wait()
-            for i in range(saves):
-                store.save(w * 100 + i, {"w": w, "i": i})
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def own_store(w: int) -> SnapshotStore:
+        return SnapshotStore(url, storage_options=options(moto_url))  # a filesystem instance of its own
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    def writer(w: int, store: SnapshotStore) -> None:
+        for i in range(saves):
+            store.save(w * 100 + i, {"w": w, "i": i})
+
+    assert run_together(writers, writer, before=own_store) == []
     reader = SnapshotStore(url, storage_options=options(moto_url))
     assert reader.itrs() == sorted(w * 100 + i for w in range(writers) for i in range(saves))
     assert reader.load(301) == {"w": 3, "i": 1}

@@ -83,7 +83,11 @@ def test_top_k_keeps_exactly_the_two_best_and_last(request: pytest.FixtureReques
     t.validate(ckpt_path="best", dataloaders=lightning_train.data()[1], verbose=False)
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+# On local disk it proves nothing the S3 run does not (the same worker, a store on another backend; local disk's
+# store is held by test_top_k_keeps_exactly_the_two_best_and_last[local]): on demand, with `-m slow`.
+@pytest.mark.parametrize(
+    "where", [pytest.param("local", marks=pytest.mark.slow), pytest.param("s3", marks=pytest.mark.s3)]
+)
 def test_a_killed_training_resumes_from_last_on_a_fresh_machine(
     request: pytest.FixtureRequest, where: str, tmp_path: Path
 ) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,6 +16,7 @@ import pytest
 from bucketsnap import CorruptSnapshotError, SnapshotStore
 from bucketsnap._manifest import generation_name
 from bucketsnap._pages import TAIL, PageStore
+from helpers import run_together
 
 
 def _run(count: int) -> SnapshotStore:
@@ -62,25 +62,6 @@ def test_a_cached_page_that_its_reference_no_longer_describes_is_refused_as_a_fr
         store.load(1)  # this reader has the page cached: the same check, the same refusal
 
 
-def _threads(n: int, work: Any) -> list[BaseException]:
-    errors: list[BaseException] = []
-    start = threading.Barrier(n)
-
-    def run(k: int) -> None:
-        start.wait()
-        try:
-            work(k)
-        except BaseException as exc:  # reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 @pytest.fixture
 def busy_switching() -> Iterator[None]:
     """Switch threads as often as the interpreter can, so that unguarded shared state shows its races."""
@@ -105,7 +86,7 @@ def test_readers_on_many_threads_past_the_cache_bound_read_every_itr(
                 assert info.itr == itr
             assert store.itrs() == expected
 
-    errors = _threads(8, read)
+    errors = run_together(8, read)
     assert not errors, errors[:3]
     assert len(store._log.pages._cache) <= 4
 
@@ -118,6 +99,6 @@ def test_the_cache_never_holds_more_than_its_bound_under_concurrent_writes_of_pa
         for i in range(2000):
             pages.remember(f"manifest/pages/{k:04d}{i:08d}-{'0' * 16}.json", (), 0)
 
-    errors = _threads(8, remember)
+    errors = run_together(8, remember)
     assert not errors, errors[:3]
     assert len(pages._cache) <= 16

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import socket
-import threading
 import uuid
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from fsspec.asyn import sync
 
 import servers
+from helpers import run_together
 
 pytestmark = pytest.mark.azure
 
@@ -78,23 +78,19 @@ def test_exclusive_create_race_has_one_winner(azure_server: servers.AzureServer,
     import adlfs
 
     path, writers = f"{root}/raced", 6
-    barrier = threading.Barrier(writers)
     outcome: list[str] = [""] * writers
 
-    def write(i: int) -> None:
-        own = adlfs.AzureBlobFileSystem(skip_instance_cache=True, **servers.azure_storage_options(azure_server))
-        barrier.wait()
+    def own_fs(i: int) -> Any:
+        return adlfs.AzureBlobFileSystem(skip_instance_cache=True, **servers.azure_storage_options(azure_server))
+
+    def write(i: int, own: Any) -> None:
         try:
             own.pipe_file(path, b"%d" % i, mode="create")
             outcome[i] = "won"
         except FileExistsError:
             outcome[i] = "lost"
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    assert run_together(writers, write, before=own_fs) == []
     assert sorted(outcome) == ["lost"] * (writers - 1) + ["won"]
     assert fs.cat_file(path) == b"%d" % outcome.index("won")
 
