@@ -210,6 +210,18 @@ def check_snapshot(store: SnapshotStore, itr: int) -> None:
     optimizer.load_state_dict(state["optim"])
 
 
+# On local disk on demand (`-m slow`): the S3 variant holds the same handler and resume, and on local disk
+# tests/test_testing_preempt.py's test_sigterm_during_a_save_lets_on_preemption_finish_it holds SIGTERM's final save.
+@pytest.mark.parametrize(
+    "process_backend",
+    [
+        pytest.param("local", marks=pytest.mark.slow),
+        pytest.param("s3", marks=pytest.mark.s3),
+        pytest.param("gcs", marks=pytest.mark.gcs),
+        pytest.param("azure", marks=pytest.mark.azure),
+    ],
+    indirect=True,
+)
 def test_sigterm_commits_a_newer_snapshot_and_resume_continues_from_it(process_backend: Backend) -> None:
     rng = random.Random(5)
     url = process_backend.url("preempt")

@@ -65,7 +65,10 @@ def check_round_trip(backend: Any, kind: str, transitions: int) -> None:
     assert_same({k: np.asarray(v) for k, v in ours.items()}, {k: np.asarray(v) for k, v in theirs.items()})
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+# On local disk on demand (`-m slow`): the S3 variant runs the same worker; local disk's store is held by the rest.
+@pytest.mark.parametrize(
+    "where", [pytest.param("local", marks=pytest.mark.slow), pytest.param("s3", marks=pytest.mark.s3)]
+)
 def test_a_fresh_process_restores_the_storages_and_trains_on(
     request: pytest.FixtureRequest, where: str, tmp_path: Path
 ) -> None:
