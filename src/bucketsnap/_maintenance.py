@@ -186,10 +186,10 @@ def repair(log: ManifestLog) -> Manifest:
     visible.
 
     Over a newest generation that does not read, repair commits the newest generation that reads plus the
-    intact archives it does not list. A recovered archive is
-    an object found by listing, so it is fenced as a save's objects are: it is not recovered if it, or a chunk it
-    needs, is in a sweep recorded by the generation repair started from. If the run is healthy by the time
-    repair commits (another repair fixed it), repair commits nothing.
+    intact archives it does not list. A recovered archive is an object found by listing, so it is fenced as a
+    save's objects are: it is not recovered if it, or a chunk it needs, is in a sweep recorded by the generation
+    repair started from. If the run is healthy by the time repair commits (another repair fixed it), repair
+    commits nothing.
     """
     storage = log.storage
     try:
