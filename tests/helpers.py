@@ -1,12 +1,18 @@
-"""Shared test helpers: a state with every supported value type, a deep equality that checks types, and threads
-that start together."""
+"""Shared test helpers: a state with every supported value type, a deep equality that checks types, threads
+that start together, and worker scripts run in processes forked from a forkserver."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,3 +144,54 @@ def run_together(
     for t in threads:
         t.join()
     return errors
+
+
+#: Worker processes fork from a server that has torch and bucketsnap imported (benchmarks/campaign_common.py's
+#: way): a worker starts in milliseconds, where a new interpreter spends seconds importing torch.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["torch", "torch.distributed", "bucketsnap"])
+
+
+def _run_script(script: str, argv: Sequence[str], stdout: str, stderr: str) -> None:
+    """In the forked process: ``script``'s ``main()`` as ``python script *argv`` would run it, output to files."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        file = os.open(path, os.O_WRONLY | os.O_APPEND)  # created by the parent, so that it can be read at once
+        os.dup2(file, fd)
+        os.close(file)
+    sys.path.insert(0, str(Path(script).parent))
+    sys.argv = [script, *argv]
+    importlib.import_module(Path(script).stem).main()
+
+
+class Worker:
+    """A worker script in a forked process, waited for, signalled and killed as a ``subprocess.Popen`` is."""
+
+    def __init__(self, script: str, argv: Sequence[str], stdout: Path, stderr: Path) -> None:
+        self.args = [script, *argv]
+        stdout.write_bytes(b"")
+        stderr.write_bytes(b"")
+        self._process = FORKSERVER.Process(target=_run_script, args=(script, list(argv), str(stdout), str(stderr)))
+        self._process.start()
+        self.pid: int = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status, or minus the signal that ended it (as Popen's); None while it runs."""
+        code: int | None = self._process.exitcode
+        return code
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self._process.kill()

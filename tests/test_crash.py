@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import sys
 import time
@@ -19,18 +18,15 @@ from conftest import Backend
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 import saver
 
-#: Savers fork from a server that has torch and bucketsnap imported (benchmarks/campaign_common.py's way): a
-#: saver is ready in milliseconds, where a new interpreter took seconds of each kill's time.
-CONTEXT = multiprocessing.get_context("forkserver")
-CONTEXT.set_forkserver_preload(["torch", "bucketsnap", "saver"])
+from helpers import FORKSERVER  # a saver is ready in milliseconds, not in a new interpreter's seconds
 
 
 def start_saver(
     backend: Backend, url: str, first: int, step: int, count: int, size: int
 ) -> tuple[BaseProcess, Connection]:
     """A saver process, started and ready (its store open), and the end of the pipe it reports on."""
-    receive, send = CONTEXT.Pipe(duplex=False)
-    proc = CONTEXT.Process(target=saver.save, args=(url, backend.options, first, step, count, size, send))
+    receive, send = FORKSERVER.Pipe(duplex=False)
+    proc = FORKSERVER.Process(target=saver.save, args=(url, backend.options, first, step, count, size, send))
     proc.start()
     send.close()
     assert receive.poll(120) and receive.recv() == "ready"

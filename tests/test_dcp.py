@@ -10,7 +10,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 import warnings
@@ -29,6 +28,7 @@ from bucketsnap._cli import cli
 from bucketsnap.dcp import SnapshotReader, SnapshotWriter
 from bucketsnap.retention import KeepLast
 from conftest import Backend
+from helpers import Worker
 
 WORKER = str(Path(__file__).parent / "workers" / "dcp_worker.py")
 #: Seconds the ranks of one run may take before they are killed (a loaded 2-core CI machine needs ~90 s).
@@ -262,13 +262,12 @@ def run_ranks(scenario: str, world: int, backend: Backend, url: str, tmp_path: P
     reference = str(tmp_path / "reference.pt")
     logs = tmp_path / f"logs-{uuid.uuid4().hex[:8]}"
     logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Worker] = []
     argv = [scenario, "", str(world), str(init), url, json.dumps(backend.options), reference]
     try:
         for rank in range(world):
             argv[1] = str(rank)
-            with open(logs / f"{rank}.out", "wb") as out, open(logs / f"{rank}.err", "wb") as err:
-                procs.append(subprocess.Popen([sys.executable, WORKER, *argv], stdout=out, stderr=err))
+            procs.append(Worker(WORKER, argv, logs / f"{rank}.out", logs / f"{rank}.err"))
         for proc in procs:
             proc.wait(timeout=DEADLINE)
     except subprocess.TimeoutExpired:

@@ -1,7 +1,7 @@
 """Distributed saves: 2 and 4 gloo ranks on one machine, each writing its own archive, one atomic commit.
 
-Each rank is a subprocess running tests/workers/dist_worker.py; every process is reaped (killed if it
-outlives the test's deadline) whatever happens.
+Each rank is a process running tests/workers/dist_worker.py (forked from helpers.FORKSERVER, torch imported);
+every process is reaped (killed if it outlives the test's deadline) whatever happens.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bucketsnap import DistributedSaveError, Sharded, SnapshotStore
 from bucketsnap._distributed_save import _assign, _check_plans
 from bucketsnap.distributed import load_rank, shard_key, shard_keys
 from conftest import Backend
+from helpers import Worker
 
 WORKER = str(Path(__file__).parent / "workers" / "dist_worker.py")
 #: Seconds a whole multi-process run may take before its stragglers are killed (the group timeout is 30 s).
@@ -50,27 +51,17 @@ def run_ranks(
     backend: Backend,
     url: str,
     tmp_path: Path,
-    meanwhile: Callable[[list[subprocess.Popen[bytes]], Path], None] | None = None,
+    meanwhile: Callable[[list[Worker], Path], None] | None = None,
 ) -> list[Rank]:
     """Run ``world`` ranks of ``scenario`` (calling ``meanwhile(procs, logs)`` once started); return what they said."""
     init = tmp_path / f"init-{uuid.uuid4().hex}"
     logs = tmp_path / f"logs-{uuid.uuid4().hex[:8]}"
     logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Worker] = []
     try:
         for rank in range(world):
-            argv = [
-                sys.executable,
-                WORKER,
-                scenario,
-                str(rank),
-                str(world),
-                str(init),
-                url,
-                json.dumps(backend.options),
-            ]
-            with open(logs / f"{rank}.out", "wb") as out, open(logs / f"{rank}.err", "wb") as err:
-                procs.append(subprocess.Popen(argv, stdout=out, stderr=err))
+            argv = [scenario, str(rank), str(world), str(init), url, json.dumps(backend.options)]
+            procs.append(Worker(WORKER, argv, logs / f"{rank}.out", logs / f"{rank}.err"))
         if meanwhile is not None:
             meanwhile(procs, logs)
         for proc in procs:
@@ -209,7 +200,7 @@ def test_a_rank_killed_mid_save_commits_nothing_and_nobody_hangs(local_backend: 
 def test_sigterm_on_one_rank_gives_one_final_snapshot_of_every_rank(local_backend: Backend, tmp_path: Path) -> None:
     url = local_backend.url("preempt")
 
-    def preempt_rank_1(procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    def preempt_rank_1(procs: list[Worker], logs: Path) -> None:
         deadline = time.monotonic() + DEADLINE
         while '"itr": 5' not in (logs / "1.out").read_text():  # a few steps in lockstep first
             assert time.monotonic() < deadline and procs[1].poll() is None, (logs / "1.err").read_text()
