@@ -326,7 +326,7 @@ def test_a_compressed_member_decodes_into_at_most_read_ahead_plus_one_buffers(mo
         assert reader.readinto(out) == len(out)
     assert bytes(out) == b"".join(contents)
     assert 1 <= len(allocated) <= READ_AHEAD + 1, allocated
-    assert max(allocated) == READ_CHUNK
+    assert max(allocated) == _frame_reader._UNIT_STORED  # a unit's raw bytes, or its stored bytes and headers
 
 
 def test_a_frame_stored_larger_than_zstd_ever_writes_is_refused_unread() -> None:
@@ -354,6 +354,14 @@ def test_a_frame_stored_larger_than_zstd_ever_writes_is_refused_unread() -> None
             assert len(zstandard.ZstdCompressor(level=level, write_checksum=True).compress(incompressible)) <= (
                 _frames.stored_bound(raw)
             )
+
+
+@pytest.fixture(autouse=True)
+def no_kept_buffers() -> None:
+    """Each test starts with no unit buffers kept from an earlier reader (they would be allocated 0 times)."""
+    from bucketsnap import _frame_reader
+
+    _frame_reader._SPARES.drop()
 
 
 def reads_into_a_buffer(data: bytes, calls: list[tuple[int, int]]) -> ReadRange:
@@ -447,3 +455,35 @@ def test_a_restore_reads_raw_units_into_the_readers_buffers_through_the_storage(
     loaded = SnapshotStore(url).load(1)
     assert torch.equal(loaded["w"], weights) and loaded["step"] == 3
     assert sum(counted) >= 0.99 * weights.numel() * 4  # all but the last frames, partly in the index read
+
+
+def test_the_next_reader_reuses_the_buffers_a_closed_one_freed_and_an_idle_process_keeps_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/performance.md: a closed reader's unit buffers serve the next reader (the next member, the next
+    restore) instead of new memory; at most READ_AHEAD + 1 are kept, and none once KEEP_S seconds pass unused."""
+    from bucketsnap import _frame_reader
+
+    data, index, content = big_member(64)
+    allocated: list[int] = []
+
+    def counting_bytearray(*args: object) -> bytearray:
+        out = bytearray(*args)  # type: ignore[call-overload]
+        allocated.append(len(out))
+        return out
+
+    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    out = bytearray(len(content))
+    for _ in range(3):  # three restores of the member, one after the other
+        with FramesReader(reads_into_a_buffer(data, []), 0, index, 0, len(content), where="m") as reader:
+            assert reader.readinto(out) == len(content)
+        assert out == content
+    assert 1 <= len(allocated) <= READ_AHEAD + 1, allocated  # all three together
+    kept = _frame_reader._SPARES
+    assert 0 < kept.held() <= (READ_AHEAD + 1) * _frame_reader._UNIT_STORED
+    assert kept._timer is not None and kept._timer.daemon  # armed: it calls expire() KEEP_S seconds from now
+    kept.expire()  # the timer's call before KEEP_S idle seconds: kept for the next reader
+    assert kept.held() > 0
+    monkeypatch.setattr(_frame_reader, "KEEP_S", 0.0)
+    kept.expire()  # idle for KEEP_S: dropped
+    assert kept.held() == 0

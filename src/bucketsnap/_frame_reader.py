@@ -27,18 +27,26 @@ CRC-32 from the manifest before any frame is fetched: the CRC-32s of the frames 
 with its own bytes', must give the member's. Every stored byte is so still covered by that CRC-32 (each
 frame's bytes by the index's CRC-32 of them, the index by the member's), as when the member was read forward.
 
+Where the ranged reads can fill a caller's buffer (their ``into``: :meth:`bucketsnap._storage.Storage.read_into`,
+which on S3 and GCS copies each piece of the HTTP response in as it arrives), a unit of raw frames is read into
+one of those reused buffers rather than into new bytes per request: new memory is faulted in by the kernel
+(0.3-0.4 s of system CPU per GB here), and the HTTP clients join a response's pieces into it, one more copy.
+
 Memory, whatever the member's size: at most ``READ_AHEAD + 1`` units are held at once (those in flight and the
 one being copied). A unit of raw frames holds its stored bytes (4 MiB and their headers), a compressed one its
-decoded bytes in one of at most ``READ_AHEAD + 1`` reused 4 MiB buffers (its stored bytes only while it is
-decoded): 37 MiB for raw members, at most 72 MiB for compressed ones, for frames bucketsnap writes (at most
-1 MiB raw). A unit of one larger frame (a frame index allows up to 64 MiB) holds that frame.
+decoded bytes, each in one of at most ``READ_AHEAD + 1`` reused buffers of 4 MiB and 64 KiB (a compressed
+unit's stored bytes only while it is decoded): 37 MiB for raw members, at most 72 MiB for compressed ones,
+for frames bucketsnap writes (at most 1 MiB raw). A unit of one larger frame (a frame index allows up to
+64 MiB) holds that frame.
 """
 
 from __future__ import annotations
 
 import ctypes
 import io
+import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -336,29 +344,99 @@ class FramesReader(io.RawIOBase):
         return True
 
     def _out_buffer(self, unit: range) -> bytearray | None:
-        """A buffer for the unit's decompressed frames: one freed by an earlier unit where it is large enough, so
-        that compressed members are decoded into memory already faulted in, not new memory each frame."""
+        """A buffer for the unit: its stored bytes where they are raw frames and the reads can fill a buffer, else
+        its decompressed frames (None for raw frames otherwise). One freed by an earlier unit where it is large
+        enough, so that every request and frame lands in memory already faulted in, not in new memory each time."""
         index = self._index
         raw = _span(index.raw_starts, index.raw_sizes, unit)
         stored = _span(index.stored_starts, index.stored_sizes, unit)
-        if stored >= raw:  # raw blocks: decoded without a copy, read into the buffer where the reads can
-            if reads_into(self._args[0]) is None:
-                return None
-            need, least = stored, _UNIT_STORED
-        else:
-            need, least = raw, READ_CHUNK
+        if stored >= raw and reads_into(self._args[0]) is None:  # raw blocks: decoded without a copy
+            return None
+        need = stored if stored >= raw else raw  # a raw unit is read into it, a compressed one decoded into it
         for i, spare in enumerate(self._spares):
             if len(spare) >= need:
                 return self._spares.pop(i)
-        return bytearray(max(need, least))
+        kept = _SPARES.take(need)
+        return kept if kept is not None else bytearray(max(need, _UNIT_STORED))  # one size: any serves any unit
 
     def close(self) -> None:
         for future, _ in self._pending:
-            future.cancel()  # those running finish on their own; their bytes are dropped
+            future.cancel()  # those running finish on their own, into buffers of their own that are dropped
         self._pending.clear()
         self._pieces.clear()
-        self._spares.clear()
+        freed = self._spares if self._buffer is None else [*self._spares, self._buffer]
+        self._spares, self._buffer = [], None
+        if not self.closed:
+            _SPARES.give(freed)  # for the next member or restore: no unit of this reader writes into them now
         super().close()
+
+
+#: Seconds that buffers freed by a closed reader are kept for the next one (see :class:`_Kept`).
+KEEP_S = 2.0
+
+
+class _Kept:
+    """Unit buffers freed by closed readers, kept for the next reader (a restore's next member, the next
+    restore): new memory costs its page faults, 0.5-0.7 s of CPU per GB here, for every 37 MiB of buffers a
+    member's reader would otherwise allocate. At most ``READ_AHEAD + 1`` are kept, and all are dropped once none
+    was taken or given back for :data:`KEEP_S` seconds: an idle process holds none."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: list[bytearray] = []
+        self._used = 0.0
+        self._timer: threading.Timer | None = None
+
+    def take(self, need: int) -> bytearray | None:
+        with self._lock:
+            for i, buffer in enumerate(self._buffers):
+                if len(buffer) >= need:
+                    self._used = time.monotonic()
+                    return self._buffers.pop(i)
+        return None
+
+    def give(self, buffers: list[bytearray]) -> None:
+        with self._lock:
+            self._buffers += buffers[: max(0, READ_AHEAD + 1 - len(self._buffers))]
+            self._used = time.monotonic()
+            if self._buffers and self._timer is None:
+                self._arm(KEEP_S)
+
+    def held(self) -> int:
+        """Bytes kept now."""
+        with self._lock:
+            return sum(len(b) for b in self._buffers)
+
+    def expire(self) -> None:
+        """Drop the buffers if idle for KEEP_S seconds, else look again when they would be (the timer's call)."""
+        with self._lock:
+            self._timer = None
+            idle = time.monotonic() - self._used
+            if idle >= KEEP_S or not self._buffers:
+                self._buffers.clear()
+            else:
+                self._arm(KEEP_S - idle)
+
+    def drop(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self.expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _after_fork(self) -> None:  # the parent's timer thread is not in the child
+        self._lock = threading.Lock()
+        self._buffers, self._timer = [], None
+
+
+_SPARES = _Kept()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SPARES._after_fork)
 
 
 def read_payload(read_range: ReadRange, offset: int, index: FrameIndex, start: int, end: int, *, where: str) -> bytes:
