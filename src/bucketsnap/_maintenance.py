@@ -179,17 +179,18 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
 def repair(log: ManifestLog) -> Manifest:
     """Commit a generation rebuilt after a corrupt one; on a healthy run, commit nothing and add nothing.
 
-    A run is healthy when its newest generation and every page it references read (a run with no generation is
-    an empty one): repair then returns that generation unchanged. An archive it does not list is then no lost
-    commit: retention dropped it (gc has not swept it yet), its save or overwrite was killed before committing,
-    or its save is still in flight, and bringing it back would make dropped, deleted or never-committed data
-    visible.
+    A run is healthy when its newest generation and every page it references read, or when it has neither a
+    generation nor an archive (an empty run): repair then returns that generation unchanged. An archive it does
+    not list is then no lost commit: retention dropped it (gc has not swept it yet), its save or overwrite was
+    killed before committing, or its save is still in flight, and bringing it back would make dropped, deleted
+    or never-committed data visible.
 
     Over a newest generation that does not read, repair commits the newest generation that reads plus the
     intact archives it does not list. A recovered archive is an object found by listing, so it is fenced as a
     save's objects are: it is not recovered if it, or a chunk it needs, is in a sweep recorded by the generation
     repair started from. If the run is healthy by the time repair commits (another repair fixed it), repair
-    commits nothing.
+    commits nothing. A run with archives but no generation at all has lost its manifest (``manifest/`` removed,
+    or ``snapshots/`` copied alone): it is rebuilt from its archives, as over a corrupt generation.
     """
     storage = log.storage
     try:
@@ -198,7 +199,9 @@ def repair(log: ManifestLog) -> Manifest:
     except CorruptSnapshotError as exc:
         logger.warning("repairing the manifest of %s: %s", storage.url, exc)
     else:
-        return _healthy(log, newest)
+        if newest.generation or not any(_is_archive(name) for name in storage.list(SNAPSHOT_DIR)):
+            return _healthy(log, newest)
+        logger.warning("%s holds archives but no manifest generation: rebuilding its manifest from them", storage.url)
     base = Manifest(0, Tree(log.pages))
     for generation in reversed(log.generations()):
         try:
@@ -213,7 +216,7 @@ def repair(log: ManifestLog) -> Manifest:
     listed = storage.list(SNAPSHOT_DIR)
     for name in listed:
         rel = f"{SNAPSHOT_DIR}/{name}"
-        if not name.endswith(".zip") or name.startswith(".") or rel in base.referenced() or rel in in_sweeps:
+        if not _is_archive(name) or rel in base.referenced() or rel in in_sweeps:
             continue
         try:
             info = _recover_info(log, rel)
@@ -228,7 +231,7 @@ def repair(log: ManifestLog) -> Manifest:
             recovered[info.itr] = info
 
     def merged(current: Manifest) -> Manifest:
-        if not current.unreadable:  # healthy now: another repair came first
+        if not current.unreadable and current.generation:  # healthy now: another repair (or a save) came first
             raise _Healthy(current)
         # Rebuilt over a corrupt generation, whose gc record is lost: keep the last one known, and number
         # the sweeps past any that may have been lost with it. Each commit records at most one sweep more, and
@@ -251,6 +254,11 @@ def repair(log: ManifestLog) -> Manifest:
         return log.commit_state(merged, over_corrupt=True)
     except _Healthy as healthy:
         return _healthy(log, healthy.manifest)
+
+
+def _is_archive(name: str) -> bool:
+    """Whether a name listed under ``snapshots/`` is an archive (not a temp file or another object)."""
+    return name.endswith(".zip") and not name.startswith(".")
 
 
 class _Healthy(Exception):
