@@ -3,10 +3,10 @@ that start together, and worker scripts run in processes forked from a forkserve
 
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import threading
@@ -153,14 +153,14 @@ FORKSERVER.set_forkserver_preload(["torch", "torch.distributed", "bucketsnap"])
 
 
 def _run_script(script: str, argv: Sequence[str], stdout: str, stderr: str) -> None:
-    """In the forked process: ``script``'s ``main()`` as ``python script *argv`` would run it, output to files."""
+    """In the forked process: ``script`` run as ``python script *argv`` runs it, its output to the files."""
     for fd, path in ((1, stdout), (2, stderr)):
         file = os.open(path, os.O_WRONLY | os.O_APPEND)  # created by the parent, so that it can be read at once
         os.dup2(file, fd)
         os.close(file)
     sys.path.insert(0, str(Path(script).parent))
     sys.argv = [script, *argv]
-    importlib.import_module(Path(script).stem).main()
+    runpy.run_path(script, run_name="__main__")
 
 
 class Worker:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import uuid
 import warnings
@@ -27,6 +26,7 @@ import lightning_train  # noqa: E402
 from bucketsnap import SnapshotStore  # noqa: E402
 from bucketsnap.errors import SnapshotNotFoundError  # noqa: E402
 from bucketsnap.integrations.lightning import PATH_METRIC, BucketsnapCheckpointIO  # noqa: E402
+from helpers import Worker  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "lightning_train.py"
 
@@ -96,20 +96,22 @@ def test_a_killed_training_resumes_from_last_on_a_fresh_machine(
     process_backend = request.getfixturevalue(f"{where}_backend")
     url, options = process_backend.url("lightning"), json.dumps(process_backend.options)
 
-    def train(dirpath: Path, kill_at: int, ckpt_path: str, out: Path) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, str(WORKER), url, options, str(dirpath), "5", str(kill_at), ckpt_path, str(out)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    def train(dirpath: Path, kill_at: int, ckpt_path: str, out: Path) -> tuple[int, str]:
+        """The worker's exit status and stderr."""
+        argv = [url, options, str(dirpath), "5", str(kill_at), ckpt_path, str(out)]
+        worker = Worker(str(WORKER), argv, out.with_suffix(".out"), out.with_suffix(".err"))
+        return worker.wait(300), out.with_suffix(".err").read_text()
 
-    killed = train(tmp_path / "ck", 3, "none", tmp_path / "killed.json")
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    killed, stderr = train(tmp_path / "ck", 3, "none", tmp_path / "killed.json")
+    assert killed == -9, stderr[-2000:]
     store = SnapshotStore(url, storage_options=process_backend.options)
     last = next(i for i in store.infos() if str(i.metrics[PATH_METRIC]).endswith("last.ckpt"))
     assert last.metrics["global_step"] == 12
     saved_exp_avg = store.load(last.itr, keys=["optimizer_states"])["optimizer_states"][0]["state"]
     shutil.rmtree(tmp_path / "ck")  # a fresh machine: the pointers are gone too
 
-    resumed = train(tmp_path / "ck", -1, "last", tmp_path / "resumed.json")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed, stderr = train(tmp_path / "ck", -1, "last", tmp_path / "resumed.json")
+    assert resumed == 0, stderr[-3000:]
     result = json.loads((tmp_path / "resumed.json").read_text())
     assert (result["started"]["epoch"], result["started"]["global_step"]) == (3, 12)
     assert result["started"]["exp_avg"] == {str(k): v["exp_avg"].flatten().tolist() for k, v in saved_exp_avg.items()}

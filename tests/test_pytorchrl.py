@@ -8,7 +8,6 @@ built storage raised KeyError: 'Observation' (pytorchrl allocates its tensors fr
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from collections import deque
@@ -27,6 +26,7 @@ import pytorchrl_storage as storages  # noqa: E402
 
 from bucketsnap import SnapshotStore  # noqa: E402
 from bucketsnap.buffers import buffer_state, restore_buffer  # noqa: E402
+from helpers import Worker  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "pytorchrl_storage.py"
 KINDS = ["replay", "nstep", "onpolicy", "gae"]
@@ -79,11 +79,11 @@ def test_a_fresh_process_restores_the_storages_and_trains_on(
         store = backend.store(kind)
         store.save(3, {"replay_buffer": buffer_state(saved)})
         jobs.append((kind, saved, store.url, tmp_path / f"{kind}.npz"))
-    command = [sys.executable, str(WORKER), json.dumps(backend.options)]
+    argv = [json.dumps(backend.options)]
     for kind, _, url, out in jobs:
-        command += [kind, url, str(out)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+        argv += [kind, url, str(out)]
+    worker = Worker(str(WORKER), argv, tmp_path / "worker.out", tmp_path / "worker.err")
+    assert worker.wait(300) == 0, (tmp_path / "worker.err").read_text()[-3000:]
     for _kind, saved, _, out in jobs:
         with np.load(out) as restored:
             assert_same(storages.state_of(saved), dict(restored))
