@@ -594,7 +594,7 @@ def gc_command(url: str, dry_run: bool, min_age: float, options: dict[str, Any])
 @click.argument("url")
 @_command
 def repair_command(url: str, options: dict[str, Any]) -> None:
-    """Commit a manifest generation rebuilt from the intact archives, after a corrupt manifest.
+    """Commit a manifest generation rebuilt from the intact archives, after a corrupt or lost manifest.
 
     On a healthy run (its newest generation reads) it commits nothing and changes nothing: archives the manifest
     does not list there were dropped by retention, deleted, or never committed.
