@@ -24,7 +24,21 @@ def test_the_page_has_the_example() -> None:
     assert len(test_file.splitlines()) <= 25  # the short test file the page promises
 
 
+def test_the_example_passes_on_memory(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default run's half of the test below: the example's files, plain pytest in a new process, on memory.
+    Its S3 half is held in the default run by tests/test_testing_preempt.py's [s3] variants (the same preempt on
+    the S3 server) and tests/test_testing_plugin.py (moto's server chosen and named in the header)."""
+    for env in ("BUCKETSNAP_TEST_S3_ENDPOINT", "BUCKETSNAP_LOCALSTACK_VENV"):
+        monkeypatch.delenv(env, raising=False)
+    for name, text in example_files().items():
+        (pytester.path / name).write_text(text)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--bucketsnap-backends=memory", timeout=600)
+    result.stdout.fnmatch_lines(["*bucketsnap_run on memory;*"])
+    result.assert_outcomes(passed=2)
+
+
 @pytest.mark.s3
+@pytest.mark.slow  # 45-95 s: on demand (`-m slow`); test_the_example_passes_on_memory runs by default
 def test_the_example_passes_on_memory_and_s3(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     for env in ("BUCKETSNAP_TEST_S3_ENDPOINT", "BUCKETSNAP_LOCALSTACK_VENV"):
         monkeypatch.delenv(env, raising=False)
