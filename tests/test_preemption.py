@@ -6,9 +6,10 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from bucketsnap import SnapshotStore, on_preemption
 from conftest import Backend
+from helpers import Worker
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
@@ -160,24 +162,31 @@ def test_bad_arguments() -> None:
 
 
 class Trainer:
-    """tests/workers/trainer.py in a subprocess, its stdout lines read by a thread."""
+    """tests/workers/trainer.py in a process of its own (helpers.Worker), its stdout lines read by a thread."""
 
     def __init__(self, backend: Backend, url: str, until: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKERS / "trainer.py"), url, json.dumps(backend.options), str(until), "10"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        self.out = Path(tempfile.mkdtemp(prefix="trainer-")) / "stdout"
+        self.err = self.out.with_name("stderr")
+        self.proc = Worker(
+            str(WORKERS / "trainer.py"), [url, json.dumps(backend.options), str(until), "10"], self.out, self.err
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
+        """Each whole line of its stdout as it comes (the file is polled), until it has ended."""
+        with open(self.out) as out:
+            pending = ""
+            while True:
+                ended = self.proc.poll() is not None
+                pending += out.read()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    self.lines.put(line.strip())
+                if ended:
+                    return
+                time.sleep(0.005)
 
     def wait_for(self, prefix: str, *, above: int = -1, timeout: float = 60) -> int:
         """Wait for a line ``<prefix> <n>`` with n > above; return n."""
@@ -196,8 +205,10 @@ class Trainer:
                 return -1 if value == "none" else int(value)
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err
+        code = self.proc.wait(timeout)
+        err = self.err.read_text()
+        shutil.rmtree(self.out.parent, ignore_errors=True)
+        return code, err
 
 
 def check_snapshot(store: SnapshotStore, itr: int) -> None:
