@@ -487,3 +487,41 @@ def test_the_next_reader_reuses_the_buffers_a_closed_one_freed_and_an_idle_proce
     monkeypatch.setattr(_frame_reader, "KEEP_S", 0.0)
     kept.expire()  # idle for KEEP_S: dropped
     assert kept.held() == 0
+
+
+def test_a_reader_closed_with_units_in_flight_keeps_none_of_their_buffers_for_the_next() -> None:
+    """A unit still being fetched when its reader is closed goes on writing into its buffer: that buffer must
+    never serve the next reader (its late bytes would land in another restore's unit)."""
+    from bucketsnap import _frame_reader
+
+    data, index, content = big_member(64)
+    gate = threading.Event()
+    late: list[int] = []
+
+    def slow(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    def slow_into(start: int, buffer: memoryview) -> int:
+        if start > 0:  # every unit but the first waits, then its answer lands late, and differs
+            gate.wait(30)
+            buffer[:] = b"\xff" * buffer.nbytes
+            late.append(start)
+            return buffer.nbytes
+        piece = data[start : start + buffer.nbytes]
+        buffer[: len(piece)] = piece
+        return len(piece)
+
+    slow.into = slow_into  # type: ignore[attr-defined]
+    reader = FramesReader(slow, 0, index, 0, len(content), where="m")
+    first = bytearray(1000)
+    assert reader.readinto(first) == 1000 and first == content[:1000]
+    in_flight = [out for _, out in reader._pending if out is not None]
+    assert in_flight
+    reader.close()
+    kept = _frame_reader._SPARES._buffers
+    assert kept and not any(k is b for k in kept for b in in_flight)
+    gate.set()
+    again = bytearray(len(content))
+    with FramesReader(reads_into_a_buffer(data, []), 0, index, 0, len(content), where="m") as second:
+        assert second.readinto(again) == len(content)
+    assert again == content

@@ -1,7 +1,8 @@
 """The storage layer: an fsspec URL turned into the verbs the commit protocol needs, on every backend alike.
 
 ``write`` (a streamed object that becomes visible whole or not at all), ``create_exclusive`` (fails if the name
-exists), ``read`` (whole or a byte range), ``list``, ``delete``, ``size`` and ``modified``. Everything above this
+exists), ``read`` (whole or a byte range), ``read_into`` (a byte range into the caller's buffer), ``list``,
+``delete``, ``size`` and ``modified``. Everything above this
 module speaks paths relative to the run's root and never sees a filesystem object.
 
 How each store gets its guarantees is its backend module's business (:mod:`bucketsnap._backends`: local disk,
