@@ -59,7 +59,7 @@ import zstandard
 from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, is_shifted, named_checksum, object_crc
 from bucketsnap._chunk_names import CHUNK_OBJECT as _CHUNK_OBJECT
 from bucketsnap._prefault import prefault
-from bucketsnap._row_shifts import RegionWriter, Scatter, Shift, decode, header
+from bucketsnap._row_shifts import MIN_ROW_BYTES, RegionWriter, Scatter, Shift, decode, header
 from bucketsnap._storage import Storage
 from bucketsnap._zipformat import READ_CHUNK, RangeReader, crc32
 from bucketsnap.errors import CorruptSnapshotError, SnapshotNotFoundError
@@ -217,11 +217,12 @@ class ChunkedArrays:
 
         def store(i: int) -> tuple[str, tuple[str, int] | None]:
             chunk_id, compressed, shifted = self._compress(bounds[i])
+            key = _key(chunk_id, shifted)
             with lock:
-                if chunk_id in existing or chunk_id in claimed:  # another chunk of this content
-                    return chunk_id, None
-                claimed.add(chunk_id)
-            return chunk_id, self._write_compressed(storage, objects.token, chunk_id, compressed, shifted)
+                if key in existing or key in claimed:  # another chunk of this content
+                    return key, None
+                claimed.add(key)
+            return key, self._write_compressed(storage, objects.token, chunk_id, compressed, shifted)
 
         with ThreadPoolExecutor(self.hash_threads, thread_name_prefix="bucketsnap-chunks") as pool:
             # Nothing stored to reuse (a run's first save): every chunk is hashed once, as it is compressed.
@@ -243,7 +244,7 @@ class ChunkedArrays:
         raw_row = sum(f.row_bytes for f in self.fields)
         chunks: list[dict[str, Any]] = [
             {
-                "id": chunk_id,
+                "id": chunk_id.split(".")[0],
                 "path": existing[chunk_id][0],
                 "rows": end - start,
                 "raw_size": (end - start) * raw_row,
@@ -286,7 +287,13 @@ class ChunkedArrays:
         return [digests[b].result() if b in digests else known[b] for b in bounds]
 
     def _digest_rows(self, start: int, end: int) -> str:
-        return _digest(self._views(start, end), HASH)
+        """The key of rows ``[start, end)`` as they are now (see :func:`_key`): the hash of what their chunk
+        object decompresses to."""
+        if not self._shifts(end - start):
+            return _digest(self._views(start, end), HASH)
+        digest = _HASHES[HASH]()
+        self._encode(start, end, digest.update, private=False)
+        return _key(str(digest.hexdigest()), True)
 
     def _compress(self, bounds: Bounds) -> tuple[str, memoryview, bool]:
         """Rows ``bounds`` compressed (one chunk's worth, in memory, so that its name can carry its id and CRC-32),
@@ -298,33 +305,58 @@ class ChunkedArrays:
         """
         start, end = bounds
         raw_size = (end - start) * sum(f.row_bytes for f in self.fields)
-        shifts = self._shifts(end - start)
+        shifted = bool(self._shifts(end - start))
         cctx = zstandard.ZstdCompressor(compression_params=_parameters(self.level, raw_size))
         digest = _HASHES[HASH]()
-        block = memoryview(bytearray(min(raw_size, max(_COPY_BLOCK, *(f.row_bytes for f in self.fields)))))
-        sources = _private_sources(self.fields, set(self.shifted.values()) if shifts else set(), end - start)
         data = io.BytesIO()
         # A shifted chunk's decompressed size is known only once its rows are compared: it is left undeclared.
-        with cctx.stream_writer(data, size=-1 if shifts else raw_size, closefd=False) as zw:
-            if shifts:
-                zw.write(header(list(shifts.values())))
-            for i, view in enumerate(self._views(start, end)):
-                field, row_bytes = self.fields[i], max(1, self.fields[i].row_bytes)
-                if i in shifts:
-                    region = RegionWriter(sources[self.shifted[field.name]], row_bytes, end - start, zw.write)
-                step = max(1, len(block) // row_bytes) * row_bytes  # whole rows
-                for offset in range(0, view.nbytes, step):
-                    n = min(step, view.nbytes - offset)
+        with cctx.stream_writer(data, size=-1 if shifted else raw_size, closefd=False) as zw:
+
+            def sink(piece: Any) -> None:
+                digest.update(piece)
+                zw.write(piece)
+
+            self._encode(start, end, sink, private=True)
+        return str(digest.hexdigest()), data.getbuffer(), shifted
+
+    def _encode(self, start: int, end: int, sink: Callable[[Any], object], *, private: bool) -> None:
+        """Hand ``sink`` the bytes that the chunk object of rows ``[start, end)`` decompresses to, in order: the
+        rows field after field, or, where fields are shifted, the header, the rows and the records.
+
+        With ``private``, every row goes through a private copy first (a block at a time; a shifted field's
+        source field whole), and the records are decided on those copies: what ``sink`` gets is consistent
+        whatever writes the arrays meanwhile. Without, the arrays are read as they are (an id to look up).
+        """
+        rows = end - start
+        shifts = self._shifts(rows)
+        views = self._views(start, end)
+        names = set(self.shifted.values()) if shifts else set()
+        # copied a block of whole rows at a time (at least one row, at most the chunk)
+        size = min(sum(v.nbytes for v in views), max(_COPY_BLOCK, *(f.row_bytes for f in self.fields)))
+        block = memoryview(bytearray(size if private else 0))
+        if private:
+            sources = _private_sources(self.fields, names, rows)
+        else:
+            sources = {f.name: np.frombuffer(views[i], np.uint8) for i, f in enumerate(self.fields) if f.name in names}
+        if shifts:
+            sink(header(list(shifts.values())))
+        for i, view in enumerate(views):
+            field, row_bytes = self.fields[i], max(1, self.fields[i].row_bytes)
+            region = RegionWriter(sources[self.shifted[field.name]], row_bytes, rows, sink) if i in shifts else None
+            step = max(1, size // row_bytes) * row_bytes
+            for offset in range(0, view.nbytes, step):
+                n = min(step, view.nbytes - offset)
+                if private:
                     part = sources[field.name].data[offset : offset + n] if field.name in sources else block[:n]
                     part[:] = view[offset : offset + n]
-                    digest.update(part)
-                    if i in shifts:
-                        region.add(part)
-                    else:
-                        zw.write(part)
-                if i in shifts:
-                    region.close()
-        return str(digest.hexdigest()), data.getbuffer(), bool(shifts)
+                else:
+                    part = view[offset : offset + n]
+                if region is None:
+                    sink(part)
+                else:
+                    region.add(part)
+            if region is not None:
+                region.close()
 
     def _shifts(self, rows: int) -> dict[int, Shift]:
         """Field index -> its region in a chunk of ``rows`` rows, for the fields stored as shifted rows."""
@@ -335,7 +367,8 @@ class ChunkedArrays:
         shifts = {}
         for target, source in self.shifted.items():
             i = index[target]
-            shifts[i] = Shift(offsets[index[source]], offsets[i], self.fields[i].row_bytes, rows)
+            if self.fields[i].row_bytes >= MIN_ROW_BYTES:  # smaller rows: compared one by one, dearer than zstd
+                shifts[i] = Shift(offsets[index[source]], offsets[i], self.fields[i].row_bytes, rows)
         return dict(sorted(shifts.items()))
 
     def _write_compressed(
@@ -399,13 +432,21 @@ def _private_sources(fields: list[_Field], names: set[str], rows: int) -> dict[s
     return out
 
 
+def _key(chunk_id: str, shifted: bool) -> str:
+    """What a save looks a chunk up by: its id, and ``.shift`` for a shifted-rows object. Both ids hash what the
+    object decompresses to, but a plain object whose rows happen to read as a shifted body would rebuild other
+    rows: a chunk is reused only as the encoding it was written in."""
+    return f"{chunk_id}.shift" if shifted else chunk_id
+
+
 def _reusable_chunks(storage: Storage, committed: Iterable[str]) -> dict[str, tuple[str, int]]:
-    """Chunk id -> (object, size) of the stored chunks that committed snapshots refer to, in one listing."""
+    """Chunk key (see :func:`_key`) -> (object, size) of the stored chunks that committed snapshots refer to, in
+    one listing."""
     wanted: dict[str, str] = {}
     for rel in committed:
         match = _CHUNK_OBJECT.fullmatch(rel)
         if match:
-            wanted[rel.rsplit("/", 1)[-1]] = match.group(1)
+            wanted[rel.rsplit("/", 1)[-1]] = _key(match.group(1), bool(match.group(3)))
     if not wanted:
         return {}
     out: dict[str, tuple[str, int]] = {}
@@ -519,8 +560,9 @@ def read_chunks(
         else:
             out = {f.name: np.empty((n, *f.row_shape), dtype=f.dtype) for f in table.fields}
         chunk_where = f"{where} chunk {storage.url_of(chunk_object(chunk))}"
-        views = _decompress_chunk(storage, chunk, [out[f.name] for f in table.fields], chunk_where, verify)
-        if verify and _digest(views, table.hash) != chunk["id"]:
+        digest = _HASHES[table.hash]() if verify else None
+        _decompress_chunk(storage, chunk, [out[f.name] for f in table.fields], chunk_where, digest)
+        if digest is not None and digest.hexdigest() != chunk["id"]:
             raise CorruptSnapshotError(f"{chunk_where}: content does not match its {table.hash} id")
         return out
 
@@ -540,11 +582,12 @@ def read_chunks(
 
 
 def _decompress_chunk(
-    storage: Storage, chunk: dict[str, Any], arrays: list[np.ndarray], where: str, verify: bool = False
-) -> list[memoryview]:
-    """Decompress one chunk object into ``arrays`` (field after field); return their byte views.
+    storage: Storage, chunk: dict[str, Any], arrays: list[np.ndarray], where: str, digest: Any = None
+) -> None:
+    """Decompress one chunk object into ``arrays`` (field after field).
 
-    With ``verify``, every stored byte is also checked against the CRC-32 its name records.
+    With ``digest`` (a hash object: a verifying read), it is fed every byte the object decompresses to, and
+    every stored byte is also checked against the CRC-32 the object's name records.
     """
     rel = chunk_object(chunk)
     raw = _object_reader(storage, rel, int(chunk["stored_size"]), where)
@@ -555,16 +598,15 @@ def _decompress_chunk(
     try:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_size=READ_CHUNK, closefd=False) as z:  # type: ignore[arg-type]
             if is_shifted(rel):
-                decode(z, scatter, where)  # type: ignore[arg-type]
+                decode(z, scatter, [a.nbytes // max(1, len(a)) for a in arrays], where, digest)  # type: ignore[arg-type]
             else:
-                scatter.fill(z, 0, scatter.size, where)  # type: ignore[arg-type]
+                scatter.fill(z, 0, scatter.size, where, digest)  # type: ignore[arg-type]
             if z.read(1):
                 raise CorruptSnapshotError(f"{where}: decompresses to more bytes than its rows need")
     except zstandard.ZstdError as exc:
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
-    if verify:
+    if digest is not None:
         _check_crc(raw, object_crc(rel), where)
-    return views
 
 
 def verify_chunk_object(storage: Storage, rel: str, *, where: str) -> None:

@@ -18,7 +18,9 @@ What such an object decompresses to (every integer little-endian)::
 
 The regions are in order of ``target``, do not overlap, and each one's source rows lie wholly before it
 (``source + rows x row_bytes <= target``); the last row of a region is always literal (its source row would be
-the next chunk's). The chunk's id is still the hash of its raw bytes, and a restore rebuilds exactly those.
+the next chunk's). A restore rebuilds the raw bytes exactly. The chunk's id is the hash of what the object
+decompresses to, as for any chunk: the records are a function of the rows (every run as long as it goes), so
+equal rows get equal ids, and a save does not hash the repeated rows again.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 
 from bucketsnap.errors import CorruptSnapshotError
 
-__all__ = ["MAGIC", "RegionWriter", "Scatter", "Shift", "decode", "header"]
+__all__ = ["MAGIC", "MIN_ROW_BYTES", "RegionWriter", "Scatter", "Shift", "decode", "header"]
 
 MAGIC = b"BSSHIFT1"
 _COUNT = struct.Struct("<I")
@@ -43,6 +45,10 @@ _SHIFT = struct.Struct("<QQQQ")
 _RECORD = struct.Struct("<Q")
 #: More regions than any table has fields is a corrupt header.
 _MAX_SHIFTS = 4096
+#: The smallest rows stored as shifted rows. Smaller ones are compared one call each where a block holds an
+#: episode's end, which costs more than zstd's pass over them; and a reader refuses regions of smaller rows, so
+#: that a hostile object cannot make it decode millions of one-byte records.
+MIN_ROW_BYTES = 4096
 _LITERAL = 1
 
 
@@ -171,8 +177,8 @@ class Scatter:
             if lo < hi:
                 yield i, lo - a, hi - lo
 
-    def fill(self, z: BinaryIO, start: int, n: int, where: str) -> None:
-        """Read raw bytes ``[start, start + n)`` from the decompressing stream ``z``."""
+    def fill(self, z: BinaryIO, start: int, n: int, where: str, digest: Any = None) -> None:
+        """Read raw bytes ``[start, start + n)`` from the decompressing stream ``z`` (into ``digest`` too)."""
         for i, offset, length in self.pieces(start, n):
             view, got = self.views[i], 0
             while got < length:
@@ -180,6 +186,8 @@ class Scatter:
                 if not r:
                     raise CorruptSnapshotError(f"{where}: decompresses to fewer bytes than its rows need")
                 got += r
+            if digest is not None:
+                digest.update(view[offset : offset + length])
 
     def copy(self, src: int, dst: int, n: int) -> None:
         """Copy raw bytes ``[src, src + n)``, already filled, to ``[dst, dst + n)`` (after them)."""
@@ -198,36 +206,65 @@ class Scatter:
                 ti, to = ti + 1, 0
 
 
-def decode(z: BinaryIO, scatter: Scatter, where: str) -> None:
-    """Decompress a ``.shift.zst`` chunk from ``z`` into ``scatter``: its raw bytes, rebuilt whole."""
-    shifts = _read_header(z, scatter.size, where)
+def decode(z: BinaryIO, scatter: Scatter, row_bytes: Sequence[int], where: str, digest: Any = None) -> None:
+    """Decompress a ``.shift.zst`` chunk from ``z`` into ``scatter`` (one buffer per field, of ``row_bytes``
+    per row): its raw bytes, rebuilt whole; ``digest`` (a hash object), if given, is fed every byte
+    decompressed, in order (the chunk's id is their hash).
+
+    Each region must be one whole field of at least :data:`MIN_ROW_BYTES` per row, repeating an earlier field
+    of the same row size, else the object is refused.
+    """
+    shifts = _read_header(z, scatter.size, where, digest)
+    fields = {start: (i, rb) for i, (start, rb) in enumerate(zip(scatter.starts, row_bytes, strict=False))}
+    for s in shifts:
+        target, source = fields.get(s.target), fields.get(s.source)
+        rows = scatter.views[target[0]].nbytes // max(1, target[1]) if target else 0
+        if (
+            target is None
+            or source is None
+            or source[0] >= target[0]
+            or target[1] != s.row_bytes
+            or source[1] != s.row_bytes
+            or s.rows != rows
+            or s.row_bytes < MIN_ROW_BYTES
+        ):
+            raise CorruptSnapshotError(f"{where}: a shifted-rows region is not one whole field of the table: {s}")
     pos = 0
     for s in shifts:
-        scatter.fill(z, pos, s.target - pos, where)
+        scatter.fill(z, pos, s.target - pos, where, digest)
         r = 0
         while r < s.rows:
-            (word,) = _RECORD.unpack(_read_exact(z, _RECORD.size, where))
+            record = _read_exact(z, _RECORD.size, where)
+            if digest is not None:
+                digest.update(record)
+            (word,) = _RECORD.unpack(record)
             k = word >> 1
-            if k == 0 or r + k > s.rows or (not word & _LITERAL and r + k > s.rows - 1):
+            if k == 0:
+                raise CorruptSnapshotError(f"{where}: a row record ({word:#x}) covers no row")
+            if r + k > s.rows or (not word & _LITERAL and r + k > s.rows - 1):
                 raise CorruptSnapshotError(f"{where}: a row record ({word:#x}) runs past its region")
             at = s.target + r * s.row_bytes
             if word & _LITERAL:
-                scatter.fill(z, at, k * s.row_bytes, where)
+                scatter.fill(z, at, k * s.row_bytes, where, digest)
             else:
                 scatter.copy(s.source + (r + 1) * s.row_bytes, at, k * s.row_bytes)
             r += k
         pos = s.end
-    scatter.fill(z, pos, scatter.size - pos, where)
+    scatter.fill(z, pos, scatter.size - pos, where, digest)
 
 
-def _read_header(z: BinaryIO, raw_size: int, where: str) -> list[Shift]:
+def _read_header(z: BinaryIO, raw_size: int, where: str, digest: Any = None) -> list[Shift]:
     head = _read_exact(z, len(MAGIC) + _COUNT.size, where)
     if head[: len(MAGIC)] != MAGIC:
         raise CorruptSnapshotError(f"{where}: not a shifted-rows chunk (no {MAGIC.decode()} header)")
     (count,) = _COUNT.unpack(head[len(MAGIC) :])
     if not 0 < count <= _MAX_SHIFTS:
         raise CorruptSnapshotError(f"{where}: a shifted-rows header declares {count} regions")
-    shifts = [Shift(*_SHIFT.unpack_from(_read_exact(z, _SHIFT.size, where))) for _ in range(count)]
+    regions = _read_exact(z, count * _SHIFT.size, where)
+    if digest is not None:
+        digest.update(head)
+        digest.update(regions)
+    shifts = [Shift(*fields) for fields in _SHIFT.iter_unpack(regions)]
     end = 0
     for s in shifts:
         if (
