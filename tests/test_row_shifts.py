@@ -255,3 +255,14 @@ def test_a_reader_that_knows_only_format_2_is_told_to_upgrade(monkeypatch: pytes
     monkeypatch.setattr(_chunks, "_TABLE_FORMATS", _chunks._TABLE_FORMATS[:2])
     with pytest.raises(CorruptSnapshotError, match="newer bucketsnap; upgrade"):
         ChunkTable.parse(store.load(1)["b"], "format")
+
+
+def test_a_declared_shift_of_rows_too_small_or_empty_is_stored_as_it_is() -> None:
+    """Found by review: a shifted pair of zero-byte rows (an SB3 dict space with a ``Box(shape=(0,))`` key)
+    failed the save. Rows under 4 KiB, empty ones included, are stored plain and come back."""
+    for width in [(0,), (16,)]:
+        arrays = shifted_pair(12, width, ended=[3], seed=2)
+        table, out = save_and_read(f"memory://shifts/{uuid.uuid4().hex}", arrays, 5, {"next": "obs"})
+        assert not any(c["path"].endswith(".shift.zst") for c in table.chunks)
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(out[name], array, err_msg=name)
