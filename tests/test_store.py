@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,32 @@ def test_a_scheme_without_its_two_slashes_is_refused_not_written_locally(
     with pytest.raises(ValueError, match="needs two slashes") as exc:
         SnapshotStore(url).save(1, {"x": 1})
     assert str(exc.value).endswith(f"did you mean {meant}?")
+    assert "hunter2" not in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3:://bucket/run", "s3: has one colon too many; did you mean s3://bucket/run?"),
+        ("s3//bucket/run", "s3: needs a colon; did you mean s3://bucket/run?"),
+        ("simplecache::gs//bucket/run", "gs: needs a colon; did you mean gs://bucket/run?"),
+        ("s3://", "s3:// names no bucket: pass s3://<bucket>/<run path>"),
+        ("gs:///run", "gs:// names no bucket"),
+        ("az://", "az:// names no container"),
+        ("simplecache::s3://", "s3:// names no bucket"),
+        ("s3://AKIAEXAMPLE:hunter2@/run", "s3:// names no bucket"),
+        ("file://", "file:// names no folder"),
+    ],
+)
+def test_a_url_that_names_no_bucket_or_is_mistyped_is_refused_at_once(
+    url: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a session's probe: ``s3//bucket`` saved into a local folder ``s3``, ``file://`` into the working
+    directory, ``s3:://bucket`` failed in aiobotocore with a TypeError, and ``gs://`` waited 60 s on DNS."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)) as exc:  # before any request
+        SnapshotStore(url).save(1, {"x": 1})
     assert "hunter2" not in str(exc.value)
     assert list(tmp_path.iterdir()) == []
 

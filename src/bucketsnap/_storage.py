@@ -44,6 +44,7 @@ import functools
 import logging
 import os
 import posixpath
+import re
 import threading
 import time
 import urllib.parse
@@ -521,16 +522,43 @@ def _within(seconds: float, fn: Callable[[], T]) -> T:
 
 
 def _refuse_malformed_scheme(url: str) -> None:
-    """Refuse ``s3:/bucket/run`` or ``gs:bucket``, alone or in a chain (``simplecache::s3:/bucket``): fsspec would
-    take them for local paths, and a save would write a folder named ``s3:`` in the working directory instead of
-    the bucket. Only the protocols bucketsnap has a backend for count (``data:run`` stays a local folder)."""
-    for part in url.split("::"):
+    """Refuse ``s3:/bucket/run``, ``gs:bucket``, ``s3//bucket`` or ``s3:://bucket``, alone or in a chain
+    (``simplecache::s3:/bucket``): fsspec would take them for local paths (or ``s3`` for a chained protocol and
+    ``//bucket`` for the path), and a save would write a folder in the working directory instead of the bucket;
+    and refuse a bucket URL that names no bucket (``s3://``), or ``file://`` with no folder, before any
+    request. Only the protocols bucketsnap has a backend for count (``data:run`` stays a local folder)."""
+    parts = url.split("::")
+    for i, part in enumerate(parts):
         scheme, colon, rest = part.partition(":")
-        if not colon or rest.startswith("//") or scheme.lower() not in _MISTYPED_SCHEMES:
-            continue  # a URL, a Windows drive (C:\\...), a local name with a colon, or no scheme at all
+        typo = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)//(.*)", part)
+        problem = "needs two slashes"
+        if i and parts[i - 1].lower() in _MISTYPED_SCHEMES and part.startswith("//"):  # s3:://bucket
+            scheme, rest, problem = parts[i - 1], part, "has one colon too many"
+        elif not colon and typo and typo.group(1).lower() in _MISTYPED_SCHEMES:  # s3//bucket
+            scheme, rest, problem = typo.group(1), typo.group(2), "needs a colon"
+        elif not colon or scheme.lower() not in _MISTYPED_SCHEMES:
+            continue  # a Windows drive (C:\\...), a local name with a colon, or no scheme at all
+        elif rest.startswith("//"):
+            _refuse_empty_location(scheme, rest[2:])
+            continue  # a URL
         fixed = redact(f"{scheme}://{rest if scheme.lower() == 'file' else rest.lstrip('/')}")
         # The input itself is not shown: a mistyped URL may hold credentials in a form redact cannot see.
-        raise ValueError(f"not a URL: {scheme}: needs two slashes; did you mean {fixed}?")
+        raise ValueError(f"not a URL: {scheme}: {problem}; did you mean {fixed}?")
+
+
+def _refuse_empty_location(scheme: str, rest: str) -> None:
+    """Refuse ``s3://`` (or ``s3:///run``) with no bucket, and ``file://`` with no folder."""
+    scheme = scheme.lower()
+    if scheme in ("file", "local"):
+        if not rest:
+            raise ValueError(f"{scheme}:// names no folder: pass file:///absolute/path or a plain local path")
+    elif scheme in _BUCKET_SCHEMES and not rest.split("/", 1)[0].rpartition("@")[2]:
+        bucket = "container" if scheme in ("az", "abfs", "abfss") else "bucket"
+        raise ValueError(f"{scheme}:// names no {bucket}: pass {scheme}://<{bucket}>/<run path>")
+
+
+#: Schemes whose URLs start with a bucket (or container).
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 #: Schemes whose URLs are refused without their two slashes ("local" is left out: a folder may be called that).
