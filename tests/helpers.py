@@ -127,15 +127,18 @@ def run_together(
 
     def run(k: int) -> None:
         try:
+            prepared = None if before is None else before(k)
+        except BaseException as exc:  # reported by the caller; the others are released at once
+            start.abort()
+            errors.append(exc)
+            return
+        try:
+            start.wait()
             if before is None:
-                start.wait()
                 work(k)
             else:
-                prepared = before(k)
-                start.wait()
                 work(k, prepared)
         except BaseException as exc:  # reported by the caller
-            start.abort()
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
