@@ -437,6 +437,8 @@ class Storage:
         deadline = start + timeout
         last: BaseException | None = None
         tries = 0
+        if self.backend.endpoint:
+            self._refuse_if_nothing_listens(start, timeout)
         while tries < self.retry.attempts and (left := deadline - time.monotonic()) > 0:
             tries += 1
             try:
@@ -456,6 +458,26 @@ class Storage:
                 raise self._problem_error(found)
             return
         raise self._unreachable(last, tries, time.monotonic() - start) from last
+
+    def _refuse_if_nothing_listens(self, start: float, timeout: float) -> None:
+        """Fail at once where an explicit endpoint refuses TCP connections for :data:`_REFUSED_PATIENCE` seconds
+        (a local S3 server that was not started), instead of waiting out the store client's own retries. One TCP
+        connection each try, to the endpoint only (never to a cloud's default one)."""
+        address = self.backend.address()
+        patience = start + min(timeout, _REFUSED_PATIENCE)
+        tries = 0
+        while address:
+            tries += 1
+            why = diagnose(address, timeout=min(1.0, timeout))
+            if not why.endswith("refused the connection (nothing listens there)"):
+                return
+            if time.monotonic() >= patience:
+                elapsed = time.monotonic() - start
+                raise UnreachableError(
+                    f"{self.url}: cannot reach {self._server()}: {why} (refused {tries} times in {elapsed:.1f} s). "
+                    "Check the endpoint URL and that the server is running."
+                )
+            time.sleep(min(0.25, max(0.0, patience - time.monotonic())))
 
     def _server(self) -> str:
         address = self.backend.address()
@@ -488,6 +510,11 @@ class Storage:
         }[found.kind]
         cls = {"credentials": CredentialsError, "rejected": CredentialsError, "bucket": BucketNotFoundError}
         return cls.get(found.kind, StorageError)(f"{self.url}: {what}. {self.backend.advice(found.kind)}")
+
+
+#: Seconds an explicit endpoint may refuse TCP connections before its first request fails (a server starting
+#: up opens its port within that; one that was never started never does).
+_REFUSED_PATIENCE = 2.0
 
 
 def _never(exc: BaseException) -> bool:
