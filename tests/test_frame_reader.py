@@ -525,3 +525,13 @@ def test_a_reader_closed_with_units_in_flight_keeps_none_of_their_buffers_for_th
     with FramesReader(reads_into_a_buffer(data, []), 0, index, 0, len(content), where="m") as second:
         assert second.readinto(again) == len(content)
     assert again == content
+
+
+def test_at_most_read_ahead_plus_one_freed_buffers_are_kept() -> None:
+    from bucketsnap import _frame_reader
+
+    kept = _frame_reader._SPARES
+    kept.give([bytearray(_frame_reader._UNIT_STORED) for _ in range(3 * READ_AHEAD)])
+    assert kept.held() == (READ_AHEAD + 1) * _frame_reader._UNIT_STORED
+    kept.drop()
+    assert kept.held() == 0
