@@ -40,6 +40,7 @@ re-exported here); the command line turns a missing bucket into its "not found" 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -460,24 +461,23 @@ class Storage:
         raise self._unreachable(last, tries, time.monotonic() - start) from last
 
     def _refuse_if_nothing_listens(self, start: float, timeout: float) -> None:
-        """Fail at once where an explicit endpoint refuses TCP connections for :data:`_REFUSED_PATIENCE` seconds
-        (a local S3 server that was not started), instead of waiting out the store client's own retries. One TCP
-        connection each try, to the endpoint only (never to a cloud's default one)."""
+        """Fail at once where an explicit endpoint refuses TCP connections, :attr:`Retry.attempts` times over
+        :data:`_REFUSED_PATIENCE` seconds (a local S3 server that was not started), instead of waiting out the
+        store client's own retries. One TCP connection each try, to the endpoint only (never to a cloud's)."""
         address = self.backend.address()
-        patience = start + min(timeout, _REFUSED_PATIENCE)
-        tries = 0
-        while address:
-            tries += 1
-            why = diagnose(address, timeout=min(1.0, timeout))
+        attempts = self.retry.attempts
+        spacing = min(timeout, _REFUSED_PATIENCE) / max(1, attempts - 1)
+        for tries in range(1, attempts + 1):
+            why = diagnose(address, timeout=min(1.0, timeout)) if address else ""
             if not why.endswith("refused the connection (nothing listens there)"):
                 return
-            if time.monotonic() >= patience:
-                elapsed = time.monotonic() - start
-                raise UnreachableError(
-                    f"{self.url}: cannot reach {self._server()}: {why} (refused {tries} times in {elapsed:.1f} s). "
-                    "Check the endpoint URL and that the server is running."
-                )
-            time.sleep(min(0.25, max(0.0, patience - time.monotonic())))
+            if tries < attempts:
+                time.sleep(spacing)
+        elapsed = time.monotonic() - start
+        raise UnreachableError(
+            f"{self.url}: cannot reach {self._server()}: {why} (failed {attempts} time{'s' if attempts != 1 else ''} "
+            f"in {elapsed:.1f} s). Check the endpoint URL and that the server is running."
+        ) from ConnectionRefusedError(errno.ECONNREFUSED, why)
 
     def _server(self) -> str:
         address = self.backend.address()
@@ -512,8 +512,8 @@ class Storage:
         return cls.get(found.kind, StorageError)(f"{self.url}: {what}. {self.backend.advice(found.kind)}")
 
 
-#: Seconds an explicit endpoint may refuse TCP connections before its first request fails (a server starting
-#: up opens its port within that; one that was never started never does).
+#: Seconds over which an explicit endpoint's refusals are tried before its first request fails (a server
+#: starting up opens its port within that; one that was never started never does).
 _REFUSED_PATIENCE = 2.0
 
 
