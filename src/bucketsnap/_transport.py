@@ -170,9 +170,9 @@ class Retry:
         connect_timeout: seconds a store gets to answer a process's first request (at most ``attempts``
             tries): a store that refuses the connection, whose name does not resolve or that does not answer
             in time fails with a :class:`~bucketsnap.StorageError` saying which, instead of waiting for the
-            store clients' own retries (an explicit endpoint that refuses TCP connections ``attempts`` times over 2 s fails then:
-            a local server that was not started). Once a store has answered, its connection errors are retried
-            as transient.
+            store clients' own retries (an explicit endpoint that refuses TCP connections ``attempts`` times
+            over 2 s fails then: a local server that was not started). Once a store has answered, its
+            connection errors are retried as transient.
     """
 
     attempts: int = 5
