@@ -348,7 +348,7 @@ class ChunkedArrays:
                 n = min(step, view.nbytes - offset)
                 if private:
                     part = sources[field.name].data[offset : offset + n] if field.name in sources else block[:n]
-                    part[:] = view[offset : offset + n]
+                    _copy(part, view[offset : offset + n])
                 else:
                     part = view[offset : offset + n]
                 if region is None:
@@ -397,6 +397,12 @@ def _parameters(level: int, raw_size: int) -> zstandard.ZstdCompressionParameter
         write_checksum=1,
         write_content_size=1,
     )
+
+
+def _copy(to: memoryview, data: memoryview) -> None:
+    """``to[:] = data``, with the GIL released (numpy's copy; a memoryview's holds it): the other threads of a
+    save hash and compress meanwhile."""
+    np.copyto(np.frombuffer(to, np.uint8), np.frombuffer(data, np.uint8))
 
 
 def _check_shifted(fields: list[_Field], shifted: dict[str, str]) -> dict[str, str]:
