@@ -592,18 +592,24 @@ def gc_command(url: str, dry_run: bool, min_age: float, options: dict[str, Any])
 
 @cli.command("repair", epilog=_EPILOG)
 @click.argument("url")
+@click.option(
+    "--from-archives",
+    is_flag=True,
+    help="A run with archives but no manifest generation (its manifest lost): rebuild it from them.",
+)
 @_command
-def repair_command(url: str, options: dict[str, Any]) -> None:
+def repair_command(url: str, from_archives: bool, options: dict[str, Any]) -> None:
     """Commit a manifest generation rebuilt from the intact archives, after a corrupt or lost manifest.
 
     On a healthy run (its newest generation reads) it commits nothing and changes nothing: archives the manifest
-    does not list there were dropped by retention, deleted, or never committed.
+    does not list there were dropped by retention, deleted, or never committed. A run with archives but no
+    generation at all is rebuilt from them only with --from-archives (its first save may be in flight).
     """
     from bucketsnap._manifest import ManifestLog
 
     store = _open_run(url, options, need=(MANIFEST_DIR, SNAPSHOT_DIR), command="repair")
     before = ManifestLog(store.storage).generations()
-    manifest = store.repair()
+    manifest = store.repair(from_archives=from_archives)
     itrs = manifest.itrs()
     shown = ", ".join(map(str, itrs)) if len(itrs) <= 20 else f"{itrs[0]} to {itrs[-1]}"
     listed = f"{count(len(itrs), 'snapshot')}: {shown or '-'}"
@@ -611,6 +617,11 @@ def repair_command(url: str, options: dict[str, Any]) -> None:
         click.echo(f"committed manifest generation {manifest.generation} with {listed}")
     elif manifest.generation:
         click.echo(f"nothing to repair: manifest generation {manifest.generation} reads, with {listed}")
+    elif archives := [n for n in store.storage.list(SNAPSHOT_DIR) if n.endswith(".zip") and not n.startswith(".")]:
+        click.echo(
+            f"nothing committed: the run has {count(len(archives), 'archive')} but no manifest generation (a first "
+            "save in flight or killed, or a lost manifest); if its manifest was lost, run again with --from-archives"
+        )
     else:
         click.echo("nothing to repair: the run has no manifest generation (nothing was ever committed)")
 

@@ -176,7 +176,7 @@ def _stale_log_files(log: ManifestLog, newest: Manifest, now: float, min_age: fl
     return stale
 
 
-def repair(log: ManifestLog) -> Manifest:
+def repair(log: ManifestLog, *, from_archives: bool = False) -> Manifest:
     """Commit a generation rebuilt after a corrupt one; on a healthy run, commit nothing and add nothing.
 
     A run is healthy when its newest generation and every page it references read, or when it has neither a
@@ -189,8 +189,9 @@ def repair(log: ManifestLog) -> Manifest:
     intact archives it does not list. A recovered archive is an object found by listing, so it is fenced as a
     save's objects are: it is not recovered if it, or a chunk it needs, is in a sweep recorded by the generation
     repair started from. If the run is healthy by the time repair commits (another repair fixed it), repair
-    commits nothing. A run with archives but no generation at all has lost its manifest (``manifest/`` removed,
-    or ``snapshots/`` copied alone): it is rebuilt from its archives, as over a corrupt generation.
+    commits nothing. A run with archives but no generation at all (its manifest lost, or its first save in
+    flight or killed: they look alike) is rebuilt from its archives, as over a corrupt generation, only
+    ``from_archives``.
     """
     storage = log.storage
     try:
@@ -199,7 +200,7 @@ def repair(log: ManifestLog) -> Manifest:
     except CorruptSnapshotError as exc:
         logger.warning("repairing the manifest of %s: %s", storage.url, exc)
     else:
-        if newest.generation or not any(_is_archive(name) for name in storage.list(SNAPSHOT_DIR)):
+        if newest.generation or not from_archives or not any(map(_is_archive, storage.list(SNAPSHOT_DIR))):
             return _healthy(log, newest)
         logger.warning("%s holds archives but no manifest generation: rebuilding its manifest from them", storage.url)
     base = Manifest(0, Tree(log.pages))

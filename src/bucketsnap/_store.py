@@ -425,7 +425,7 @@ class SnapshotStore:
         """
         return collect_garbage(self._log, min_age=min_age, dry_run=dry_run)
 
-    def repair(self) -> Manifest:
+    def repair(self, *, from_archives: bool = False) -> Manifest:
         """Commit a new manifest generation rebuilt after a corrupt one; on a healthy run, change nothing.
 
         When the newest generation does not read (or a page it references does not), starts from the newest
@@ -433,8 +433,13 @@ class SnapshotStore:
         archive's own ``meta.json``). Use it when a load reports a corrupt manifest; it never deletes anything.
         On a healthy run it commits nothing and returns the newest generation: an archive that generation does
         not list was dropped by retention, deleted, or never committed, and stays invisible.
+
+        A run with archives but no generation at all is an empty run whose first save is in flight or was
+        killed, or a run whose manifest was lost (``manifest/`` deleted, ``snapshots/`` copied alone): with
+        ``from_archives=True`` its manifest is rebuilt from its archives (an archive of a first save in flight
+        or killed comes back too); by default it is left as it is.
         """
-        return repair(self._log)
+        return repair(self._log, from_archives=from_archives)
 
 
 def as_store(url_or_store: str | SnapshotStore, *, storage_options: dict[str, Any] | None = None) -> SnapshotStore:
