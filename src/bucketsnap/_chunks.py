@@ -546,11 +546,11 @@ def read_chunks(
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Stream the chunks of ``table`` in order: yield ``(first row, {field: rows})``.
 
-    Chunks are read and decompressed on ``threads`` threads (by default one per core, up to 8), at most one
-    chunk per thread at a time, and yielded in order. With ``into`` (field -> array with at least
-    ``table.rows`` rows), each chunk is decompressed straight into those arrays and the yielded rows are views
-    of them; otherwise each chunk gets fresh arrays. Besides those, a thread holds at most 4 MiB of compressed
-    bytes (one ranged read) and zstd's window.
+    Chunks are read and decompressed on ``threads`` threads (by default one per core, up to 8), and yielded in
+    order. With ``into`` (field -> array with at least ``table.rows`` rows), each chunk is decompressed
+    straight into those arrays and the yielded rows are views of them, two chunks per thread in flight;
+    otherwise each chunk gets fresh arrays, one chunk per thread in flight. Besides those, a thread holds at
+    most 4 MiB of compressed bytes (one ranged read) and zstd's window.
 
     Every chunk's size and zstd content checksum are checked. With ``verify``, its hash is also checked
     against its id (catching a chunk stored under the wrong name) and every stored byte against the CRC-32 its
@@ -573,11 +573,14 @@ def read_chunks(
         return out
 
     workers = max(1, threads or HASH_THREADS)
+    # Chunks decoded into ``into`` cost no memory while they wait to be yielded: keep twice as many in flight as
+    # threads, so that a thread done with a later chunk starts the next one while an earlier one finishes.
+    window = 2 * workers if into is not None else workers
     with ThreadPoolExecutor(workers, thread_name_prefix="bucketsnap-chunks") as pool:
         pending: collections.deque[Future[dict[str, np.ndarray]]] = collections.deque()
         try:
             for i in range(len(table.chunks)):
-                if len(pending) >= workers:
+                if len(pending) >= window:
                     yield starts[i - len(pending)], pending.popleft().result()
                 pending.append(pool.submit(load, i))
             while pending:
