@@ -323,6 +323,31 @@ class _PiecesInPlace:
         with pytest.raises(StorageError, match="joined"):
             storage.read("snapshots/d.zip", 5, 5 + len(buffer))  # the monkeypatch does bite the plain read
 
+    def test_a_body_cut_short_of_its_content_range_is_retried_not_returned_short(
+        self, storage: Storage, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Found by review: a response whose connection closed early (or that declared a smaller length) made
+        read_into return fewer bytes, which a restore reported as a truncated, corrupt snapshot."""
+        import importlib
+
+        module = importlib.import_module(type(storage.backend).__module__)
+        data = os.urandom(2 * MiB)
+        with storage.write("snapshots/d.zip") as f:
+            f.write(data)
+        real, cuts = module.read_body_into, []
+
+        async def cut_once(content: Any, buffer: memoryview) -> int:
+            got = await real(content, buffer)
+            if not cuts:
+                cuts.append(got)
+                return got // 2  # what a body cut halfway through, its connection closed, delivers
+            return got
+
+        monkeypatch.setattr(module, "read_body_into", cut_once)
+        buffer = bytearray(MiB)
+        assert storage.read_into("snapshots/d.zip", 7, buffer) == MiB and cuts == [MiB]
+        assert buffer == data[7 : 7 + MiB]
+
 
 class TestS3(_PiecesInPlace, _Remote):
     name = "s3"
@@ -341,6 +366,26 @@ class TestGcs(_PiecesInPlace, _Remote):
     name = "gcs"
     backend = "GcsBackend"
     pytestmark = pytest.mark.gcs
+
+    def test_a_read_into_a_requester_pays_bucket_names_the_project_that_pays(
+        self, place: Place, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Found by review: read_into left out gcsfs's ``userProject``, which GCS requires on such a bucket."""
+        import aiohttp
+
+        storage = Storage(place.url, storage_options={**place.options, "requester_pays": "the-payer"})
+        storage.create_exclusive("snapshots/d.zip", b"0123456789")
+        sent: list[Any] = []
+        get = aiohttp.ClientSession.get
+
+        def recording(self: Any, url: Any, **kwargs: Any) -> Any:
+            sent.append(kwargs.get("params"))
+            return get(self, url, **kwargs)
+
+        monkeypatch.setattr(aiohttp.ClientSession, "get", recording)
+        buffer = bytearray(4)
+        assert storage.read_into("snapshots/d.zip", 2, buffer) == 4 and buffer == b"2345"
+        assert sent and all(p and p.get("userProject") == "the-payer" for p in sent), sent
 
 
 class TestAzure(_Remote):

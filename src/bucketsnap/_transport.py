@@ -29,6 +29,7 @@ import errno
 import logging
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -152,6 +153,17 @@ async def read_body_into(content: Any, buffer: memoryview) -> int:
             raise OSError(f"the server answered a ranged read of {size} bytes with more")
         buffer[got : got + n] = piece
         got += n
+
+
+def check_length(got: int, content_range: str | None) -> int:
+    """``got``, the bytes a ranged read received, checked against its response's ``Content-Range`` (``bytes
+    a-b/total``): a body that ended before byte ``b`` was cut in transit, which raises a transient
+    ``OSError(ECONNRESET)`` (retried), not a short read that a reader takes for a truncated object."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(?:\d+|\*)", (content_range or "").strip())
+    if match and got < int(match.group(2)) - int(match.group(1)) + 1:
+        declared = int(match.group(2)) - int(match.group(1)) + 1
+        raise OSError(errno.ECONNRESET, f"the response ended after {got} of the {declared} bytes it declared")
+    return got
 
 
 def is_server_error(status: object) -> bool:

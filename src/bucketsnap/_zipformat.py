@@ -21,6 +21,7 @@ archive's members and the buffers' chunk objects are both read through it.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 import time
@@ -406,6 +407,17 @@ def _prefetch_pool() -> ThreadPoolExecutor:
         if _read_pool is None:
             _read_pool = ThreadPoolExecutor(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
         return _read_pool
+
+
+def _forget_pool_after_fork() -> None:
+    """In a forked child: a pool of its own. The parent's threads are not in the child, but the executor counts
+    them as idle and would start none for the child's reads, which then waited forever (found by review)."""
+    global _read_pool, _pool_lock
+    _read_pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 _EMPTY = memoryview(b"")

@@ -22,7 +22,7 @@ import uuid
 from typing import Any, ClassVar
 
 from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
-from bucketsnap._transport import Retry, chain, is_server_error, read_body_into
+from bucketsnap._transport import Retry, chain, check_length, is_server_error, read_body_into
 from bucketsnap._uploads import PartUploader
 from bucketsnap.errors import StorageError
 
@@ -38,7 +38,10 @@ _GCS_MAX_COMPONENTS = 1024
 _GCS_PARTS_PER_SIZE = 256
 
 #: What :meth:`GcsBackend.read_into` uses of a gcsfs filesystem (else it reads through gcsfs's cat_file).
-_GCSFS_REQUEST = ("_set_session", "_get_headers", "url", "loop", "requests_timeout")
+_GCSFS_REQUEST = ("_set_session", "_get_headers", "_get_params", "url", "loop", "requests_timeout")
+#: Seconds a ranged read may receive nothing before it fails (and is retried): gcsfs's own requests have no
+#: timeout unless ``requests_timeout`` is given, so a response that stalled mid-body hung forever.
+_READ_STALL = 60.0
 
 _lookup_lock = threading.Lock()
 #: Why this process found no Google credentials (None: not looked up yet, "": found some, or left to gcsfs).
@@ -104,6 +107,7 @@ class GcsBackend(Backend):
         size = buffer.nbytes
         if not size or not all(hasattr(fs, name) for name in _GCSFS_REQUEST):
             return super().read_into(path, start, buffer)
+        import aiohttp
         from fsspec.asyn import sync
         from gcsfs.retry import validate_response
 
@@ -112,11 +116,13 @@ class GcsBackend(Backend):
         async def get() -> int:
             await fs._set_session()
             headers = fs._get_headers({"Range": f"bytes={start}-{start + size - 1}"})
-            async with fs.session.get(url, headers=headers, timeout=fs.requests_timeout) as answer:
+            params = fs._get_params({})  # userProject, for a requester-pays bucket
+            timeout = aiohttp.ClientTimeout(total=fs.requests_timeout, sock_read=_READ_STALL)
+            async with fs.session.get(url, headers=headers, params=params, timeout=timeout) as answer:
                 if answer.status >= 300:  # gcsfs's errors: FileNotFoundError for a 404, HttpError with its code
                     validate_response(answer.status, await answer.read(), path)
                     raise OSError(f"GCS answered a ranged read with HTTP {answer.status}")
-                return await read_body_into(answer.content, buffer)
+                return check_length(await read_body_into(answer.content, buffer), answer.headers.get("Content-Range"))
 
         return int(sync(fs.loop, get))
 

@@ -16,7 +16,7 @@ import logging
 from typing import Any, ClassVar
 
 from bucketsnap._backends.base import Backend, PartWriter, Problem, ProblemKind
-from bucketsnap._transport import Retry, chain, copy_into, is_server_error, read_body_into
+from bucketsnap._transport import Retry, chain, check_length, copy_into, is_server_error, read_body_into
 from bucketsnap._uploads import PartBody, PartUploader
 from bucketsnap.errors import StorageError
 
@@ -107,8 +107,8 @@ class S3Backend(Backend):
             try:
                 content = getattr(getattr(body, "_raw_stream", None), "content", None)  # aiohttp's StreamReader
                 if content is None or not hasattr(content, "readchunk"):
-                    return copy_into(buffer, await body.read())
-                return await read_body_into(content, buffer)
+                    return check_length(copy_into(buffer, await body.read()), answer.get("ContentRange"))
+                return check_length(await read_body_into(content, buffer), answer.get("ContentRange"))
             finally:
                 body.close()
 
