@@ -1,0 +1,109 @@
+"""Reads that must not hang (found by review): a process forked after a restore restores on its own (the child's
+reads waited forever on the read pool it inherited, whose threads were the parent's), and a GCS response that
+stalls mid-body fails and is retried (gcsfs's requests have no timeout)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bucketsnap import SnapshotStore
+from conftest import Backend
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_child_forked_after_a_restore_restores_from_s3(s3_backend: Backend) -> None:
+    store = s3_backend.store("fork")
+    data = np.frombuffer(os.urandom(12 * 2**20), np.uint8)  # raw: several units, read on the pool
+    store.save(1, {"x": data})
+    assert np.array_equal(SnapshotStore(store.url, storage_options=s3_backend.options).load(1)["x"], data)
+    pid = os.fork()
+    if pid == 0:  # the child: a store of its own (fsspec's are not fork-safe), the same run
+        ok = False
+        try:
+            ok = np.array_equal(SnapshotStore(store.url, storage_options=s3_backend.options).load(1)["x"], data)
+        finally:
+            os._exit(0 if ok else 1)  # never return into pytest in the child
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's restore did not finish in 120 s")
+
+
+class StallingProxy:
+    """Forwards to ``target``; once :attr:`stall_after` is set, the next response stops after that many bytes,
+    its connection left open and silent, as a stalled server's is."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target, self.stall_after, self.stalled = target, -1, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, answers: bool) -> None:
+        sent, limit = 0, -1
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    if answers and limit < 0 and self.stall_after >= 0:
+                        limit, self.stall_after, self.stalled = self.stall_after, -1, self.stalled + 1
+                if limit >= 0 and sent + len(data) > limit:
+                    dst.sendall(data[: limit - sent])
+                    time.sleep(3600)  # silent, the connection open (a daemon thread: gone with the process)
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+
+
+@pytest.mark.gcs
+def test_a_gcs_read_whose_response_stalls_fails_and_is_retried(
+    gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: gcsfs's requests have no timeout by default, so a ranged read whose response stalled
+    mid-body hung forever. Now a read that receives nothing for a while fails, and is retried."""
+    from urllib.parse import urlsplit
+
+    from bucketsnap._backends import gcs
+    from bucketsnap._storage import Storage
+
+    target = urlsplit(gcs_backend.options["endpoint_url"])
+    assert target.hostname and target.port
+    proxy = StallingProxy((target.hostname, target.port))
+    options = {**gcs_backend.options, "endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    storage = Storage(gcs_backend.url(), storage_options=options)
+    data = os.urandom(3 * 2**20)
+    with storage.write("snapshots/d.zip") as f:
+        f.write(data)
+    monkeypatch.setattr(gcs, "_READ_STALL", 1.0)
+    proxy.stall_after = 64 * 1024  # the headers and the first bytes of the body, then nothing
+    buffer = bytearray(2 * 2**20)
+    assert storage.read_into("snapshots/d.zip", 3, buffer) == len(buffer) and proxy.stalled == 1
+    assert buffer == data[3 : 3 + len(buffer)]
