@@ -8,10 +8,10 @@ and each chunk is stored once, as its own object::
         one zstd frame (content size and checksum included) of the chunk's rows of every field, field after
         field; the name says what it holds (its BLAKE3 hash, or sha256 in tables of format 1), checks every
         stored byte (CRC-32) and which save wrote it
-    chunks/<hash of the raw bytes>-<CRC-32 of the object>-<save token>.shift.zst
+    chunks/<hash of what it decompresses to>-<CRC-32 of the object>-<save token>.shift.zst
         the same rows, where those of a field that repeat the next row of an earlier one (``shifted``: SB3's
-        ``next_observations``) are stored once, as records (see :mod:`bucketsnap._row_shifts`); tables holding
-        such chunks are of format 3
+        ``next_observations``, rows of 4 KiB or more) are stored once, as records (see
+        :mod:`bucketsnap._row_shifts`); tables holding such chunks are of format 3
 
 The snapshot's member for the buffer holds only the chunk table (hash function, ids, object names, row counts,
 sizes) and the buffer's counters; the snapshot's ``refs`` list the chunk objects, so gc and delete keep a chunk
@@ -142,8 +142,9 @@ class ChunkedArrays:
             account was wrong, and every chunk is hashed (with a warning).
         on_hashed: called with every chunk's bounds -> id once they are known (the caller's next ``known``).
         shifted: field -> an earlier field of the same dtype and row shape whose next row its rows usually
-            repeat (SB3's ``next_observations`` -> ``observations``): such rows are stored once, as records
-            (see :mod:`bucketsnap._row_shifts`); what a restore rebuilds, and the chunk ids, are unchanged.
+            repeat (SB3's ``next_observations`` -> ``observations``): where rows are 4 KiB or more, such rows
+            are stored once, as records (see :mod:`bucketsnap._row_shifts`). A restore rebuilds the rows
+            exactly; such a chunk's id is the hash of what its object decompresses to.
     """
 
     def __init__(
