@@ -1,8 +1,8 @@
 """Rows that repeat the next row of another field, stored once: the encoding of ``.shift.zst`` chunk objects.
 
 An SB3 replay buffer holds every observation twice: ``next_observations[t]`` is ``observations[t + 1]``
-except where an episode ended at ``t`` (and at the ring's write position). Compressing those rows again costs
-as much CPU as the first copy (zstd finds the repeat, but only after reading every byte), so a chunk whose
+except where an episode ended at ``t`` (and at the ring's write position). Hashing and compressing those rows
+again costs CPU a second time (zstd finds the repeat, but only after reading every byte), so a chunk whose
 value declares such a pair (``ChunkedArrays(shifted={"next_observations": "observations"})``) stores the
 repeating field as records instead: "the next ``k`` rows repeat the source field's next rows" or "the next
 ``k`` rows follow, literally". A save compares each row with the source's next one (a memory compare, about 7
@@ -16,8 +16,9 @@ What such an object decompresses to (every integer little-endian)::
              a repeat record stands for k rows, row r of the region being the raw bytes at
              source + (r + 1) x row_bytes
 
-The regions are in order of ``target``, do not overlap, and each one's source rows lie wholly before it
-(``source + rows x row_bytes <= target``); the last row of a region is always literal (its source row would be
+The regions are in order of ``target``; each is one whole field of the chunk (its offset, its row size, the
+chunk's rows) of at least :data:`MIN_ROW_BYTES` per row, whose source is an earlier field of the same row size
+(so ``source + rows x row_bytes <= target``); the last row of a region is always literal (its source row would be
 the next chunk's). A restore rebuilds the raw bytes exactly. The chunk's id is the hash of what the object
 decompresses to, as for any chunk: the records are a function of the rows (every run as long as it goes), so
 equal rows get equal ids, and a save does not hash the repeated rows again.
