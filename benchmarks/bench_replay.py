@@ -21,7 +21,10 @@ bucketsnap's second save follows 1,000 more transitions added with SB3's ``add``
 (``buffer_state(buffer)``, the default ``changes="hash"``); the third, 1,000 transitions later again, trusts the
 ring position (``changes="ring"``) and hashes only the chunks it wrote. Run::
 
-    python benchmarks/bench_replay.py [--transitions 100000] [--dir /tmp/bench-replay] [--skip-s3]
+    python benchmarks/bench_replay.py [--transitions 100000] [--dir /tmp/bench-replay] [--skip-s3] [--cold]
+
+With ``--cold`` (root, Linux) the page cache is dropped before each load, as on a VM resumed after preemption:
+SB3 then reads its pickle from the disk, bucketsnap its chunks.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ import psutil
 STACK = 4
 #: The load average when the measurements began (printed with the table).
 LOAD_BEFORE: list[float] = []
+#: Whether the page cache is dropped before each load (``--cold``).
+COLD: list[bool] = []
 
 
 def generate_frames(n: int, out: Path) -> None:
@@ -334,6 +339,12 @@ def main() -> None:
         help="runs of the local phases; each figure is their median (times also show min-max)",
     )
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before each load (needs root): a VM resumed after preemption reads SB3's "
+        "pickle from its disk, not from memory",
+    )
+    parser.add_argument(
         "--s3-transitions",
         type=int,
         default=None,
@@ -357,8 +368,14 @@ def main() -> None:
     runs: list[dict[str, dict[str, Any]]] = []
     LOAD_BEFORE.extend(os.getloadavg())
     try:
+        COLD.extend([True] if args.cold else [])
         for _ in range(max(1, args.repeats)):
-            runs.append({name: run_phase(name, data, work, n) for name in PHASES})
+            run: dict[str, dict[str, Any]] = {}
+            for name in PHASES:
+                if args.cold and name.endswith("_load"):
+                    drop_page_cache()
+                run[name] = run_phase(name, data, work, n)
+            runs.append(run)
             for path in (work / "run", work / "sb3_buffer.pkl"):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     finally:  # keep the frames for the next run when --dir was given
@@ -369,6 +386,15 @@ def main() -> None:
         print(flush=True)
         n_s3 = min(n, args.s3_transitions or n)
         print_s3_table(run_s3(data, work, n_s3), n_s3)
+
+
+def drop_page_cache() -> None:
+    """Write the dirty pages out, then drop the clean ones (Linux, as root), as a rebooted or resumed VM has."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (root, Linux): {exc}") from exc
 
 
 def run_s3(data: Path, work: Path, n: int) -> dict[str, dict[str, Any]]:
@@ -417,7 +443,8 @@ def print_table(r: dict[str, dict[str, Any]], n: int, spread: dict[str, str] | N
     print(f"SB3 DQN ReplayBuffer, {n:,} transitions of 4x84x84 uint8 frames (obs + next_obs: {raw / 1e9:.2f} GB)")
     print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, local disk")
     runs = f", median of {repeats} runs [min-max]" if repeats > 1 else ""
-    print(f"load average before the run: {' '.join(f'{x:.1f}' for x in LOAD_BEFORE or os.getloadavg())}{runs}\n")
+    cold = "; the page cache dropped before each load (--cold)" if COLD else ""
+    print(f"load average before the run: {' '.join(f'{x:.1f}' for x in LOAD_BEFORE or os.getloadavg())}{runs}{cold}\n")
     rows = [
         ("size on storage", f"{sb3s['bytes'] / mb:,.0f} MB", f"{bss['bytes'] / mb:,.1f} MB ({bss['chunks']} chunks)"),
         (
