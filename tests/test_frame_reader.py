@@ -291,6 +291,21 @@ def test_prefaulting_a_buffer_keeps_what_it_holds(background: bool) -> None:
     prefault(memoryview(bytes(10 * 2**20)))  # read-only: left alone
 
 
+def allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every bytearray the frame reader allocates from now on, in order."""
+    from bucketsnap import _frame_reader
+
+    allocated: list[int] = []
+
+    def counting_bytearray(*args: object) -> bytearray:
+        out = bytearray(*args)  # type: ignore[call-overload]
+        allocated.append(len(out))
+        return out
+
+    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    return allocated
+
+
 def test_compressed_frames_of_several_units_decode_into_reused_buffers_and_keep_their_checks() -> None:
     """Past the first unit, compressed frames are decoded into buffers handed back by earlier units: the bytes
     come back in order, and a frame whose content checksum fails is refused there too."""
@@ -313,14 +328,7 @@ def test_a_compressed_member_decodes_into_at_most_read_ahead_plus_one_buffers(mo
     contents = [bytes([i % 256]) * _frames.FRAME_SIZE for i in range(64)]  # 16 units of 4 compressed frames
     frames = [zstandard.ZstdCompressor(write_checksum=True).compress(c) for c in contents]
     data, index = member([(f, len(c)) for f, c in zip(frames, contents, strict=True)])
-    allocated: list[int] = []
-
-    def counting_bytearray(*args: object) -> bytearray:
-        out = bytearray(*args)  # type: ignore[call-overload]
-        allocated.append(len(out))
-        return out
-
-    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    allocated = allocations(monkeypatch)
     with FramesReader(lambda s, e: data[s:e], 0, index, 0, 64 * _frames.FRAME_SIZE, where="m") as reader:
         out = bytearray(64 * _frames.FRAME_SIZE)
         assert reader.readinto(out) == len(out)
@@ -383,17 +391,9 @@ def reads_into_a_buffer(data: bytes, calls: list[tuple[int, int]]) -> ReadRange:
 def test_raw_units_are_read_into_at_most_read_ahead_plus_one_reused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/performance.md: a unit of raw frames is read into one of at most READ_AHEAD + 1 buffers the reader
     reuses, not into new bytes per request; its frames are then copied out of it, checked as before."""
-    from bucketsnap import _frame_reader
 
     data, index, content = big_member(64)  # 16 units of 4 raw frames
-    allocated: list[int] = []
-
-    def counting_bytearray(*args: object) -> bytearray:
-        out = bytearray(*args)  # type: ignore[call-overload]
-        allocated.append(len(out))
-        return out
-
-    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    allocated = allocations(monkeypatch)
     calls: list[tuple[int, int]] = []
     out = memoryview(torch.empty(len(content), dtype=torch.uint8).numpy())
     with FramesReader(reads_into_a_buffer(data, calls), 0, index, 0, len(content), where="m") as reader:
@@ -465,14 +465,7 @@ def test_the_next_reader_reuses_the_buffers_a_closed_one_freed_and_an_idle_proce
     from bucketsnap import _frame_reader
 
     data, index, content = big_member(64)
-    allocated: list[int] = []
-
-    def counting_bytearray(*args: object) -> bytearray:
-        out = bytearray(*args)  # type: ignore[call-overload]
-        allocated.append(len(out))
-        return out
-
-    monkeypatch.setattr(_frame_reader, "bytearray", counting_bytearray, raising=False)
+    allocated = allocations(monkeypatch)
     out = bytearray(len(content))
     for _ in range(3):  # three restores of the member, one after the other
         with FramesReader(reads_into_a_buffer(data, []), 0, index, 0, len(content), where="m") as reader:

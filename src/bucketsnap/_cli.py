@@ -605,6 +605,7 @@ def repair_command(url: str, from_archives: bool, options: dict[str, Any]) -> No
     does not list there were dropped by retention, deleted, or never committed. A run with archives but no
     generation at all is rebuilt from them only with --from-archives (its first save may be in flight).
     """
+    from bucketsnap._maintenance import is_archive
     from bucketsnap._manifest import ManifestLog
 
     store = _open_run(url, options, need=(MANIFEST_DIR, SNAPSHOT_DIR), command="repair")
@@ -617,7 +618,7 @@ def repair_command(url: str, from_archives: bool, options: dict[str, Any]) -> No
         click.echo(f"committed manifest generation {manifest.generation} with {listed}")
     elif manifest.generation:
         click.echo(f"nothing to repair: manifest generation {manifest.generation} reads, with {listed}")
-    elif archives := [n for n in store.storage.list(SNAPSHOT_DIR) if n.endswith(".zip") and not n.startswith(".")]:
+    elif archives := [name for name in store.storage.list(SNAPSHOT_DIR) if is_archive(name)]:
         click.echo(
             f"nothing committed: the run has {count(len(archives), 'archive')} but no manifest generation (a first "
             "save in flight or killed, or a lost manifest); if its manifest was lost, run again with --from-archives"

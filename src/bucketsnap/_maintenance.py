@@ -50,7 +50,7 @@ from bucketsnap._storage import PROBE_PREFIX, Storage
 from bucketsnap._zipformat import RangeReader, read_directory, read_member
 from bucketsnap.errors import BucketsnapError, CorruptSnapshotError, NotASnapshotError
 
-__all__ = ["DATA_DIRS", "collect_garbage", "repair"]
+__all__ = ["DATA_DIRS", "collect_garbage", "is_archive", "repair"]
 
 logger = logging.getLogger("bucketsnap")
 
@@ -200,7 +200,7 @@ def repair(log: ManifestLog, *, from_archives: bool = False) -> Manifest:
     except CorruptSnapshotError as exc:
         logger.warning("repairing the manifest of %s: %s", storage.url, exc)
     else:
-        if newest.generation or not from_archives or not any(map(_is_archive, storage.list(SNAPSHOT_DIR))):
+        if newest.generation or not from_archives or not any(map(is_archive, storage.list(SNAPSHOT_DIR))):
             return _healthy(log, newest)
         logger.warning("%s holds archives but no manifest generation: rebuilding its manifest from them", storage.url)
     base = Manifest(0, Tree(log.pages))
@@ -217,7 +217,7 @@ def repair(log: ManifestLog, *, from_archives: bool = False) -> Manifest:
     listed = storage.list(SNAPSHOT_DIR)
     for name in listed:
         rel = f"{SNAPSHOT_DIR}/{name}"
-        if not _is_archive(name) or rel in base.referenced() or rel in in_sweeps:
+        if not is_archive(name) or rel in base.referenced() or rel in in_sweeps:
             continue
         try:
             info = _recover_info(log, rel)
@@ -257,7 +257,7 @@ def repair(log: ManifestLog, *, from_archives: bool = False) -> Manifest:
         return _healthy(log, healthy.manifest)
 
 
-def _is_archive(name: str) -> bool:
+def is_archive(name: str) -> bool:
     """Whether a name listed under ``snapshots/`` is an archive (not a temp file or another object)."""
     return name.endswith(".zip") and not name.startswith(".")
 
