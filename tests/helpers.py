@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import runpy
+import socket
 import subprocess
 import sys
 import threading
@@ -198,3 +199,35 @@ class Worker:
 
     def kill(self) -> None:
         self._process.kill()
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1:<port> to ``target``: each connection accepted is handed to :meth:`admit`, then,
+    with a connection of its own to ``target``, to :meth:`serve`, which decides what goes through."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def admit(self, client: socket.socket) -> bool:
+        """Whether to forward ``client`` (a subclass may close it instead)."""
+        return True
+
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Start forwarding between ``client`` and ``upstream`` (on threads of its own; must not block)."""
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if self.admit(client):
+                self.serve(client, socket.create_connection(self.target))

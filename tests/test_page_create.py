@@ -20,35 +20,24 @@ from bucketsnap import SnapshotStore, StorageError
 from bucketsnap._pages import PAGE_DIR, TAIL
 from bucketsnap._storage import Storage
 from conftest import Backend
+from helpers import TcpProxy
 from test_transient_after_contact import _abort, endpoint_of, through
 
 
-class LosingProxy:
+class LosingProxy(TcpProxy):
     """Forwards 127.0.0.1:<port> to ``target``; once :attr:`armed`, the first request whose request line holds
     ``marker`` reaches the server, and its answer is dropped with a TCP reset (the server applied it)."""
 
     def __init__(self, target: tuple[str, int], marker: bytes) -> None:
-        self.target, self.marker = target, marker
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        self.marker = marker
         self.armed = False
         self.lost: list[bytes] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            drop = threading.Event()
-            threading.Thread(target=self._requests, args=(client, upstream, drop), daemon=True).start()
-            threading.Thread(target=self._answers, args=(upstream, client, drop), daemon=True).start()
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        drop = threading.Event()
+        threading.Thread(target=self._requests, args=(client, upstream, drop), daemon=True).start()
+        threading.Thread(target=self._answers, args=(upstream, client, drop), daemon=True).start()
 
     def _requests(self, client: socket.socket, upstream: socket.socket, drop: threading.Event) -> None:
         try:

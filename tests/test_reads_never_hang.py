@@ -5,6 +5,7 @@ stalls mid-body fails and is retried (gcsfs's requests have no timeout)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from bucketsnap import SnapshotStore
 from conftest import Backend
+from helpers import TcpProxy
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
@@ -40,32 +42,17 @@ def test_a_child_forked_after_a_restore_restores_from_s3(s3_backend: Backend) ->
     pytest.fail("the forked child's restore did not finish in 120 s")
 
 
-class StallingProxy:
+class StallingProxy(TcpProxy):
     """Forwards to ``target``; once :attr:`stall_after` is set, the next response stops after that many bytes,
     its connection left open and silent, as a stalled server's is."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        import socket
-        import threading
+        self.stall_after, self.stalled = -1, 0
+        super().__init__(target)
 
-        self.target, self.stall_after, self.stalled = target, -1, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+    def serve(self, client: Any, upstream: Any) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src: Any, dst: Any, answers: bool) -> None:
         sent, limit = 0, -1

@@ -25,22 +25,19 @@ import torch
 
 from bucketsnap import Retry, SnapshotStore, StorageError, UnreachableError
 from conftest import Backend
+from helpers import TcpProxy
 
 SERVERS = ["s3", "gcs", "azure"]
 
 
-class ResettingProxy:
+class ResettingProxy(TcpProxy):
     """Forwards 127.0.0.1:<port> to ``target``; :meth:`reset` kills live connections and the next ``n``."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
         self.to_reset = 0
         self.resets = 0
         self.live: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
     def reset(self, n: int) -> None:
         with self.lock:
@@ -50,26 +47,23 @@ class ResettingProxy:
             _abort(sock)
 
     def close(self) -> None:
-        self.listener.close()
+        super().close()
         self.reset(0)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            with self.lock:
-                if self.to_reset > 0:
-                    self.to_reset -= 1
-                    self.resets += 1
-                    _abort(client)
-                    continue
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.live.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+    def admit(self, client: socket.socket) -> bool:
+        with self.lock:
+            if self.to_reset > 0:
+                self.to_reset -= 1
+                self.resets += 1
+                _abort(client)
+                return False
+        return True
+
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self.lock:
+            self.live.update((client, upstream))
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
 
 
 def _abort(sock: socket.socket) -> None:
