@@ -502,3 +502,60 @@ def test_next_observations_a_field_apart_are_stored_once() -> None:
     store.save(1, {"rb": buffer_state(held)})
     stored = sum(store.storage.list_sizes(CHUNK_DIR).values())
     assert stored < 1.15 * held.observations.nbytes, (stored, held.observations.nbytes)
+
+
+def test_a_training_loop_lists_chunks_once_per_process_not_once_per_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocol.md: a save checks that the chunks it reuses are still stored by listing ``chunks/`` once per
+    process, not once per save (a listing costs a request per 1,000 stored chunks, which grow with the run). A
+    restarted process lists once; every snapshot restores as it was saved."""
+    from bucketsnap._storage import Storage
+
+    listings: list[str] = []
+    list_sizes = Storage.list_sizes
+
+    def counted(self: Storage, rel_dir: str) -> dict[str, int]:
+        listings.append(rel_dir)
+        return list_sizes(self, rel_dir)
+
+    monkeypatch.setattr(Storage, "list_sizes", counted)
+    rng = np.random.default_rng(3)
+    buffer = TransitionStorage(400)
+    buffer.insert_data_slice({"obs": rng.integers(0, 256, (400, 64), dtype=np.uint8)})
+    saved: dict[int, np.ndarray] = {}
+
+    def save_loop(store: SnapshotStore, itrs: range) -> None:
+        for itr in itrs:
+            buffer.insert_data_slice({"obs": rng.integers(0, 256, (30, 64), dtype=np.uint8)})
+            info = store.save(itr, {"buf": buffer_state(buffer, chunk_rows=50)})
+            assert any(ref.startswith(CHUNK_DIR) for ref in info.refs)
+            saved[itr] = buffer.data["obs"].clone().numpy()
+
+    store = SnapshotStore("memory://buffers/listed-once/run")
+    save_loop(store, range(1, 9))
+    assert listings.count(CHUNK_DIR) <= 1, listings  # the first save has nothing to reuse; then one at most
+    listings.clear()
+    restarted = SnapshotStore(store.url)  # a new process's store: it knows no chunk yet
+    save_loop(restarted, range(9, 15))
+    assert listings.count(CHUNK_DIR) == 1, listings
+    for itr, obs in saved.items():
+        restored = TransitionStorage(400)
+        restore_buffer(store, restored, key="buf", which=itr, verify=True)
+        assert np.array_equal(restored.data["obs"].numpy(), obs), itr
+
+
+def test_a_chunk_deleted_by_hand_is_written_again_by_the_next_process() -> None:
+    """A chunk object removed outside bucketsnap is noticed by a process's first save, which stores it again
+    (docs/protocol.md, "Trade-offs": later saves of a process that already knew it do not look again)."""
+    rng = np.random.default_rng(4)
+    buffer = TransitionStorage(100)
+    buffer.insert_data_slice({"obs": rng.integers(0, 256, (100, 64), dtype=np.uint8)})
+    store = SnapshotStore("memory://buffers/deleted-by-hand/run")
+    info = store.save(1, {"buf": buffer_state(buffer, chunk_rows=50)})
+    store.storage.delete(info.refs[0])
+    restarted = SnapshotStore(store.url)
+    again = restarted.save(2, {"buf": buffer_state(buffer, chunk_rows=50)})
+    assert info.refs[0] not in again.refs and info.refs[1] in again.refs
+    restarted.verify(2)
+    restored = TransitionStorage(100)
+    restore_buffer(restarted, restored, key="buf", verify=True)
+    assert torch.equal(restored.data["obs"], buffer.data["obs"])

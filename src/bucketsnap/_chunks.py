@@ -56,6 +56,7 @@ import blake3
 import numpy as np
 import zstandard
 
+from bucketsnap import _stored_chunks
 from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, is_shifted, named_checksum, object_crc
 from bucketsnap._chunk_names import CHUNK_OBJECT as _CHUNK_OBJECT
 from bucketsnap._prefault import prefault
@@ -380,6 +381,7 @@ class ChunkedArrays:
         rel = f"{CHUNK_DIR}/{chunk_id}-{crc32(compressed):08x}-{token}{suffix}"
         with storage.write(rel) as f:
             f.write(compressed)
+        _stored_chunks.remember(storage, rel, len(compressed))
         return rel, len(compressed)
 
     def _views(self, start: int, end: int) -> list[memoryview]:
@@ -447,20 +449,14 @@ def _key(chunk_id: str, shifted: bool) -> str:
 
 
 def _reusable_chunks(storage: Storage, committed: Iterable[str]) -> dict[str, tuple[str, int]]:
-    """Chunk key (see :func:`_key`) -> (object, size) of the stored chunks that committed snapshots refer to, in
-    one listing."""
+    """Chunk key (see :func:`_key`) -> (object, size) of the stored chunks that committed snapshots refer to (a
+    listing of ``chunks/`` only where this process does not know one of them: :mod:`bucketsnap._stored_chunks`)."""
     wanted: dict[str, str] = {}
     for rel in committed:
         match = _CHUNK_OBJECT.fullmatch(rel)
         if match:
             wanted[rel.rsplit("/", 1)[-1]] = _key(match.group(1), bool(match.group(3)))
-    if not wanted:
-        return {}
-    out: dict[str, tuple[str, int]] = {}
-    for name, size in storage.list_sizes(CHUNK_DIR).items():
-        if name in wanted:  # one deleted by hand is written again
-            out[wanted[name]] = (f"{CHUNK_DIR}/{name}", size)
-    return out
+    return _stored_chunks.lookup(storage, wanted) if wanted else {}
 
 
 def _as_rows(name: str, array: Any, rows: int) -> np.ndarray:
