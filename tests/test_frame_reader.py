@@ -7,9 +7,12 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -508,7 +511,7 @@ def test_a_reader_closed_with_units_in_flight_keeps_none_of_their_buffers_for_th
     reader = FramesReader(slow, 0, index, 0, len(content), where="m")
     first = bytearray(1000)
     assert reader.readinto(first) == 1000 and first == content[:1000]
-    in_flight = [out for _, out in reader._pending if out is not None]
+    in_flight = [out for _, out, _ in reader._pending if out is not None]
     assert in_flight
     reader.close()
     kept = _frame_reader._SPARES._buffers
@@ -528,3 +531,108 @@ def test_at_most_read_ahead_plus_one_freed_buffers_are_kept() -> None:
     assert kept.held() == (READ_AHEAD + 1) * _frame_reader._UNIT_STORED
     kept.drop()
     assert kept.held() == 0
+
+
+_LEFT_OPEN = """
+import sys, torch
+from bucketsnap import SnapshotStore, _archive
+from bucketsnap._frame_reader import FramesReader
+from bucketsnap._tensors import read_layout
+
+store = SnapshotStore(sys.argv[1])
+snap = store.open(1)
+member = snap.info.members["w"]
+read_range = snap._reader(member)
+stream = _archive._frames_stream(read_range, member, "m")  # a restore abandoned inside its member's stream
+stream.__enter__().read(10)
+index = read_layout(read_range, member, where="m").index
+left = FramesReader(read_range, member.offset, index, 0, member.raw_size, where="m")
+left.read(10)  # a reader never closed: its finalizer closes it
+print("left open", flush=True)
+"""
+
+
+def test_a_process_exits_with_readers_left_open(tmp_path: Any) -> None:
+    """A reader still open when the interpreter exits (a restore abandoned mid-member, a reader never closed) is
+    closed as Python finalizes it; the process exits at once. Keeping its buffers started a timer thread there,
+    whose start() waited forever: the process hung at exit."""
+    url = str(tmp_path / "run")
+    SnapshotStore(url).save(1, {"w": torch.randn(8 * 2**20 // 4)})
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN)
+    done = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "left open" in done.stdout
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("size", [1, 1000, READ_CHUNK - 1, READ_CHUNK, READ_CHUNK + 1, 3 * READ_CHUNK + 5, 1 << 30])
+def test_buffers_of_any_size_get_the_bytes_whether_the_consumer_or_a_pool_thread_copies_them(
+    monkeypatch: pytest.MonkeyPatch, size: int, compressed: bool
+) -> None:
+    """Units wholly within the caller's buffer are copied into it on the read pool, the others by the consumer:
+    read in buffers of any size, from any start, the bytes are the member's, and buffers spanning units have
+    some copied on the pool."""
+    from bucketsnap import _frame_reader
+
+    copied: list[int] = []
+    copy_unit = _frame_reader._copy_unit
+
+    def counted(*args: Any) -> int:
+        copied.append(threading.get_ident())
+        return int(copy_unit(*args))
+
+    monkeypatch.setattr(_frame_reader, "_copy_unit", counted)
+    if compressed:
+        content = bytes(range(256)) * (40 * _frames.FRAME_SIZE // 256)
+        parts = [content[i : i + _frames.FRAME_SIZE] for i in range(0, len(content), _frames.FRAME_SIZE)]
+        data, index = member([(zstandard.ZstdCompressor().compress(p), len(p)) for p in parts])
+    else:
+        data, index, content = big_member(40)
+    for start in (0, 12_345, 2 * READ_CHUNK):
+        end = start + 10_000 if size < 4096 else len(content)  # small buffers: a few thousand reads
+        out = bytearray()
+        with FramesReader(reads_into_a_buffer(data, []), 0, index, start, end, where="m") as reader:
+            buffer = bytearray(min(size, len(content)))
+            while got := reader.readinto(buffer):
+                out += buffer[:got]
+        assert out == content[start:end], (start, size)
+    if size < READ_CHUNK:  # too small to hold a whole unit: the consumer copies every byte
+        assert not copied
+    if size >= 2 * READ_CHUNK:  # holds whole units wherever it starts
+        assert copied
+    assert threading.get_ident() not in copied
+
+
+def test_no_pool_thread_writes_into_the_callers_buffer_once_readinto_has_raised() -> None:
+    """docs: the caller may free its buffer once readinto returns or raises. A corrupt unit fails the read while
+    later units bound for the same buffer are still being fetched: none of them writes into it afterwards."""
+    data, index, content = big_member(40)
+    bad = bytearray(data)
+    bad[index.stored_starts[4] + 100] ^= 0xFF  # the second unit's first frame
+    release = threading.Event()
+    started: list[int] = []
+
+    def read(start: int, end: int) -> bytes:
+        return bytes(bad[start:end])
+
+    def into(start: int, buffer: memoryview) -> int:
+        if start > index.stored_starts[4]:  # the units after the corrupt one arrive late
+            started.append(start)
+            release.wait(5)
+        buffer[:] = bad[start : start + buffer.nbytes]
+        return buffer.nbytes
+
+    read.into = into  # type: ignore[attr-defined]
+    out = bytearray(len(content))
+    with FramesReader(read, 0, index, 0, len(content), where="m") as reader:
+        timer = threading.Timer(0.5, release.set)
+        timer.start()
+        with pytest.raises(CorruptSnapshotError, match="frame 4: checksum mismatch"):
+            reader.readinto(out)
+        after = bytes(out)
+        assert started  # late units were in flight when it raised
+        release.set()
+        time.sleep(0.3)
+        assert bytes(out) == after, "a pool thread wrote into the buffer after readinto raised"
+        timer.cancel()

@@ -4,21 +4,26 @@ A restore of a seekable member (codec ``"zstd-frames"``, :mod:`bucketsnap._frame
 *units*: runs of whole frames of at most :data:`~bucketsnap._zipformat.READ_CHUNK` (4 MiB) raw bytes (and as
 many stored bytes, give or take their headers), each one ranged request. A unit is fetched and decoded on a
 thread of the read pool, up to :data:`~bucketsnap._zipformat.READ_AHEAD` (8) units ahead of the consumer, so
-frames are decoded on as many threads as are in flight and the consumer only copies each unit's bytes, in
-order, into its buffers (the tensors being restored). Decoding a frame means:
+frames are decoded on as many threads as are in flight. A unit that lies wholly within the buffer the consumer
+is filling (a tensor being restored) is copied into it on the thread that fetched it, as soon as it arrives;
+the consumer copies, in order, only the bytes of the others (units fetched before it was given the buffer, or
+straddling its edges). Decoding a frame means:
 
 * its stored bytes checked against the CRC-32 in the frame index;
 * its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as where
   they lie in the fetched bytes; an RLE block is one byte repeated, kept as that byte and a count. Neither is
-  copied until the consumer copies it into its buffer, once;
+  copied until it is copied into the caller's buffer, once;
 * a frame holding a compressed block, or carrying a content checksum (XXH64, which only zstd computes here),
   handed whole to zstd, which checks the checksum, and decoded into a buffer an earlier unit freed (new
   memory for each frame would be faulted in each time): its bytes are then copied once more, into the tensor;
 * its declared content size, the sum of its blocks and its end checked against the index's sizes.
 
-The consumer's copies are ``ctypes.memmove`` calls, which release the GIL, so the event loop receiving the next
-units runs meanwhile; the destination's pages are faulted in on a pool thread as the first units arrive
-(:mod:`bucketsnap._prefault`).
+The copies are ``ctypes.memmove`` calls, which release the GIL, so the event loop receiving the next units runs
+meanwhile; the destination's pages are faulted in on a pool thread as the first units arrive
+(:mod:`bucketsnap._prefault`). Copying on the pool threads keeps the consumer from holding up the next units'
+requests, which it makes as it takes units (GCS policy restores: 42-44 % of the store's ceiling before, 51-58 %
+after, ``benchmarks/bench_read_path.py``). No pool thread writes into a buffer once :meth:`FramesReader.readinto`
+has returned or raised: it waits for those still copying, so the caller may free the buffer then.
 
 Trade-off: a whole-member read first reads the member's last 32 KiB for the index (one request more than a
 plain forward read, none for a member that fits in it, whose frames are then served from those bytes), to cut
@@ -42,9 +47,11 @@ for frames bucketsnap writes (at most 1 MiB raw). A unit of one larger frame (a 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -242,6 +249,27 @@ def _load_unit(
     return pieces
 
 
+def _copy_unit(
+    read_range: ReadRange,
+    offset: int,
+    index: FrameIndex,
+    unit: range,
+    where: str,
+    out: bytearray | None,
+    address: int,
+) -> int:
+    """:func:`_load_unit`, then its pieces copied to ``address`` (the caller's buffer) on this thread; the bytes
+    copied."""
+    at = address
+    for owner, source, count in _load_unit(read_range, offset, index, unit, where, out):
+        if owner is None:
+            ctypes.memset(at, source, count)
+        else:
+            ctypes.memmove(at, source, count)
+        at += count
+    return at - address
+
+
 def _span(starts: list[int], sizes: list[int], unit: range) -> int:
     return starts[unit[-1]] + sizes[unit[-1]] - starts[unit.start]
 
@@ -280,7 +308,8 @@ class FramesReader(io.RawIOBase):
         self._units = deque(units(index, span))
         self._index = index
         self._args = (read_range, offset, index)
-        self._pending: deque[tuple[Future[list[Piece]], bytearray | None]] = deque()
+        #: Units in flight, in order: (future, its buffer, whether it copies itself into the caller's buffer).
+        self._pending: deque[tuple[Future[Any], bytearray | None, bool]] = deque()
         self._buffer: bytearray | None = None  # the one holding the pieces being copied
         self._spares: list[bytearray] = []
         self._read_ahead = max(read_ahead, 1)
@@ -288,6 +317,11 @@ class FramesReader(io.RawIOBase):
         self._skip = start - index.raw_starts[span.start] if span else 0  # bytes of the first frame before start
         self._left = end - start
         self._where = where
+        self._dropped = False  # closed by the finalizer (see __del__)
+        #: The payload offset of the next byte :meth:`readinto` hands over.
+        self._position = start
+        #: During a :meth:`readinto`: (payload offset of its first byte, of its end, the buffer's address).
+        self._window: tuple[int, int, int] | None = None
 
     def readable(self) -> bool:
         return True
@@ -299,49 +333,92 @@ class FramesReader(io.RawIOBase):
             return 0
         prefault(view[:want], background=_prefetch_pool().submit)
         dest = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        self._window = (self._position, self._position + want, dest)
         got = 0
-        while got < want:
-            if not self._pieces and not self._next_unit():
-                break
-            owner, at, count = self._pieces.popleft()
-            if self._skip:
-                skipped = min(self._skip, count)
-                self._skip -= skipped
-                count -= skipped
-                at += skipped if owner is not None else 0
-            n = min(count, want - got)
-            # ctypes calls release the GIL: the event loop fetching the next units runs meanwhile
-            if owner is None:
-                ctypes.memset(dest + got, at, n)
-            else:
-                ctypes.memmove(dest + got, at, n)
-            if count > n:
-                self._pieces.appendleft((owner, at + n if owner is not None else at, count - n))
-            got += n
+        try:
+            while got < want:
+                if not self._pieces:
+                    unit_bytes = self._next_unit()
+                    if unit_bytes is None:
+                        break
+                    got += unit_bytes  # a unit copied into ``b`` where it was fetched (0 for the others)
+                    continue
+                owner, at, count = self._pieces.popleft()
+                if self._skip:
+                    skipped = min(self._skip, count)
+                    self._skip -= skipped
+                    count -= skipped
+                    at += skipped if owner is not None else 0
+                n = min(count, want - got)
+                # ctypes calls release the GIL: the event loop fetching the next units runs meanwhile
+                if owner is None:
+                    ctypes.memset(dest + got, at, n)
+                else:
+                    ctypes.memmove(dest + got, at, n)
+                if count > n:
+                    self._pieces.appendleft((owner, at + n if owner is not None else at, count - n))
+                got += n
+        except BaseException:
+            self._settle_copies()  # none may write into ``b`` once this returns: its memory may be freed then
+            raise
+        finally:
+            self._window = None
         self._left -= got
+        self._position += got
         return got
 
-    def _next_unit(self) -> bool:
-        """Move the next unit's pieces into :attr:`_pieces` (keeping ``read_ahead`` units in flight); False at
-        the end. Called once the previous unit's pieces are all copied: its buffer is free again."""
+    def _next_unit(self) -> int | None:
+        """Take the next unit, keeping ``read_ahead`` units in flight: its pieces moved into :attr:`_pieces`
+        (returns 0), or, for a unit a pool thread copied into the caller's buffer itself, the bytes it copied;
+        None at the end. Called once the previous unit's pieces are all copied: its buffer is free again."""
         if self._buffer is not None:
             self._spares.append(self._buffer)
             self._buffer = None
         if not self._pending:
             if not self._units:
-                return False
+                return None
             if len(self._units) == 1:  # the only unit left: no thread to hand it over from
                 unit, self._buffer = self._units.popleft(), None
                 self._pieces.extend(_load_unit(*self._args, unit, self._where))
-                return True
+                return 0
         pool = _prefetch_pool()
         while len(self._pending) < self._read_ahead and self._units:
             unit = self._units.popleft()
             out = self._out_buffer(unit)
-            self._pending.append((pool.submit(_load_unit, *self._args, unit, self._where, out), out))
-        future, self._buffer = self._pending.popleft()
-        self._pieces.extend(future.result())
-        return True
+            into = self._destination(unit)
+            if into is None:
+                self._pending.append((pool.submit(_load_unit, *self._args, unit, self._where, out), out, False))
+            else:
+                self._pending.append((pool.submit(_copy_unit, *self._args, unit, self._where, out, into), out, True))
+        future, buffer, copied = self._pending.popleft()
+        result = future.result()
+        if copied:
+            if buffer is not None:
+                self._spares.append(buffer)
+            assert isinstance(result, int)
+            return result
+        self._buffer = buffer
+        assert isinstance(result, list)
+        self._pieces.extend(result)
+        return 0
+
+    def _destination(self, unit: range) -> int | None:
+        """Where in the caller's buffer the unit's bytes go, if they all go there (None: the consumer copies them,
+        a unit read ahead of the buffer, or straddling its edges)."""
+        if self._window is None:
+            return None
+        first, end, dest = self._window
+        index = self._index
+        lo = index.raw_starts[unit.start]
+        hi = lo + _span(index.raw_starts, index.raw_sizes, unit)
+        return dest + (lo - first) if first <= lo < hi <= end else None
+
+    def _settle_copies(self) -> None:
+        """Cancel the units bound for the caller's buffer that have not started; wait for those that have."""
+        for future, _, copied in self._pending:
+            if copied and not future.cancel():
+                with contextlib.suppress(BaseException):
+                    future.result()
 
     def _out_buffer(self, unit: range) -> bytearray | None:
         """A buffer for the unit: its stored bytes where they are raw frames and the reads can fill a buffer, else
@@ -360,15 +437,24 @@ class FramesReader(io.RawIOBase):
         return kept if kept is not None else bytearray(max(need, _UNIT_STORED))  # one size: any serves any unit
 
     def close(self) -> None:
-        for future, _ in self._pending:
+        for future, _, _ in self._pending:
             future.cancel()  # those running finish on their own, into buffers of their own that are dropped
         self._pending.clear()
         self._pieces.clear()
         freed = self._spares if self._buffer is None else [*self._spares, self._buffer]
         self._spares, self._buffer = [], None
-        if not self.closed:
+        if not self.closed and not self._dropped:
             _SPARES.give(freed)  # for the next member or restore: no unit of this reader writes into them now
         super().close()
+
+    def __del__(self) -> None:
+        # A reader dropped unclosed is closed by its finalizer, which keeps none of its buffers: keeping them takes
+        # a lock and may start the timer that drops them, neither of which a finalizer may do (the code it
+        # interrupted may hold that lock; a thread started as the interpreter exits never runs, and its start()
+        # waits for it forever).
+        self._dropped = True
+        if hasattr(self, "_pending"):  # else __init__ failed: nothing to close
+            super().__del__()
 
 
 #: Seconds that buffers freed by a closed reader are kept for the next one (see :class:`_Kept`).
@@ -396,6 +482,8 @@ class _Kept:
         return None
 
     def give(self, buffers: list[bytearray]) -> None:
+        if sys.is_finalizing():  # a reader closed as the interpreter exits: a timer started now would never run,
+            return  # and its start() would wait for it forever
         with self._lock:
             self._buffers += buffers[: max(0, READ_AHEAD + 1 - len(self._buffers))]
             self._used = time.monotonic()
