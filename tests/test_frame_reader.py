@@ -511,7 +511,7 @@ def test_a_reader_closed_with_units_in_flight_keeps_none_of_their_buffers_for_th
     reader = FramesReader(slow, 0, index, 0, len(content), where="m")
     first = bytearray(1000)
     assert reader.readinto(first) == 1000 and first == content[:1000]
-    in_flight = [out for _, out, _ in reader._pending if out is not None]
+    in_flight = [unit.buffer for unit in reader._pending if unit.buffer is not None]
     assert in_flight
     reader.close()
     kept = _frame_reader._SPARES._buffers
@@ -604,9 +604,11 @@ def test_buffers_of_any_size_get_the_bytes_whether_the_consumer_or_a_pool_thread
     assert threading.get_ident() not in copied
 
 
-def test_no_pool_thread_writes_into_the_callers_buffer_once_readinto_has_raised() -> None:
+@pytest.mark.parametrize("fetched_ahead", [False, True])
+def test_no_pool_thread_writes_into_the_callers_buffer_once_readinto_has_raised(fetched_ahead: bool) -> None:
     """docs: the caller may free its buffer once readinto returns or raises. A corrupt unit fails the read while
-    later units bound for the same buffer are still being fetched: none of them writes into it afterwards."""
+    later units bound for the same buffer are still being fetched (``fetched_ahead``: asked for before the
+    buffer was given, by a read of the first bytes): none of them writes into it afterwards."""
     data, index, content = big_member(40)
     bad = bytearray(data)
     bad[index.stored_starts[4] + 100] ^= 0xFF  # the second unit's first frame
@@ -626,6 +628,9 @@ def test_no_pool_thread_writes_into_the_callers_buffer_once_readinto_has_raised(
     read.into = into  # type: ignore[attr-defined]
     out = bytearray(len(content))
     with FramesReader(read, 0, index, 0, len(content), where="m") as reader:
+        if fetched_ahead:
+            first = bytearray(1000)
+            assert reader.readinto(first) == 1000 and first == content[:1000]
         timer = threading.Timer(0.5, release.set)
         timer.start()
         with pytest.raises(CorruptSnapshotError, match="frame 4: checksum mismatch"):

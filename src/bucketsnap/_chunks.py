@@ -77,7 +77,6 @@ __all__ = [
     "chunk_object",
     "named_checksum",
     "read_chunks",
-    "verify_chunk_object",
 ]
 
 #: Threads hashing, compressing and writing a buffer's chunks on save, and decompressing them on restore: one
@@ -613,15 +612,6 @@ def _decompress_chunk(
         raise CorruptSnapshotError(f"{where}: corrupt zstd data: {exc}") from exc
     if digest is not None:
         _check_crc(raw, object_crc(rel), where)
-
-
-def verify_chunk_object(storage: Storage, rel: str, *, where: str) -> None:
-    """Read chunk object ``rel`` whole and check it against the CRC-32 its name records (if it has one)."""
-    expected = object_crc(rel)
-    if expected is None:
-        return
-    where = f"{where} chunk {storage.url_of(rel)}"
-    _check_crc(_object_reader(storage, rel, storage.size(rel), where), expected, where)
 
 
 def _digest(views: list[memoryview], hash_name: str) -> str:

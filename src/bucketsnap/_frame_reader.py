@@ -57,7 +57,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 import zstandard
 
@@ -260,14 +260,46 @@ def _copy_unit(
 ) -> int:
     """:func:`_load_unit`, then its pieces copied to ``address`` (the caller's buffer) on this thread; the bytes
     copied."""
+    return _copy_pieces(_load_unit(read_range, offset, index, unit, where, out), address)
+
+
+def _copy_pieces(pieces: list[Piece], address: int) -> int:
     at = address
-    for owner, source, count in _load_unit(read_range, offset, index, unit, where, out):
+    for owner, source, count in pieces:
         if owner is None:
             ctypes.memset(at, source, count)
         else:
             ctypes.memmove(at, source, count)
         at += count
     return at - address
+
+
+def _copied_when_fetched(fetch: Future[list[Piece]], address: int) -> Future[int]:
+    """A future of the bytes of ``fetch``'s unit copied to ``address`` by whichever thread ends the fetch, as it
+    ends. Cancelling it before the copy starts means the copy never starts."""
+    copied: Future[int] = Future()
+
+    def copy(done: Future[list[Piece]]) -> None:
+        if not copied.set_running_or_notify_cancel():
+            return  # cancelled: the caller's buffer may be gone
+        try:
+            copied.set_result(_copy_pieces(done.result(), address))
+        except BaseException as exc:
+            copied.set_exception(exc)
+
+    fetch.add_done_callback(copy)
+    return copied
+
+
+class _InFlight(NamedTuple):
+    """A unit taken from the queue: ``future`` gives its pieces, or where ``copied``, the bytes it copied into the
+    caller's buffer; ``fetch`` is its fetch (``future`` itself, or the fetch whose pieces ``future`` copies)."""
+
+    future: Future[Any]
+    buffer: bytearray | None
+    copied: bool
+    unit: range
+    fetch: Future[Any]
 
 
 def _span(starts: list[int], sizes: list[int], unit: range) -> int:
@@ -308,8 +340,7 @@ class FramesReader(io.RawIOBase):
         self._units = deque(units(index, span))
         self._index = index
         self._args = (read_range, offset, index)
-        #: Units in flight, in order: (future, its buffer, whether it copies itself into the caller's buffer).
-        self._pending: deque[tuple[Future[Any], bytearray | None, bool]] = deque()
+        self._pending: deque[_InFlight] = deque()  # in order
         self._buffer: bytearray | None = None  # the one holding the pieces being copied
         self._spares: list[bytearray] = []
         self._read_ahead = max(read_ahead, 1)
@@ -336,6 +367,7 @@ class FramesReader(io.RawIOBase):
         self._window = (self._position, self._position + want, dest)
         got = 0
         try:
+            self._copy_pending_into_window()
             while got < want:
                 if not self._pieces:
                     unit_bytes = self._next_unit()
@@ -386,11 +418,13 @@ class FramesReader(io.RawIOBase):
             unit = self._units.popleft()
             out = self._out_buffer(unit)
             into = self._destination(unit)
+            fetch: Future[Any]
             if into is None:
-                self._pending.append((pool.submit(_load_unit, *self._args, unit, self._where, out), out, False))
+                fetch = pool.submit(_load_unit, *self._args, unit, self._where, out)
             else:
-                self._pending.append((pool.submit(_copy_unit, *self._args, unit, self._where, out, into), out, True))
-        future, buffer, copied = self._pending.popleft()
+                fetch = pool.submit(_copy_unit, *self._args, unit, self._where, out, into)
+            self._pending.append(_InFlight(fetch, out, into is not None, unit, fetch))
+        future, buffer, copied, _, _ = self._pending.popleft()
         result = future.result()
         if copied:
             if buffer is not None:
@@ -413,12 +447,20 @@ class FramesReader(io.RawIOBase):
         hi = lo + _span(index.raw_starts, index.raw_sizes, unit)
         return dest + (lo - first) if first <= lo < hi <= end else None
 
+    def _copy_pending_into_window(self) -> None:
+        """Have the units fetched ahead of this buffer that lie wholly within it copied into it as they arrive, by
+        the thread that ends their fetch (the consumer, for one already fetched)."""
+        for i, unit in enumerate(self._pending):
+            into = None if unit.copied else self._destination(unit.unit)
+            if into is not None:
+                self._pending[i] = unit._replace(future=_copied_when_fetched(unit.fetch, into), copied=True)
+
     def _settle_copies(self) -> None:
-        """Cancel the units bound for the caller's buffer that have not started; wait for those that have."""
-        for future, _, copied in self._pending:
-            if copied and not future.cancel():
+        """Cancel the copies into the caller's buffer that have not started; wait for those that have."""
+        for unit in self._pending:
+            if unit.copied and not unit.future.cancel():
                 with contextlib.suppress(BaseException):
-                    future.result()
+                    unit.future.result()
 
     def _out_buffer(self, unit: range) -> bytearray | None:
         """A buffer for the unit: its stored bytes where they are raw frames and the reads can fill a buffer, else
@@ -437,8 +479,9 @@ class FramesReader(io.RawIOBase):
         return kept if kept is not None else bytearray(max(need, _UNIT_STORED))  # one size: any serves any unit
 
     def close(self) -> None:
-        for future, _, _ in self._pending:
-            future.cancel()  # those running finish on their own, into buffers of their own that are dropped
+        for unit in self._pending:
+            unit.future.cancel()  # those running finish on their own, into buffers of their own that are dropped
+            unit.fetch.cancel()
         self._pending.clear()
         self._pieces.clear()
         freed = self._spares if self._buffer is None else [*self._spares, self._buffer]
