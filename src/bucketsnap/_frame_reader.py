@@ -275,8 +275,11 @@ def _copy_pieces(pieces: list[Piece], address: int) -> int:
 
 
 def _copied_when_fetched(fetch: Future[list[Piece]], address: int) -> Future[int]:
-    """A future of the bytes of ``fetch``'s unit copied to ``address`` by whichever thread ends the fetch, as it
-    ends. Cancelling it before the copy starts means the copy never starts."""
+    """A future of the bytes of ``fetch``'s unit copied to ``address``: by the thread that ends the fetch, as it
+    ends, or on the read pool where it has ended (not on the caller's thread, which would make no requests
+    meanwhile). Cancelling it before the copy starts means the copy never starts."""
+    if fetch.done():
+        return _prefetch_pool().submit(lambda: _copy_pieces(fetch.result(), address))
     copied: Future[int] = Future()
 
     def copy(done: Future[list[Piece]]) -> None:
@@ -448,8 +451,8 @@ class FramesReader(io.RawIOBase):
         return dest + (lo - first) if first <= lo < hi <= end else None
 
     def _copy_pending_into_window(self) -> None:
-        """Have the units fetched ahead of this buffer that lie wholly within it copied into it as they arrive, by
-        the thread that ends their fetch (the consumer, for one already fetched)."""
+        """Have the units fetched ahead of this buffer that lie wholly within it copied into it on the read pool,
+        as they arrive."""
         for i, unit in enumerate(self._pending):
             into = None if unit.copied else self._destination(unit.unit)
             if into is not None:
