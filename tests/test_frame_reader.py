@@ -18,7 +18,7 @@ import pytest
 import torch
 import zstandard
 
-from bucketsnap import CorruptSnapshotError, SnapshotStore, _frames
+from bucketsnap import BucketsnapError, CorruptSnapshotError, SnapshotStore, _frames
 from bucketsnap._frame_reader import FramesReader, read_payload, units
 from bucketsnap._prefault import prefault
 from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK, ReadRange
@@ -641,3 +641,79 @@ def test_no_pool_thread_writes_into_the_callers_buffer_once_readinto_has_raised(
         time.sleep(0.3)
         assert bytes(out) == after, "a pool thread wrote into the buffer after readinto raised"
         timer.cancel()
+
+
+def test_a_ctrl_c_while_readinto_waits_leaves_no_copy_writing_into_the_buffer_and_the_reader_refuses_more() -> None:
+    """A KeyboardInterrupt that lands while readinto waits for a unit a pool thread copies into the caller's
+    buffer: once readinto raised, no copy writes into the buffer (found by review: the unit being waited for
+    went on writing, and a restore interrupted by Ctrl-C then wrote into freed memory), and the reader, which
+    lost units, refuses to read on."""
+    import signal
+
+    data, index, content = big_member(40)
+    release = threading.Event()
+
+    def read(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    def into(start: int, buffer: memoryview) -> int:
+        if start == 0:  # the first unit arrives late: readinto is waiting for it when the interrupt lands
+            release.wait(10)
+        buffer[:] = data[start : start + buffer.nbytes]
+        return buffer.nbytes
+
+    read.into = into  # type: ignore[attr-defined]
+    out = bytearray(len(content))
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+    with FramesReader(read, 0, index, 0, len(content), where="m") as reader:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            reader.readinto(out)
+        after = bytes(out)
+        release.set()
+        time.sleep(0.3)
+        assert bytes(out) == after, "a pool thread wrote into the buffer after readinto raised"
+        with pytest.raises(BucketsnapError, match="an earlier read of this member failed"):
+            reader.readinto(out)
+
+
+_INTERRUPTED = """
+import signal, sys, threading, time
+import torch
+from bucketsnap import SnapshotStore
+from bucketsnap._storage import Storage
+
+store = SnapshotStore(sys.argv[1])
+read_into = Storage.read_into
+
+def slow(self, rel, start, buffer):
+    if rel.startswith("snapshots/") and 40 * 2**20 < start <= 44 * 2**20 + 4096:
+        time.sleep(2.0)  # a unit inside the tensor is late: the restore waits for it
+    return read_into(self, rel, start, buffer)
+
+Storage.read_into = slow
+main = threading.main_thread().ident
+threading.Timer(0.8, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+try:
+    store.load(1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+reused = [bytearray(64 * 2**20 + 4096) for _ in range(2)]  # memory likely mapped where the tensor was
+time.sleep(3)  # the units in flight end meanwhile
+written = any(v[i : i + 2**20].count(0) != 2**20 for v in reused for i in range(0, len(v) - 2**20, 2**20))
+print("overwritten" if written else "intact")
+"""
+
+
+def test_a_restore_interrupted_by_ctrl_c_writes_nothing_after_it_raised(tmp_path: Any) -> None:
+    """SnapshotStore.load interrupted by Ctrl-C frees the tensor it was filling as KeyboardInterrupt propagates;
+    no unit still in flight may copy into it then (it did: the process died with SIGSEGV, found by review)."""
+    url = str(tmp_path / "run")
+    SnapshotStore(url).save(1, {"x": torch.randn(16 * 2**20)})  # 64 MiB of raw frames: 16 units
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED)
+    done = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["interrupted", "intact"], done.stdout

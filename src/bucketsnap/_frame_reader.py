@@ -47,7 +47,6 @@ for frames bucketsnap writes (at most 1 MiB raw). A unit of one larger frame (a 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
 import os
@@ -64,7 +63,7 @@ import zstandard
 from bucketsnap._frames import FrameIndex
 from bucketsnap._prefault import prefault
 from bucketsnap._zipformat import READ_AHEAD, READ_CHUNK, ReadRange, _prefetch_pool, crc32
-from bucketsnap.errors import CorruptSnapshotError
+from bucketsnap.errors import BucketsnapError, CorruptSnapshotError
 
 __all__ = ["FramesReader", "ReadInto", "decode_frame", "read_payload", "reads_into", "units"]
 
@@ -249,6 +248,49 @@ def _load_unit(
     return pieces
 
 
+class _CopyGate:
+    """The copies into one caller's buffer, run by pool threads in parallel until :meth:`shut`: after it returns,
+    none is running and none starts (the buffer's memory may be freed then)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self._shut = False
+
+    def copy(self, pieces: list[Piece], address: int) -> int:
+        """Copy ``pieces`` to ``address``, one after the other; the bytes copied (0 once shut: nothing copied)."""
+        with self._changed:
+            if self._shut:
+                return 0
+            self._running += 1
+        try:
+            at = address
+            for owner, source, count in pieces:
+                if owner is None:
+                    ctypes.memset(at, source, count)
+                else:
+                    ctypes.memmove(at, source, count)
+                at += count
+            return at - address
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    def shut(self) -> None:
+        """Let no copy start; wait for those running (a few milliseconds each), even across an interrupt."""
+        interrupted: BaseException | None = None
+        with self._changed:
+            self._shut = True
+            while self._running:
+                try:
+                    self._changed.wait()
+                except BaseException as exc:  # a second Ctrl-C: raised once no copy writes into the buffer
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+
+
 def _copy_unit(
     read_range: ReadRange,
     offset: int,
@@ -256,37 +298,26 @@ def _copy_unit(
     unit: range,
     where: str,
     out: bytearray | None,
-    address: int,
+    into: tuple[_CopyGate, int],
 ) -> int:
-    """:func:`_load_unit`, then its pieces copied to ``address`` (the caller's buffer) on this thread; the bytes
-    copied."""
-    return _copy_pieces(_load_unit(read_range, offset, index, unit, where, out), address)
+    """:func:`_load_unit`, then its pieces copied into the caller's buffer (``into``: its gate and the address
+    where they go) on this thread; the bytes copied."""
+    gate, address = into
+    return gate.copy(_load_unit(read_range, offset, index, unit, where, out), address)
 
 
-def _copy_pieces(pieces: list[Piece], address: int) -> int:
-    at = address
-    for owner, source, count in pieces:
-        if owner is None:
-            ctypes.memset(at, source, count)
-        else:
-            ctypes.memmove(at, source, count)
-        at += count
-    return at - address
-
-
-def _copied_when_fetched(fetch: Future[list[Piece]], address: int) -> Future[int]:
-    """A future of the bytes of ``fetch``'s unit copied to ``address``: by the thread that ends the fetch, as it
-    ends, or on the read pool where it has ended (not on the caller's thread, which would make no requests
-    meanwhile). Cancelling it before the copy starts means the copy never starts."""
+def _copied_when_fetched(fetch: Future[list[Piece]], into: tuple[_CopyGate, int]) -> Future[int]:
+    """A future of the bytes of ``fetch``'s unit copied into the caller's buffer (``into``: its gate and the
+    address where they go): by the thread that ends the fetch, as it ends, or on the read pool where it has
+    ended (not on the caller's thread, which would make no requests meanwhile)."""
+    gate, address = into
     if fetch.done():
-        return _prefetch_pool().submit(lambda: _copy_pieces(fetch.result(), address))
+        return _prefetch_pool().submit(lambda: gate.copy(fetch.result(), address))
     copied: Future[int] = Future()
 
     def copy(done: Future[list[Piece]]) -> None:
-        if not copied.set_running_or_notify_cancel():
-            return  # cancelled: the caller's buffer may be gone
         try:
-            copied.set_result(_copy_pieces(done.result(), address))
+            copied.set_result(gate.copy(done.result(), address))
         except BaseException as exc:
             copied.set_exception(exc)
 
@@ -352,10 +383,12 @@ class FramesReader(io.RawIOBase):
         self._left = end - start
         self._where = where
         self._dropped = False  # closed by the finalizer (see __del__)
+        self._failed = False  # a readinto raised
         #: The payload offset of the next byte :meth:`readinto` hands over.
         self._position = start
-        #: During a :meth:`readinto`: (payload offset of its first byte, of its end, the buffer's address).
-        self._window: tuple[int, int, int] | None = None
+        #: During a :meth:`readinto`: (payload offset of its first byte, of its end, the buffer's address, the
+        #: gate of the copies into it).
+        self._window: tuple[int, int, int, _CopyGate] | None = None
 
     def readable(self) -> bool:
         return True
@@ -365,9 +398,12 @@ class FramesReader(io.RawIOBase):
         want = min(view.nbytes, self._left)
         if not want:
             return 0
+        if self._failed:  # units taken since were not copied: what follows would not be the member's bytes
+            raise BucketsnapError(f"{self._where}: an earlier read of this member failed; read it again")
         prefault(view[:want], background=_prefetch_pool().submit)
         dest = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        self._window = (self._position, self._position + want, dest)
+        gate = _CopyGate()
+        self._window = (self._position, self._position + want, dest, gate)
         got = 0
         try:
             self._copy_pending_into_window()
@@ -394,10 +430,11 @@ class FramesReader(io.RawIOBase):
                     self._pieces.appendleft((owner, at + n if owner is not None else at, count - n))
                 got += n
         except BaseException:
-            self._settle_copies()  # none may write into ``b`` once this returns: its memory may be freed then
+            self._failed = True
             raise
         finally:
             self._window = None
+            gate.shut()  # no pool thread writes into ``b`` once this returns or raises: it may be freed then
         self._left -= got
         self._position += got
         return got
@@ -439,16 +476,16 @@ class FramesReader(io.RawIOBase):
         self._pieces.extend(result)
         return 0
 
-    def _destination(self, unit: range) -> int | None:
-        """Where in the caller's buffer the unit's bytes go, if they all go there (None: the consumer copies them,
-        a unit read ahead of the buffer, or straddling its edges)."""
+    def _destination(self, unit: range) -> tuple[_CopyGate, int] | None:
+        """The gate of the caller's buffer and where in it the unit's bytes go, if they all go there (None: the
+        consumer copies them, a unit read ahead of the buffer, or straddling its edges)."""
         if self._window is None:
             return None
-        first, end, dest = self._window
+        first, end, dest, gate = self._window
         index = self._index
         lo = index.raw_starts[unit.start]
         hi = lo + _span(index.raw_starts, index.raw_sizes, unit)
-        return dest + (lo - first) if first <= lo < hi <= end else None
+        return (gate, dest + (lo - first)) if first <= lo < hi <= end else None
 
     def _copy_pending_into_window(self) -> None:
         """Have the units fetched ahead of this buffer that lie wholly within it copied into it on the read pool,
@@ -457,13 +494,6 @@ class FramesReader(io.RawIOBase):
             into = None if unit.copied else self._destination(unit.unit)
             if into is not None:
                 self._pending[i] = unit._replace(future=_copied_when_fetched(unit.fetch, into), copied=True)
-
-    def _settle_copies(self) -> None:
-        """Cancel the copies into the caller's buffer that have not started; wait for those that have."""
-        for unit in self._pending:
-            if unit.copied and not unit.future.cancel():
-                with contextlib.suppress(BaseException):
-                    unit.future.result()
 
     def _out_buffer(self, unit: range) -> bytearray | None:
         """A buffer for the unit: its stored bytes where they are raw frames and the reads can fill a buffer, else
