@@ -4,26 +4,21 @@ A restore of a seekable member (codec ``"zstd-frames"``, :mod:`bucketsnap._frame
 *units*: runs of whole frames of at most :data:`~bucketsnap._zipformat.READ_CHUNK` (4 MiB) raw bytes (and as
 many stored bytes, give or take their headers), each one ranged request. A unit is fetched and decoded on a
 thread of the read pool, up to :data:`~bucketsnap._zipformat.READ_AHEAD` (8) units ahead of the consumer, so
-frames are decoded on as many threads as are in flight. A unit that lies wholly within the buffer the consumer
-is filling (a tensor being restored) is copied into it on the thread that fetched it, as soon as it arrives;
-the consumer copies, in order, only the bytes of the others (units fetched before it was given the buffer, or
-straddling its edges). Decoding a frame means:
+frames are decoded on as many threads as are in flight and the consumer only copies each unit's bytes, in
+order, into its buffers (the tensors being restored). Decoding a frame means:
 
 * its stored bytes checked against the CRC-32 in the frame index;
 * its zstd frame header and block headers parsed here (RFC 8878): a raw block *is* its bytes, kept as where
   they lie in the fetched bytes; an RLE block is one byte repeated, kept as that byte and a count. Neither is
-  copied until it is copied into the caller's buffer, once;
+  copied until the consumer copies it into its buffer, once;
 * a frame holding a compressed block, or carrying a content checksum (XXH64, which only zstd computes here),
   handed whole to zstd, which checks the checksum, and decoded into a buffer an earlier unit freed (new
   memory for each frame would be faulted in each time): its bytes are then copied once more, into the tensor;
 * its declared content size, the sum of its blocks and its end checked against the index's sizes.
 
-The copies are ``ctypes.memmove`` calls, which release the GIL, so the event loop receiving the next units runs
-meanwhile; the destination's pages are faulted in on a pool thread as the first units arrive
-(:mod:`bucketsnap._prefault`). Copying on the pool threads keeps the consumer from holding up the next units'
-requests, which it makes as it takes units (GCS policy restores: 42-44 % of the store's ceiling before, 51-58 %
-after, ``benchmarks/bench_read_path.py``). No pool thread writes into a buffer once :meth:`FramesReader.readinto`
-has returned or raised: it waits for those still copying, so the caller may free the buffer then.
+The consumer's copies are ``ctypes.memmove`` calls, which release the GIL, so the event loop receiving the next
+units runs meanwhile; the destination's pages are faulted in on a pool thread as the first units arrive
+(:mod:`bucketsnap._prefault`).
 
 Trade-off: a whole-member read first reads the member's last 32 KiB for the index (one request more than a
 plain forward read, none for a member that fits in it, whose frames are then served from those bytes), to cut
@@ -56,7 +51,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
 import zstandard
 
@@ -248,94 +243,6 @@ def _load_unit(
     return pieces
 
 
-class _CopyGate:
-    """The copies into one caller's buffer, run by pool threads in parallel until :meth:`shut`: after it returns,
-    none is running and none starts (the buffer's memory may be freed then)."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._running = 0
-        self._shut = False
-
-    def copy(self, pieces: list[Piece], address: int) -> int:
-        """Copy ``pieces`` to ``address``, one after the other; the bytes copied (0 once shut: nothing copied)."""
-        with self._changed:
-            if self._shut:
-                return 0
-            self._running += 1
-        try:
-            at = address
-            for owner, source, count in pieces:
-                if owner is None:
-                    ctypes.memset(at, source, count)
-                else:
-                    ctypes.memmove(at, source, count)
-                at += count
-            return at - address
-        finally:
-            with self._changed:
-                self._running -= 1
-                self._changed.notify_all()
-
-    def shut(self) -> None:
-        """Let no copy start; wait for those running (a few milliseconds each), even across an interrupt."""
-        interrupted: BaseException | None = None
-        with self._changed:
-            self._shut = True
-            while self._running:
-                try:
-                    self._changed.wait()
-                except BaseException as exc:  # a second Ctrl-C: raised once no copy writes into the buffer
-                    interrupted = exc
-        if interrupted is not None:
-            raise interrupted
-
-
-def _copy_unit(
-    read_range: ReadRange,
-    offset: int,
-    index: FrameIndex,
-    unit: range,
-    where: str,
-    out: bytearray | None,
-    into: tuple[_CopyGate, int],
-) -> int:
-    """:func:`_load_unit`, then its pieces copied into the caller's buffer (``into``: its gate and the address
-    where they go) on this thread; the bytes copied."""
-    gate, address = into
-    return gate.copy(_load_unit(read_range, offset, index, unit, where, out), address)
-
-
-def _copied_when_fetched(fetch: Future[list[Piece]], into: tuple[_CopyGate, int]) -> Future[int]:
-    """A future of the bytes of ``fetch``'s unit copied into the caller's buffer (``into``: its gate and the
-    address where they go): by the thread that ends the fetch, as it ends, or on the read pool where it has
-    ended (not on the caller's thread, which would make no requests meanwhile)."""
-    gate, address = into
-    if fetch.done():
-        return _prefetch_pool().submit(lambda: gate.copy(fetch.result(), address))
-    copied: Future[int] = Future()
-
-    def copy(done: Future[list[Piece]]) -> None:
-        try:
-            copied.set_result(gate.copy(done.result(), address))
-        except BaseException as exc:
-            copied.set_exception(exc)
-
-    fetch.add_done_callback(copy)
-    return copied
-
-
-class _InFlight(NamedTuple):
-    """A unit taken from the queue: ``future`` gives its pieces, or where ``copied``, the bytes it copied into the
-    caller's buffer; ``fetch`` is its fetch (``future`` itself, or the fetch whose pieces ``future`` copies)."""
-
-    future: Future[Any]
-    buffer: bytearray | None
-    copied: bool
-    unit: range
-    fetch: Future[Any]
-
-
 def _span(starts: list[int], sizes: list[int], unit: range) -> int:
     return starts[unit[-1]] + sizes[unit[-1]] - starts[unit.start]
 
@@ -374,7 +281,7 @@ class FramesReader(io.RawIOBase):
         self._units = deque(units(index, span))
         self._index = index
         self._args = (read_range, offset, index)
-        self._pending: deque[_InFlight] = deque()  # in order
+        self._pending: deque[tuple[Future[list[Piece]], bytearray | None]] = deque()
         self._buffer: bytearray | None = None  # the one holding the pieces being copied
         self._spares: list[bytearray] = []
         self._read_ahead = max(read_ahead, 1)
@@ -384,11 +291,6 @@ class FramesReader(io.RawIOBase):
         self._where = where
         self._dropped = False  # closed by the finalizer (see __del__)
         self._failed = False  # a readinto raised
-        #: The payload offset of the next byte :meth:`readinto` hands over.
-        self._position = start
-        #: During a :meth:`readinto`: (payload offset of its first byte, of its end, the buffer's address, the
-        #: gate of the copies into it).
-        self._window: tuple[int, int, int, _CopyGate] | None = None
 
     def readable(self) -> bool:
         return True
@@ -398,22 +300,15 @@ class FramesReader(io.RawIOBase):
         want = min(view.nbytes, self._left)
         if not want:
             return 0
-        if self._failed:  # units taken since were not copied: what follows would not be the member's bytes
+        if self._failed:  # a unit taken when it raised was not copied: what follows would not be the member's bytes
             raise BucketsnapError(f"{self._where}: an earlier read of this member failed; read it again")
         prefault(view[:want], background=_prefetch_pool().submit)
         dest = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        gate = _CopyGate()
-        self._window = (self._position, self._position + want, dest, gate)
         got = 0
         try:
-            self._copy_pending_into_window()
             while got < want:
-                if not self._pieces:
-                    unit_bytes = self._next_unit()
-                    if unit_bytes is None:
-                        break
-                    got += unit_bytes  # a unit copied into ``b`` where it was fetched (0 for the others)
-                    continue
+                if not self._pieces and not self._next_unit():
+                    break
                 owner, at, count = self._pieces.popleft()
                 if self._skip:
                     skipped = min(self._skip, count)
@@ -432,68 +327,30 @@ class FramesReader(io.RawIOBase):
         except BaseException:
             self._failed = True
             raise
-        finally:
-            self._window = None
-            gate.shut()  # no pool thread writes into ``b`` once this returns or raises: it may be freed then
         self._left -= got
-        self._position += got
         return got
 
-    def _next_unit(self) -> int | None:
-        """Take the next unit, keeping ``read_ahead`` units in flight: its pieces moved into :attr:`_pieces`
-        (returns 0), or, for a unit a pool thread copied into the caller's buffer itself, the bytes it copied;
-        None at the end. Called once the previous unit's pieces are all copied: its buffer is free again."""
+    def _next_unit(self) -> bool:
+        """Move the next unit's pieces into :attr:`_pieces` (keeping ``read_ahead`` units in flight); False at
+        the end. Called once the previous unit's pieces are all copied: its buffer is free again."""
         if self._buffer is not None:
             self._spares.append(self._buffer)
             self._buffer = None
         if not self._pending:
             if not self._units:
-                return None
+                return False
             if len(self._units) == 1:  # the only unit left: no thread to hand it over from
                 unit, self._buffer = self._units.popleft(), None
                 self._pieces.extend(_load_unit(*self._args, unit, self._where))
-                return 0
+                return True
         pool = _prefetch_pool()
         while len(self._pending) < self._read_ahead and self._units:
             unit = self._units.popleft()
             out = self._out_buffer(unit)
-            into = self._destination(unit)
-            fetch: Future[Any]
-            if into is None:
-                fetch = pool.submit(_load_unit, *self._args, unit, self._where, out)
-            else:
-                fetch = pool.submit(_copy_unit, *self._args, unit, self._where, out, into)
-            self._pending.append(_InFlight(fetch, out, into is not None, unit, fetch))
-        future, buffer, copied, _, _ = self._pending.popleft()
-        result = future.result()
-        if copied:
-            if buffer is not None:
-                self._spares.append(buffer)
-            assert isinstance(result, int)
-            return result
-        self._buffer = buffer
-        assert isinstance(result, list)
-        self._pieces.extend(result)
-        return 0
-
-    def _destination(self, unit: range) -> tuple[_CopyGate, int] | None:
-        """The gate of the caller's buffer and where in it the unit's bytes go, if they all go there (None: the
-        consumer copies them, a unit read ahead of the buffer, or straddling its edges)."""
-        if self._window is None:
-            return None
-        first, end, dest, gate = self._window
-        index = self._index
-        lo = index.raw_starts[unit.start]
-        hi = lo + _span(index.raw_starts, index.raw_sizes, unit)
-        return (gate, dest + (lo - first)) if first <= lo < hi <= end else None
-
-    def _copy_pending_into_window(self) -> None:
-        """Have the units fetched ahead of this buffer that lie wholly within it copied into it on the read pool,
-        as they arrive."""
-        for i, unit in enumerate(self._pending):
-            into = None if unit.copied else self._destination(unit.unit)
-            if into is not None:
-                self._pending[i] = unit._replace(future=_copied_when_fetched(unit.fetch, into), copied=True)
+            self._pending.append((pool.submit(_load_unit, *self._args, unit, self._where, out), out))
+        future, self._buffer = self._pending.popleft()
+        self._pieces.extend(future.result())
+        return True
 
     def _out_buffer(self, unit: range) -> bytearray | None:
         """A buffer for the unit: its stored bytes where they are raw frames and the reads can fill a buffer, else
@@ -512,9 +369,8 @@ class FramesReader(io.RawIOBase):
         return kept if kept is not None else bytearray(max(need, _UNIT_STORED))  # one size: any serves any unit
 
     def close(self) -> None:
-        for unit in self._pending:
-            unit.future.cancel()  # those running finish on their own, into buffers of their own that are dropped
-            unit.fetch.cancel()
+        for future, _ in self._pending:
+            future.cancel()  # those running finish on their own, into buffers of their own that are dropped
         self._pending.clear()
         self._pieces.clear()
         freed = self._spares if self._buffer is None else [*self._spares, self._buffer]
