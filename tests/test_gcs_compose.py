@@ -44,8 +44,9 @@ def test_more_parts_than_one_compose_takes_are_composed_as_a_tree(gcs_backend: B
 
 
 def test_parts_are_uploaded_concurrently(gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    fs = fsspec.filesystem("gs", **gcs_backend.options)
-    real = fs.pipe_file  # fsspec puts the sync wrappers on the (cached) instance the store uses too
+    store = gcs_backend.store(part_size=128 * KiB, upload_concurrency=3)
+    fs = store.storage.fs
+    real = fs.pipe_file  # fsspec puts the sync wrappers on the instance: patched for this store alone
     active, peak, lock = [0], [0], threading.Lock()
 
     def slow_pipe_file(path: str, value: bytes, **kwargs: Any) -> Any:
@@ -60,7 +61,6 @@ def test_parts_are_uploaded_concurrently(gcs_backend: Backend, monkeypatch: pyte
                 active[0] -= 1
 
     monkeypatch.setattr(fs, "pipe_file", slow_pipe_file)
-    store = gcs_backend.store(part_size=128 * KiB, upload_concurrency=3)
     state = {"w": torch.randn(500_000)}  # 2 MB: 16 parts
     store.save(1, state)
     assert peak[0] == 3
@@ -72,7 +72,7 @@ def test_a_failed_part_publishes_nothing_and_removes_the_parts(
 ) -> None:
     store = gcs_backend.store(part_size=128 * KiB, upload_concurrency=2)
     store.save(1, {"w": torch.zeros(10)})
-    fs = fsspec.filesystem("gs", **gcs_backend.options)
+    fs = store.storage.fs
     real = fs.pipe_file
 
     def failing_pipe_file(path: str, value: bytes, **kwargs: Any) -> Any:

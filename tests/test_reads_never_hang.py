@@ -71,6 +71,36 @@ class StallingProxy(TcpProxy):
 
 
 @pytest.mark.gcs
+def test_a_gcs_listing_whose_response_stalls_fails_and_is_retried(
+    gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: gcsfs's requests have no timeout by default, so a listing (``store.open`` lists
+    ``manifest/``) whose response stalled hung forever. Now a request that receives nothing for a while fails,
+    and is retried."""
+    from urllib.parse import urlsplit
+
+    from bucketsnap._backends import gcs
+    from bucketsnap._storage import Storage
+
+    target = urlsplit(gcs_backend.options["endpoint_url"])
+    assert target.hostname and target.port
+    proxy = StallingProxy((target.hostname, target.port))
+    monkeypatch.setattr(gcs, "_READ_STALL", 1.0)  # read when the store is opened
+    storage = Storage(
+        gcs_backend.url(), storage_options={**gcs_backend.options, "endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    )
+    for name in ("a", "b"):
+        storage.create_exclusive(f"manifest/{name}.json", b"{}")
+    listed: list[Any] = []
+    proxy.stall_after = 0  # the next response: nothing at all, the connection left open
+    lister = threading.Thread(target=lambda: listed.append(storage.list("manifest")), daemon=True)
+    lister.start()
+    lister.join(60)
+    assert not lister.is_alive(), "the listing whose response stalled never failed"
+    assert listed == [["a.json", "b.json"]] and proxy.stalled == 1
+
+
+@pytest.mark.gcs
 def test_a_gcs_read_whose_response_stalls_fails_and_is_retried(
     gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,8 +39,9 @@ _GCS_PARTS_PER_SIZE = 256
 
 #: What :meth:`GcsBackend.read_into` uses of a gcsfs filesystem (else it reads through gcsfs's cat_file).
 _GCSFS_REQUEST = ("_set_session", "_get_headers", "_get_params", "url", "loop", "requests_timeout")
-#: Seconds a ranged read may receive nothing before it fails (and is retried): gcsfs's own requests have no
-#: timeout unless ``requests_timeout`` is given, so a response that stalled mid-body hung forever.
+#: Seconds a request may receive nothing before it fails (and is retried): gcsfs's own requests have no timeout
+#: unless ``requests_timeout`` is given, so a response that stalled hung forever. Ranged reads into a buffer
+#: always have it; gcsfs's other requests (listings, metadata, uploads) where ``requests_timeout`` is not given.
 _READ_STALL = 60.0
 
 _lookup_lock = threading.Lock()
@@ -117,7 +118,9 @@ class GcsBackend(Backend):
             await fs._set_session()
             headers = fs._get_headers({"Range": f"bytes={start}-{start + size - 1}"})
             params = fs._get_params({})  # userProject, for a requester-pays bucket
-            timeout = aiohttp.ClientTimeout(total=fs.requests_timeout, sock_read=_READ_STALL)
+            configured = fs.requests_timeout  # seconds in all, or an aiohttp.ClientTimeout
+            total = configured.total if isinstance(configured, aiohttp.ClientTimeout) else configured
+            timeout = aiohttp.ClientTimeout(total=total, sock_read=_READ_STALL)
             async with fs.session.get(url, headers=headers, params=params, timeout=timeout) as answer:
                 if answer.status >= 300:  # gcsfs's errors: FileNotFoundError for a 404, HttpError with its code
                     validate_response(answer.status, await answer.read(), path)
@@ -131,9 +134,14 @@ class GcsBackend(Backend):
         import fsspec.config
 
         configured = {**fsspec.config.conf.get("gcs", {}), **fsspec.config.conf.get("gs", {}), **options}
-        if configured.get("token") is not None or _missing_credentials(configured) == "":
-            return options
-        return {**options, "token": "anon"}  # what gcsfs would fall back to after 15 s of metadata requests
+        prepared = options
+        if configured.get("token") is None and _missing_credentials(configured) != "":
+            prepared = {**prepared, "token": "anon"}  # what gcsfs would fall back to after 15 s of metadata requests
+        if configured.get("requests_timeout") is None:  # gcsfs's default is none: a stalled listing hung forever
+            import aiohttp
+
+            prepared = {**prepared, "requests_timeout": aiohttp.ClientTimeout(sock_read=_READ_STALL)}
+        return prepared
 
     def address(self) -> str:
         return str(getattr(self.fs, "_location", "") or self.endpoint or "https://storage.googleapis.com")
