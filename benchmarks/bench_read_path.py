@@ -28,12 +28,12 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _ceiling import Ceiling, load_average
+from bench_restore_cpu import start_server
 from bench_save import make_state, nbytes
 
 from bucketsnap import SnapshotStore
@@ -65,14 +65,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    import servers
-
-    server: Any = servers.gcs_server() if args.gcs else servers.s3_server()
+    server, url, options = start_server(args.gcs)
     try:
-        if args.gcs:
-            url, options = f"gs://{server.create_bucket()}", servers.gcs_storage_options(server)
-        else:
-            url, options = f"s3://{server.create_bucket()}", servers.s3_storage_options(server)
         state = make_state(small=False)
         store = SnapshotStore(f"{url}/run", storage_options=options)
         info = store.save(1, state)

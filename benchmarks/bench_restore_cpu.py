@@ -25,6 +25,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,6 +64,18 @@ def cpu_by_thread(fn: Callable[[], object], into: dict[str, list[float]]) -> Non
         into[name][1] += system - system0
 
 
+def start_server(gcs: bool) -> tuple[Any, str, dict[str, Any]]:
+    """The S3 test server (or, with ``gcs``, fake-gcs-server) started, a new bucket's URL and the storage
+    options that reach it."""
+    import servers
+
+    if gcs:
+        server: Any = servers.gcs_server()
+        return server, f"gs://{server.create_bucket()}", servers.gcs_storage_options(server)
+    server = servers.s3_server()
+    return server, f"s3://{server.create_bucket()}", servers.s3_storage_options(server)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gcs", action="store_true", help="fake-gcs-server instead of S3")
@@ -70,14 +83,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    import servers
-
-    if args.gcs:
-        server = servers.gcs_server()
-        url, options = f"gs://{server.create_bucket()}/run", servers.gcs_storage_options(server)
-    else:
-        server = servers.s3_server()
-        url, options = f"s3://{server.create_bucket()}/run", servers.s3_storage_options(server)
+    server, bucket, options = start_server(args.gcs)
+    url = f"{bucket}/run"
     keys = None if args.whole else ["policy"]
     try:
         state = make_state(False)

@@ -558,9 +558,7 @@ def test_a_process_exits_with_readers_left_open(tmp_path: Any) -> None:
     whose start() waited forever: the process hung at exit."""
     url = str(tmp_path / "run")
     SnapshotStore(url).save(1, {"w": torch.randn(8 * 2**20 // 4)})
-    script = tmp_path / "left_open.py"
-    script.write_text(_LEFT_OPEN)
-    done = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", _LEFT_OPEN, url], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "left open" in done.stdout
 
@@ -693,8 +691,6 @@ def test_a_restore_interrupted_by_ctrl_c_writes_nothing_after_it_raised(tmp_path
     SIGSEGV: found by review)."""
     url = str(tmp_path / "run")
     SnapshotStore(url).save(1, {"x": torch.randn(16 * 2**20)})  # 64 MiB of raw frames: 16 units
-    script = tmp_path / "interrupted.py"
-    script.write_text(_INTERRUPTED)
-    done = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED, url], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["interrupted", "intact"], done.stdout

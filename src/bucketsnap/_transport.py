@@ -160,8 +160,8 @@ def check_length(got: int, content_range: str | None) -> int:
     a-b/total``): a body that ended before byte ``b`` was cut in transit, which raises a transient
     ``OSError(ECONNRESET)`` (retried), not a short read that a reader takes for a truncated object."""
     match = re.fullmatch(r"bytes (\d+)-(\d+)/(?:\d+|\*)", (content_range or "").strip())
-    if match and got < int(match.group(2)) - int(match.group(1)) + 1:
-        declared = int(match.group(2)) - int(match.group(1)) + 1
+    declared = int(match.group(2)) - int(match.group(1)) + 1 if match else 0
+    if got < declared:
         raise OSError(errno.ECONNRESET, f"the response ended after {got} of the {declared} bytes it declared")
     return got
 
