@@ -101,6 +101,40 @@ def test_a_gcs_listing_whose_response_stalls_fails_and_is_retried(
 
 
 @pytest.mark.gcs
+@pytest.mark.parametrize("given", [30.0, "client_timeout"])
+def test_a_requests_timeout_of_ones_own_replaces_the_default_and_reads_keep_their_stall_limit(
+    gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch, given: Any
+) -> None:
+    """docs/backends.md: a ``requests_timeout`` of your own (seconds, or an aiohttp.ClientTimeout) replaces
+    bucketsnap's; a restore's ranged reads keep the stall limit under it."""
+    from urllib.parse import urlsplit
+
+    import aiohttp
+
+    from bucketsnap._backends import gcs
+    from bucketsnap._storage import Storage
+
+    timeout = aiohttp.ClientTimeout(total=30.0) if given == "client_timeout" else given
+    target = urlsplit(gcs_backend.options["endpoint_url"])
+    assert target.hostname and target.port
+    proxy = StallingProxy((target.hostname, target.port))
+    monkeypatch.setattr(gcs, "_READ_STALL", 1.0)
+    options = {**gcs_backend.options, "endpoint_url": f"http://127.0.0.1:{proxy.port}", "requests_timeout": timeout}
+    storage = Storage(gcs_backend.url(), storage_options=options)
+    assert storage.fs.requests_timeout is timeout  # not bucketsnap's default
+    assert Storage(gcs_backend.url(), storage_options=gcs_backend.options).fs.requests_timeout.sock_read == 1.0
+    data = os.urandom(3 * 2**20)
+    with storage.write("snapshots/d.zip") as f:
+        f.write(data)
+    proxy.stall_after = 64 * 1024
+    buffer = bytearray(2 * 2**20)
+    began = time.monotonic()
+    assert storage.read_into("snapshots/d.zip", 3, buffer) == len(buffer) and proxy.stalled == 1
+    assert time.monotonic() - began < 15, "the stalled read waited for the 30 s total, not the 1 s stall limit"
+    assert buffer == data[3 : 3 + len(buffer)]
+
+
+@pytest.mark.gcs
 def test_a_gcs_read_whose_response_stalls_fails_and_is_retried(
     gcs_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
