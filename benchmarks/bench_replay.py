@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,24 @@ def phase_bs_save(data: Path, work: Path, n: int, remote: dict[str, Any] | None)
             "cpu": rss_later["cpu"],
             "peak": rss_later["peak"] - rss_later["before"],
         }
+    out["read_once"] = min(read_once(buffer) for _ in range(3))
     return out
+
+
+def read_once(buffer: Any) -> float:
+    """Seconds to read every byte of the buffer's arrays once, on as many threads as a save hashes on (numpy's
+    sums release the GIL): the floor of any save that looks at every byte, as ``changes="hash"`` does."""
+    from bucketsnap._chunks import HASH_THREADS
+
+    arrays = [
+        a.reshape(-1).view(np.uint64) for a in vars(buffer).values() if isinstance(a, np.ndarray) and a.nbytes % 8 == 0
+    ]
+    step = 2**20
+    pieces = [(a, i) for a in arrays for i in range(0, a.size, step)]
+    began = time.perf_counter()
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        list(pool.map(lambda piece: int(piece[0][piece[1] : piece[1] + step].sum()), pieces))
+    return time.perf_counter() - began
 
 
 def phase_bs_load(data: Path, work: Path, n: int, remote: dict[str, Any] | None) -> dict[str, Any]:
@@ -424,13 +442,18 @@ def median_of(runs: list[Any]) -> Any:
 
 
 def spread_of(runs: list[dict[str, dict[str, Any]]]) -> dict[str, str]:
-    """``phase`` -> the min-max of its wall times across ``runs`` (empty for a single run)."""
+    """``phase`` -> the min-max of its wall times across ``runs`` (empty for a single run); ``save`` and ``load``
+    -> SB3's time over bucketsnap's in each run, in run order: the two ran one after the other, so a ratio is not
+    skewed by how busy the machine or its kernel (zeroing and compacting pages) was in another run."""
     if len(runs) < 2:
         return {}
     out = {}
     for phase in runs[0]:
         seconds = [run[phase]["seconds"] for run in runs]
         out[phase] = f" [{min(seconds):.2f}-{max(seconds):.2f}]"
+    for what in ("save", "load"):
+        ratios = [run[f"sb3_{what}"]["seconds"] / run[f"bs_{what}"]["seconds"] for run in runs]
+        out[what] = ", ".join(f"{r:.1f}x" for r in ratios)
     return out
 
 
@@ -457,13 +480,19 @@ def print_table(r: dict[str, dict[str, Any]], n: int, spread: dict[str, str] | N
             f"{sb3l['seconds']:.2f} s{spread.get('sb3_load', '')}",
             f"{bsl['seconds']:.2f} s{spread.get('bs_load', '')} ({sb3l['seconds'] / bsl['seconds']:.1f}x)",
         ),
+        *(
+            [("SB3's time over bucketsnap's, run by run", f"save: {spread['save']}", f"load: {spread['load']}")]
+            if spread
+            else []
+        ),
         ("save CPU, all threads (user + system)", cpu_split(sb3s), f"{cpu_split(bss)} {ratio(sb3s, bss, 'cpu')}"),
         ("load CPU, all threads (user + system)", cpu_split(sb3l), f"{cpu_split(bsl)} {ratio(sb3l, bsl, 'cpu')}"),
         (
             "2nd save, +1,000 transitions, changes='hash'",
             f"{sb3s['bytes'] / mb:,.0f} MB written (all again)",
             f"{hashed['seconds']:.2f} s ({hashed['cpu']:.2f} s CPU), {hashed['written'] / mb:,.2f} MB written "
-            f"({hashed['new_chunks']} new chunks, {hashed['hashed']} hashed)",
+            f"({hashed['new_chunks']} new chunks, {hashed['hashed']} hashed); reading the buffer once takes "
+            f"{bss['read_once']:.2f} s",
         ),
         (
             "3rd save, +1,000 more, changes='ring'",

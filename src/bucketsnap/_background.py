@@ -6,11 +6,20 @@ the memory held by in-flight host copies. A job's ``on_end`` callback runs once 
 error is delivered once: by its future, if the caller asks the future (``result()`` or ``exception()``),
 otherwise by the store's next ``save``/``save_async``/``flush``/``close``. Trade-off: an error the caller never
 asks about is raised at a later, unrelated call, which is surprising but better than a silent loss of a snapshot.
+
+As Python exits (before it stops thread pools from starting work, which the saves' uploads need), it waits for
+every save in flight, and logs, on the ``bucketsnap`` logger, each failure nobody was told of. A program that
+returned right after a ``save_async`` lost that save before: on S3 and GCS, its uploads could not start.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook, which stops every pool, must be registered first
+import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
@@ -18,6 +27,8 @@ from typing import Any, Generic, TypeVar
 __all__ = ["BackgroundSaves", "SaveFuture"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("bucketsnap")
 
 
 class SaveFuture(Future[T], Generic[T]):
@@ -44,11 +55,12 @@ class SaveFuture(Future[T], Generic[T]):
 class BackgroundSaves(Generic[T]):
     """Runs jobs on ``max_in_flight`` threads, keeping each failure until it has been raised once."""
 
-    def __init__(self, max_in_flight: int, *, name: str = "bucketsnap-save") -> None:
+    def __init__(self, max_in_flight: int, *, name: str = "bucketsnap-save", where: str = "") -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.max_in_flight = max_in_flight
         self._name = name
+        self.where = where
         self._executor: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._lock = threading.Lock()
@@ -69,6 +81,7 @@ class BackgroundSaves(Generic[T]):
             try:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=self._name)
+                    _started.add(self)
                 with self._lock:
                     self._in_flight.add(future)
                 self._executor.submit(self._run, job, future, on_end)
@@ -152,3 +165,31 @@ class BackgroundSaves(Generic[T]):
         with self._lock:
             if future in self._failed:
                 self._failed.remove(future)
+
+
+#: Every BackgroundSaves that started its threads and is still referenced: waited for as Python exits.
+_started: weakref.WeakSet[BackgroundSaves[Any]] = weakref.WeakSet()
+
+
+def _wait_at_exit() -> None:
+    """Wait for every save in flight, then log the failures nobody was told of (see the module docstring)."""
+    for saves in list(_started):
+        wait(saves.pending())
+        while True:
+            try:
+                saves.raise_failure()
+                break
+            except BaseException as exc:  # nobody is left to raise it to
+                logger.error("a save_async to %s failed, and nobody asked its future: %s", saves.where, exc)
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: its saves never end there
+    os.register_at_fork(after_in_child=_started.clear)
+
+# threading's exit hooks run last registered first, before the joins of non-daemon threads and atexit's
+# hooks; concurrent.futures (imported above) registered the one that stops every pool, so this runs before it.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_wait_at_exit)
+else:  # not CPython's threading: the latest hook there is
+    atexit.register(_wait_at_exit)

@@ -48,7 +48,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ import zstandard
 from bucketsnap import _stored_chunks
 from bucketsnap._chunk_names import CHUNK_DIR, chunk_object, is_shifted, named_checksum, object_crc
 from bucketsnap._chunk_names import CHUNK_OBJECT as _CHUNK_OBJECT
+from bucketsnap._pools import Pool
 from bucketsnap._prefault import prefault
 from bucketsnap._row_shifts import MIN_ROW_BYTES, RegionWriter, Scatter, Shift, decode, header
 from bucketsnap._storage import Storage
@@ -225,7 +226,7 @@ class ChunkedArrays:
                 claimed.add(key)
             return key, self._write_compressed(storage, objects.token, chunk_id, compressed, shifted)
 
-        with ThreadPoolExecutor(self.hash_threads, thread_name_prefix="bucketsnap-chunks") as pool:
+        with Pool(self.hash_threads, thread_name_prefix="bucketsnap-chunks") as pool:
             # Nothing stored to reuse (a run's first save): every chunk is hashed once, as it is compressed.
             ids: list[str | None] = list(self._ids(pool, bounds, storage)) if existing else [None] * len(bounds)
             self.hashed = self.hashed if existing else len(bounds)
@@ -268,7 +269,7 @@ class ChunkedArrays:
         }
         return table, sorted({c["path"] for c in chunks})
 
-    def _ids(self, pool: ThreadPoolExecutor, bounds: list[Bounds], storage: Storage) -> list[str]:
+    def _ids(self, pool: Pool, bounds: list[Bounds], storage: Storage) -> list[str]:
         """Every chunk's id: hashed on the pool's threads, or as ``known`` says once the spot checks agree."""
         known = self.known
         digests = {b: pool.submit(self._digest_rows, *b) for b in bounds if b not in known or b in self.spot_check}
@@ -572,7 +573,7 @@ def read_chunks(
     # Chunks decoded into ``into`` cost no memory while they wait to be yielded: keep twice as many in flight as
     # threads, so that a thread done with a later chunk starts the next one while an earlier one finishes.
     window = 2 * workers if into is not None else workers
-    with ThreadPoolExecutor(workers, thread_name_prefix="bucketsnap-chunks") as pool:
+    with Pool(workers, thread_name_prefix="bucketsnap-chunks") as pool:
         pending: collections.deque[Future[dict[str, np.ndarray]]] = collections.deque()
         try:
             for i in range(len(table.chunks)):

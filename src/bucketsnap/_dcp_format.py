@@ -24,7 +24,6 @@ import json
 import math
 import zlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from bucketsnap._archive import META_NAME, _StoredFrame, load_member, member_name
 from bucketsnap._info import MemberInfo, crc32_checksum
+from bucketsnap._pools import Pool
 from bucketsnap._storage import Storage
 from bucketsnap._values import MAGIC, EncodedValue, encode
 from bucketsnap._zipformat import ZipStreamWriter, crc32_combine
@@ -220,7 +220,7 @@ def _read_blocks(
     if len(groups) == 1:
         parts = [fetch(0)]
     else:
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        with Pool(max_workers=READ_THREADS) as pool:
             parts = list(pool.map(fetch, range(len(groups))))
     if whole:
         crc, size = parts[0]

@@ -31,12 +31,13 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import zstandard
 
+from bucketsnap._pools import Pool
 from bucketsnap._zipformat import MemberSink, ReadRange, crc32, crc32_combine
 from bucketsnap.errors import CorruptSnapshotError
 
@@ -171,7 +172,7 @@ def write_frames(
         for group in frames:
             emit(encode(group), sum(v.nbytes for v in group))
     else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="bucketsnap-zstd") as pool:
+        with Pool(workers, thread_name_prefix="bucketsnap-zstd") as pool:
             pending: deque[tuple[Future[list[Any]], int]] = deque()
             for group in frames:
                 pending.append((pool.submit(encode, group), sum(v.nbytes for v in group)))

@@ -110,6 +110,7 @@ class SnapshotStore:
             self._commits, compression_level=compression_level, compression_threads=compression_threads
         )
         self.max_in_flight = max_in_flight
+        self._background.where = self.url
 
     @property
     def url(self) -> str:

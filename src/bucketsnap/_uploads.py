@@ -22,9 +22,10 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
+from bucketsnap._pools import Pool
 from bucketsnap._transport import Retry, is_transient
 from bucketsnap.errors import StorageError, redact
 
@@ -122,7 +123,7 @@ class PartUploader(Generic[P]):
         self._free: list[bytearray] = []  # buffers whose part was uploaded, for the next parts
         self._parts: list[Future[P]] = []
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Pool | None = None
         self._concurrency = concurrency
         self._failed: BaseException | None = None
         self._started = False
@@ -222,7 +223,7 @@ class PartUploader(Generic[P]):
         if not self._started:
             self._start()
             self._started = True
-            self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="bucketsnap-upload")
+            self._pool = Pool(self._concurrency, thread_name_prefix="bucketsnap-upload")
         number = len(self._parts) + 1
         self._slots.acquire()  # at most `concurrency` parts in flight: bounds memory
         self._check_failed(release=True)

@@ -29,12 +29,13 @@ import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import IO, Any
 
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
+from bucketsnap._pools import Pool
 from bucketsnap.errors import CorruptSnapshotError
 
 __all__ = [
@@ -398,14 +399,14 @@ _METHODS = {zipfile.ZIP_STORED: "STORED (0)", zipfile.ZIP_DEFLATED: "DEFLATED (8
 # -- reading a byte range ------------------------------------------------------------------------------------
 
 _pool_lock = threading.Lock()
-_read_pool: ThreadPoolExecutor | None = None
+_read_pool: Pool | None = None
 
 
-def _prefetch_pool() -> ThreadPoolExecutor:
+def _prefetch_pool() -> Pool:
     global _read_pool
     with _pool_lock:
         if _read_pool is None:
-            _read_pool = ThreadPoolExecutor(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
+            _read_pool = Pool(4 * READ_AHEAD, thread_name_prefix="bucketsnap-read")
         return _read_pool
 
 

@@ -37,7 +37,6 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -69,6 +68,7 @@ from bucketsnap._dcp_format import (
 )
 from bucketsnap._info import SnapshotInfo, check_metrics
 from bucketsnap._manifest import Manifest, ManifestLog, Which, archive_path, new_token, parse_which
+from bucketsnap._pools import Pool
 from bucketsnap._saving import StoredObjects, check_itr, meta, write_archive
 from bucketsnap._snapshot import Snapshot
 from bucketsnap._storage import Storage
@@ -348,7 +348,7 @@ class SnapshotReader(StorageReader):
         for req in plan.items:
             if req.storage_index not in self._items:
                 raise SnapshotNotFoundError(f"{self.url}: the snapshot holds no item {req.storage_index}")
-        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+        with Pool(max_workers=READ_AHEAD) as pool:
             pending: deque[tuple[ReadItem, torch.Tensor | None, ConcurrentFuture[Any]]] = deque()
             for req in plan.items:
                 target = planner.resolve_tensor(req).detach() if req.type == LoadItemType.TENSOR else None
