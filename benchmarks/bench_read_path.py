@@ -13,7 +13,11 @@ store each run, in alternating order with:
 * **bucketsnap load**: ``SnapshotStore(url).load("last", keys=["policy"])``.
 
 The first share is the transport's cost (threads instead of one gathered call); the gap between the second and
-the third is the reader's (checks, the copy into the tensors, their new pages). Run::
+the third is the reader's (checks, the copy into the tensors, their new pages). Each step's CPU time is also
+measured, this process's (all threads) and the test server's (its processes): the server runs on the same cores,
+so a step that costs more CPU leaves it less. The last line says what a restore would take if it kept the cores
+as busy as the ceiling does, given its CPU: where that is about what it takes, the restore is bound by the
+machine's CPU, not by waiting. Run::
 
     python benchmarks/bench_read_path.py [--gcs] [--whole] [--runs 9]
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -32,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import psutil
 from _ceiling import Ceiling, load_average
 from bench_restore_cpu import start_server
 from bench_save import make_state, nbytes
@@ -77,6 +83,8 @@ def main() -> None:
         ceiling = Ceiling(f"{url}/ceiling", options)
         _, raw = ceiling.put(size)
         times: dict[str, list[float]] = {"ceiling": [], "reads from threads": [], "bucketsnap load": []}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in times}
+        serving = psutil.Process().children(recursive=True)  # the test server's processes
         loads = [load_average()]
 
         def bucketsnap_load() -> float:
@@ -94,7 +102,9 @@ def main() -> None:
             order = list(steps) if run % 2 == 0 else list(reversed(steps))
             for name in order:
                 gc.collect()
+                before = cpu_seconds(serving)
                 times[name].append(steps[name]())
+                cpu[name].append(tuple(b - a for a, b in zip(before, cpu_seconds(serving), strict=True)))  # type: ignore[arg-type]
         loads.append(load_average())
     finally:
         server.stop()
@@ -104,11 +114,34 @@ def main() -> None:
         f"{args.runs} runs, load {loads[0]} -> {loads[-1]}; median seconds, and the median of the runs' shares of "
         "the ceiling"
     )
-    print("| | s | of the ceiling |")
-    print("|---|---:|---:|")
+    print("| | s | of the ceiling | CPU: this process, the server (s) | cores busy |")
+    print("|---|---:|---:|---:|---:|")
     for name, seconds in times.items():
         share = statistics.median(c / s for c, s in zip(times["ceiling"], seconds, strict=True))
-        print(f"| {name} | {statistics.median(seconds):.3f} | {share:.0%} |")
+        mine, server = (statistics.median(x[i] for x in cpu[name]) for i in (0, 1))
+        busy = statistics.median((x[0] + x[1]) / s for x, s in zip(cpu[name], seconds, strict=True))
+        print(f"| {name} | {statistics.median(seconds):.3f} | {share:.0%} | {mine:.3f}, {server:.3f} | {busy:.2f} |")
+    ceiling_busy = statistics.median((x[0] + x[1]) / s for x, s in zip(cpu["ceiling"], times["ceiling"], strict=True))
+    load_cpu = statistics.median(x[0] + x[1] for x in cpu["bucketsnap load"])
+    bound = load_cpu / ceiling_busy
+    print(
+        f"\nbucketsnap's load costs {load_cpu:.3f} s of CPU with the server's; keeping the cores as busy as the "
+        f"ceiling does ({ceiling_busy:.2f} of {os.cpu_count()}), it would take {bound:.3f} s, "
+        f"{statistics.median(times['ceiling']) / bound:.0%} of the ceiling"
+    )
+
+
+def cpu_seconds(serving: list[psutil.Process]) -> tuple[float, float]:
+    """User + system CPU seconds of this process (all its threads) and of the server's processes."""
+    mine = psutil.Process().cpu_times()
+    server = 0.0
+    for process in serving:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        server += times.user + times.system
+    return mine.user + mine.system, server
 
 
 if __name__ == "__main__":

@@ -240,3 +240,86 @@ def test_format_1_tables_of_sha256_ids_stay_readable(monkeypatch: pytest.MonkeyP
     assert not set(store.open(2).info.refs) & set(store.open(1).info.refs)  # no dedup against sha256 ids
     assert value.hashed == 3
     restore_buffer(store, fresh, verify=True)
+
+
+# -- changes="hash": every chunk's rows read, only the changed ones hashed with BLAKE3 ------------------------
+
+
+def test_a_hash_save_reads_every_chunk_and_hashes_with_blake3_only_those_whose_rows_changed() -> None:
+    """docs/buffers.md: a save with changes="hash" reads every chunk, and hashes with BLAKE3 only the chunks
+    whose rows' XXH3-128 differs from the one the buffer's last save in this process recorded."""
+    store = SnapshotStore("memory://changes/hash-digests")
+    buffer = sb3_buffer(1000)
+    add(buffer, 1000, seed=0)
+    first = save(store, 1, buffer, changes="hash")
+    assert (first.hashed, first.rehashed) == (20, 20)  # nothing recorded yet
+    buffer.rewards[420] += 1.0  # a direct write, which the ring position does not see: chunk [400, 450)
+    buffer.observations[999] ^= 1  # and chunk [950, 1000)
+    second = save(store, 2, buffer, changes="hash")
+    assert (second.hashed, second.rehashed) == (20, 2)
+    assert restored_equals(store, buffer)
+    assert len(set(store.info(2).refs) - set(store.info(1).refs)) == 2
+
+
+def test_a_hash_save_after_any_writes_restores_exactly_what_the_buffer_held() -> None:
+    """Direct writes anywhere, rows put back as they were at an earlier save, saves in the background and
+    restores into the buffer, in random order: after every save, the snapshot holds what the buffer held then."""
+    rng = np.random.default_rng(7)
+    store = SnapshotStore("memory://changes/hash-random")
+    buffer = sb3_buffer(400)
+    add(buffer, 400, seed=3)
+    kept: dict[int, Any] = {}  # itr -> the buffer's arrays when it was saved
+    for itr in range(1, 41):
+        action = rng.integers(0, 5)
+        if action == 0:
+            add(buffer, int(rng.integers(1, 120)), seed=itr)
+        elif action == 1:  # a direct write into any field, any row
+            name = ("observations", "next_observations", "rewards", "actions", "dones")[rng.integers(0, 5)]
+            array = getattr(buffer, name)
+            array[rng.integers(0, 400)] = array.dtype.type(rng.integers(0, 3))
+        elif action == 2 and kept:  # every row back as an earlier save had it
+            earlier = kept[int(rng.choice(sorted(kept)))]
+            for name, a in earlier.items():
+                getattr(buffer, name)[:] = a
+        elif action == 3 and kept:  # the buffer restored from a snapshot, as on resume
+            restore_buffer(store, buffer, which=int(rng.choice(sorted(kept))))
+        value = buffer_state(buffer, chunk_rows=50, changes="hash")
+        snapshot = {
+            name: getattr(buffer, name).copy()
+            for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+        }
+        if rng.integers(0, 2):
+            store.save_async(itr, {"replay_buffer": value}).result()
+        else:
+            store.save(itr, {"replay_buffer": value})
+        kept[itr] = snapshot
+        fresh = sb3_buffer(400)
+        restore_buffer(store, fresh, which=itr, verify=True)
+        for name, a in snapshot.items():
+            assert np.array_equal(getattr(fresh, name), a), (itr, name)
+
+
+def test_a_chunk_compressed_from_other_rows_than_it_was_hashed_from_keeps_no_digest_of_the_first() -> None:
+    """The digest kept for a chunk is of the bytes its id names: rows written between the hash and the
+    compression make the chunk stored under the id of what was compressed, and the next save of the first rows
+    must not take that id from a digest of them."""
+    store = SnapshotStore("memory://changes/hash-race")
+    buffer = sb3_buffer(400)
+    add(buffer, 400, seed=5)
+    save(store, 1, buffer, changes="hash")
+    first = buffer.rewards.copy()
+    buffer.rewards[10] += 1.0
+    value = buffer_state(buffer, chunk_rows=50, changes="hash")
+    compress = value._compress
+
+    def written_meanwhile(bounds: tuple[int, int]) -> Any:
+        if bounds == (0, 50):
+            buffer.rewards[:] = first  # back to what save 1 held, after the rows were hashed as changed
+        return compress(bounds)
+
+    value._compress = written_meanwhile  # type: ignore[method-assign]
+    store.save(2, {"replay_buffer": value})
+    assert restored_equals(store, buffer)  # save 2 holds the rows as compressed: save 1's
+    buffer.rewards[10] += 1.0  # the rows hashed for save 2, again
+    save(store, 3, buffer, changes="hash")
+    assert restored_equals(store, buffer)

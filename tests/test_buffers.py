@@ -455,14 +455,15 @@ def test_rows_written_during_a_save_never_leave_a_chunk_under_another_contents_i
 
     def another_writer_meanwhile(self: _chunks.ChunkedArrays, start: int, end: int) -> Any:
         reads[start, end] = reads.get((start, end), 0) + 1
-        if start == 0 and reads[start, end] == 2:
-            held.rewards[3] = 42.0  # after the first read of the rows (their hash), before the second
+        # reads of chunk 0: its XXH3-128 against the last save's (changed), its hash, then its compression
+        if start == 0 and reads[start, end] == 3:
+            held.rewards[3] = 42.0  # after the rows were hashed, before they are read again to be compressed
         return views(self, start, end)
 
     with monkeypatch.context() as patch:
         patch.setattr(_chunks.ChunkedArrays, "_views", another_writer_meanwhile)
         SnapshotStore(url).save(2, {"rb": buffer_state(held, chunk_rows=250)})
-    assert reads[0, 250] == 2
+    assert reads[0, 250] == 3
     restore_buffer(url, buffer(), key="rb", which=2, verify=True)  # every chunk holds what its id names
     held.rewards[3] = 1.0  # the rows first hashed, again
     SnapshotStore(url).save(3, {"rb": buffer_state(held, chunk_rows=250)})

@@ -23,6 +23,11 @@ that chunk's first and last rows with the one taken when it was last hashed (a r
 of the ring, rewrites those rows), and hashes :data:`SPOT_CHECKS` whole chunks in rotation; a mismatch warns and
 hashes every chunk for that save. A direct write into rows that are neither is still saved late: by the save
 whose rotation reaches its chunk, or by a save that hashes everything (``changes="hash"``, the default).
+
+The record also keeps, for every chunk whose rows the save read, their XXH3-128 with the id of those same bytes
+(``contents``), for buffers with or without a ring position: a later save in either mode reads a chunk's rows
+(XXH3-128, about 5x faster than BLAKE3 here) and takes the recorded id where they match, hashing with BLAKE3
+only the chunks whose rows changed. Unlike the ring's account, this sees every write, however it was made.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
@@ -96,12 +101,14 @@ def changed_rows(before: Ring, now: Ring) -> list[Bounds] | None:
 class _Record:
     """What a buffer held when its chunks were last hashed."""
 
-    ring: Ring
+    ring: Ring | None
     layout: tuple[Any, ...]
     arrays: list[Callable[[], Any]]
     ids: dict[Bounds, str]
     fingerprints: dict[Bounds, str]
     rotation: int = 0
+    #: Chunk bounds -> (XXH3-128 of the chunk's rows, its id), both of the same bytes (see ``Previous``).
+    contents: dict[Bounds, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,11 +117,13 @@ class _Account:
 
     known: dict[Bounds, str]
     spot_check: list[Bounds]
-    on_hashed: Callable[[dict[Bounds, str]], None]
+    on_hashed: Callable[[dict[Bounds, str], dict[Bounds, tuple[str, str]]], None]
+    #: The last save's XXH3-128 of each chunk's rows, with the id of those rows (see ``Previous``).
+    previous: dict[Bounds, tuple[str, str]] = field(default_factory=dict)
 
 
 class Tracker:
-    """Per buffer (weakly held), the ring position and chunk ids of its last hashed save."""
+    """Per buffer (weakly held), the ring position, chunk ids and content digests of its last hashed save."""
 
     def __init__(self) -> None:
         self._records: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
@@ -131,13 +140,16 @@ class Tracker:
         arrays: Mapping[str, np.ndarray],
         rows: int,
         chunk_rows: int,
-        ring: Ring,
+        ring: Ring | None,
         *,
         compare: bool = True,
+        encoding: Any = None,
     ) -> _Account:
         """The chunks of ``buffer`` (``rows`` rows in chunks of ``chunk_rows``) known unchanged since its last
-        hashed save (none unless ``compare``), and the callback that records this save's ids."""
-        layout = _layout(arrays, chunk_rows)
+        hashed save (none unless ``compare`` and the buffer has a ``ring``), the digests of what its chunks held
+        then, and the callback that records this save's. ``encoding`` (anything comparable: how rows become
+        chunk objects) must be the same as then for either to apply."""
+        layout = (_layout(arrays, chunk_rows), encoding)
         refs = [_weak(a) for a in arrays.values()]
         with self._lock:
             try:
@@ -149,7 +161,9 @@ class Tracker:
         fingerprints = {b: _fingerprint(arrays, *b) for b in bounds}
         known: dict[Bounds, str] = {}
         spot: list[Bounds] = []
-        if compare and record is not None and record.layout == layout and all(r() is not None for r in record.arrays):
+        applies = record is not None and record.layout == layout and all(r() is not None for r in record.arrays)
+        previous = dict(record.contents) if record is not None and applies else {}
+        if compare and record is not None and applies and record.ring is not None and ring is not None:
             changed = changed_rows(record.ring, ring)
             if changed is not None:
                 for b in bounds:
@@ -172,12 +186,12 @@ class Tracker:
                     spot = [order[(record.rotation + i) % len(order)] for i in range(min(SPOT_CHECKS, len(order)))]
         rotation = 0 if record is None else record.rotation + SPOT_CHECKS
 
-        def on_hashed(ids: dict[Bounds, str]) -> None:
-            entry = _Record(ring, layout, refs, dict(ids), fingerprints, rotation)
+        def on_hashed(ids: dict[Bounds, str], contents: dict[Bounds, tuple[str, str]]) -> None:
+            entry = _Record(ring, layout, refs, dict(ids), fingerprints, rotation, dict(contents))
             with self._lock, contextlib.suppress(TypeError):  # not weakly referenceable: not tracked
                 self._records[buffer] = entry
 
-        return _Account(known, spot, on_hashed)
+        return _Account(known, spot, on_hashed, previous)
 
 
 def _layout(arrays: Mapping[str, np.ndarray], chunk_rows: int) -> tuple[Any, ...]:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from bucketsnap import _chunks
 from bucketsnap._buffer_changes import Ring, Tracker
 from bucketsnap._chunks import DEFAULT_LEVEL, ChunkedArrays, ChunkTable, read_chunks
 from bucketsnap._storage import Storage
@@ -338,7 +339,7 @@ class _PytorchrlKind(BufferKind):
 
 
 _GENERIC = _PytorchrlKind()
-#: The ring position and chunk ids of each buffer's last save in this process (``changes="ring"``).
+#: The ring position, chunk ids and chunk digests of each buffer's last save in this process.
 _TRACKER = Tracker()
 register_buffer_kind(_TransitionStorageKind())
 
@@ -390,11 +391,19 @@ def buffer_state(
                 hash_threads=hash_threads,
                 shifted=state.shifted,
             )
-            if state.ring is not None:  # recorded in either mode, so that a later "ring" save can build on it
-                account = _TRACKER.account(
-                    buffer, value.arrays, value.rows, value.chunk_rows, state.ring, compare=changes == "ring"
-                )
-                value.known, value.spot_check, value.on_hashed = account.known, account.spot_check, account.on_hashed
+            # Recorded in either mode: a later "ring" save builds on the ids, a later save of either mode on the
+            # digests of the chunks' rows.
+            account = _TRACKER.account(
+                buffer,
+                value.arrays,
+                value.rows,
+                value.chunk_rows,
+                state.ring,
+                compare=changes == "ring",
+                encoding=(_chunks.HASH, sorted(value.shifted.items())),  # what a chunk's id depends on
+            )
+            value.known, value.spot_check, value.on_hashed = account.known, account.spot_check, account.on_hashed
+            value.previous = account.previous
             return value
     raise TypeError(
         f"cannot save a {type(buffer).__module__}.{type(buffer).__qualname__} as a buffer: pass an SB3 "
