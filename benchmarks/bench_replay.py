@@ -286,6 +286,7 @@ def phase_bs_save(data: Path, work: Path, n: int, remote: dict[str, Any] | None)
             "written": sum(new.values()) + later.size,
             "new_chunks": len(new),
             "hashed": value.hashed,
+            "rehashed": value.rehashed,
             "cpu": rss_later["cpu"],
             "peak": rss_later["peak"] - rss_later["before"],
         }
@@ -491,14 +492,15 @@ def print_table(r: dict[str, dict[str, Any]], n: int, spread: dict[str, str] | N
             "2nd save, +1,000 transitions, changes='hash'",
             f"{sb3s['bytes'] / mb:,.0f} MB written (all again)",
             f"{hashed['seconds']:.2f} s ({hashed['cpu']:.2f} s CPU), {hashed['written'] / mb:,.2f} MB written "
-            f"({hashed['new_chunks']} new chunks, {hashed['hashed']} hashed); reading the buffer once takes "
+            f"({hashed['new_chunks']} new chunks; {hashed['hashed']} read, {hashed['rehashed']} of them hashed "
+            "with BLAKE3); reading the buffer once takes "
             f"{bss['read_once']:.2f} s",
         ),
         (
             "3rd save, +1,000 more, changes='ring'",
             "same as save",
             f"{ring['seconds']:.2f} s ({ring['cpu']:.2f} s CPU), {ring['written'] / mb:,.2f} MB written "
-            f"({ring['new_chunks']} new chunks, {ring['hashed']} hashed)",
+            f"({ring['new_chunks']} new chunks, {ring['hashed']} read, {ring['rehashed']} hashed with BLAKE3)",
         ),
         (
             "peak RSS during save, above the buffer",
