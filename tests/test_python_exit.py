@@ -132,3 +132,53 @@ def test_a_forked_child_exits_without_waiting_for_its_parents_saves(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "child exit status 0 saved 1", done.stdout + done.stderr[-2000:]
+
+
+_IMPORTED_AT_EXIT = """
+import atexit, sys, torch  # torch imports concurrent.futures.thread, whose exit hook then runs first
+
+def save_at_exit():
+    from bucketsnap import SnapshotStore  # bucketsnap first imported as Python exits
+
+    SnapshotStore(sys.argv[1]).save(1, {"step": 1})
+    print("committed")
+
+atexit.register(save_at_exit)
+"""
+
+
+def test_bucketsnap_imported_first_as_python_exits_still_saves(tmp_path):
+    """An atexit hook may import bucketsnap and save (found by review: registering the exit wait when the
+    module was imported raised "can't register atexit after shutdown" there)."""
+    url = (tmp_path / "run").as_uri()
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_AT_EXIT, url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "committed", done.stderr[-2000:]
+    assert SnapshotStore(url).itrs() == [1]
+
+
+_DROPPED_STORE = """
+import sys, time
+from bucketsnap import SnapshotStore
+
+def train():
+    store = SnapshotStore(sys.argv[1])
+    store.save(1, {"step": 1})
+    store.save_async(1, {"step": 2})  # fails in the background (itr 1 is committed); nobody asks its future
+
+train()  # the store is dropped here
+time.sleep(float(sys.argv[2]))  # 0: the failing save may still run at exit; 1: it has failed long before
+"""
+
+
+@pytest.mark.parametrize("then", ["0", "1"])
+def test_the_failure_of_a_dropped_stores_save_async_is_logged(tmp_path, then):
+    """docs/api.md: a background failure is never swallowed; with no later call to raise it, it is logged when
+    the store is dropped or Python exits (found by review: a store dropped before exit lost it)."""
+    url = (tmp_path / "run").as_uri()
+    done = subprocess.run(
+        [sys.executable, "-c", _DROPPED_STORE, url, then], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("nobody asked its future: SnapshotExistsError: itr 1 is already committed") == 1, (
+        done.stderr
+    )

@@ -21,8 +21,10 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any, Generic, TypeVar
+
+from bucketsnap._pools import Pool
 
 __all__ = ["BackgroundSaves", "SaveFuture"]
 
@@ -61,7 +63,7 @@ class BackgroundSaves(Generic[T]):
         self.max_in_flight = max_in_flight
         self._name = name
         self.where = where
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: Pool | None = None
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._lock = threading.Lock()
         self._in_flight: set[SaveFuture[T]] = set()
@@ -80,8 +82,8 @@ class BackgroundSaves(Generic[T]):
             self._slots.acquire()
             try:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=self._name)
-                    _started.add(self)
+                    self._executor = Pool(self.max_in_flight, thread_name_prefix=self._name)
+                    _wait_at_exit_for(self)
                 with self._lock:
                     self._in_flight.add(future)
                 self._executor.submit(self._run, job, future, on_end)
@@ -161,6 +163,25 @@ class BackgroundSaves(Generic[T]):
             self._in_flight.discard(future)
         self._slots.release()
 
+    def log_unseen(self) -> None:
+        """Log, on the ``bucketsnap`` logger, every failure nobody has seen (nobody is left to raise them to)."""
+        while True:
+            with self._lock:
+                future = self._failed.pop(0) if self._failed else None
+            if future is None:
+                return
+            error = Future.exception(future)
+            logger.error(
+                "a save_async to %s failed, and nobody asked its future: %s: %s",
+                self.where,
+                type(error).__name__,
+                error,
+            )
+
+    def __del__(self) -> None:
+        if getattr(self, "_failed", None):  # a store dropped with a failure nobody saw: said, not lost
+            self.log_unseen()
+
     def _seen(self, future: SaveFuture[Any]) -> None:
         with self._lock:
             if future in self._failed:
@@ -169,27 +190,37 @@ class BackgroundSaves(Generic[T]):
 
 #: Every BackgroundSaves that started its threads and is still referenced: waited for as Python exits.
 _started: weakref.WeakSet[BackgroundSaves[Any]] = weakref.WeakSet()
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _wait_at_exit_for(saves: BackgroundSaves[Any]) -> None:
+    """Have Python's exit wait for ``saves``' jobs (see the module docstring); registers the hook on first use."""
+    global _registered
+    with _register_lock:
+        _started.add(saves)
+        if _registered:
+            return
+        _registered = True
+        # threading's exit hooks run last registered first, before the joins of non-daemon threads and atexit's
+        # hooks; concurrent.futures' own (imported above), which stops every pool, was registered before this.
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is not None:
+                register(_wait_at_exit)
+            else:  # not CPython's threading: the latest hook there is
+                atexit.register(_wait_at_exit)
+        except RuntimeError:  # Python is exiting already: its pools start nothing, and the job fails saying so
+            pass
 
 
 def _wait_at_exit() -> None:
-    """Wait for every save in flight, then log the failures nobody was told of (see the module docstring)."""
+    """Wait for every save in flight, also those submitted meanwhile, then log the failures nobody was told of."""
+    while pending := [future for saves in list(_started) for future in saves.pending()]:
+        wait(pending)
     for saves in list(_started):
-        wait(saves.pending())
-        while True:
-            try:
-                saves.raise_failure()
-                break
-            except BaseException as exc:  # nobody is left to raise it to
-                logger.error("a save_async to %s failed, and nobody asked its future: %s", saves.where, exc)
+        saves.log_unseen()
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: its saves never end there
     os.register_at_fork(after_in_child=_started.clear)
-
-# threading's exit hooks run last registered first, before the joins of non-daemon threads and atexit's
-# hooks; concurrent.futures (imported above) registered the one that stops every pool, so this runs before it.
-_register = getattr(threading, "_register_atexit", None)
-if _register is not None:
-    _register(_wait_at_exit)
-else:  # not CPython's threading: the latest hook there is
-    atexit.register(_wait_at_exit)

@@ -33,5 +33,6 @@ class Pool(ThreadPoolExecutor):
                 raise
             raise BucketsnapError(
                 "Python is exiting, and bucketsnap's reads and writes cannot start new threads: a save or restore "
-                "still running on a daemon thread is cut off; wait for it before the program exits"
+                "still running (on a daemon thread, in an atexit hook, or started after the main thread returned) "
+                "is cut off; finish it before the program exits"
             ) from exc
