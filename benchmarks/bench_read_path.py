@@ -110,7 +110,8 @@ def main() -> None:
         server.stop()
     what = "whole state" if args.whole else "policy"
     print(
-        f"{'GCS' if args.gcs else 'S3'}, {what}: {size / 2**20:.0f} of {nbytes(state) / 2**20:.0f} MiB, "
+        f"{'GCS' if args.gcs else 'S3'} ({getattr(server, 'kind', type(server).__name__)}), {what}: "
+        f"{size / 2**20:.0f} of {nbytes(state) / 2**20:.0f} MiB, "
         f"{args.runs} runs, load {loads[0]} -> {loads[-1]}; median seconds, and the median of the runs' shares of "
         "the ceiling"
     )
