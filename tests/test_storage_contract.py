@@ -175,6 +175,17 @@ class StorageContract:
         with pytest.raises(FileNotFoundError):
             storage.read_into("snapshots/missing.zip", 0, bytearray(10))
 
+    def test_a_read_starting_at_or_past_the_objects_end_gives_no_bytes(self, storage: Storage) -> None:
+        """A range the object does not reach (a snapshot's archive truncated or replaced by a shorter one) reads
+        as no bytes, as from a local file, so a restore reports the archive truncated (CorruptSnapshotError);
+        S3 and GCS answer it with 416, which became a StorageError, "HttpError: , 416" on GCS."""
+        with storage.write("snapshots/d.zip") as f:
+            f.write(b"0123456789")
+        for start, end in [(10, 20), (20, 30), (10, 11)]:
+            assert storage.read("snapshots/d.zip", start, end) == b"", (start, end)
+            assert storage.read_into("snapshots/d.zip", start, bytearray(end - start)) == 0, (start, end)
+        assert storage.read("snapshots/d.zip", 8, 30) == b"89"
+
     def test_reading_a_missing_object_is_file_not_found(self, storage: Storage) -> None:
         with pytest.raises(FileNotFoundError):
             storage.read("snapshots/missing.zip")

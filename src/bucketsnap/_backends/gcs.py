@@ -122,12 +122,22 @@ class GcsBackend(Backend):
             total = configured.total if isinstance(configured, aiohttp.ClientTimeout) else configured
             timeout = aiohttp.ClientTimeout(total=total, sock_read=_READ_STALL)
             async with fs.session.get(url, headers=headers, params=params, timeout=timeout) as answer:
+                if answer.status == 416:  # no byte of the range exists: as a local file reads it
+                    return 0
                 if answer.status >= 300:  # gcsfs's errors: FileNotFoundError for a 404, HttpError with its code
                     validate_response(answer.status, await answer.read(), path)
                     raise OSError(f"GCS answered a ranged read with HTTP {answer.status}")
                 return check_length(await read_body_into(answer.content, buffer), answer.headers.get("Content-Range"))
 
         return int(sync(fs.loop, get))
+
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        try:
+            return super().read(path, start, end)
+        except Exception as exc:  # gcsfs's HttpError, which is not an OSError
+            if type(exc).__name__ == "HttpError" and getattr(exc, "code", None) == 416:  # no byte of the range exists
+                return b""
+            raise
 
     @classmethod
     def prepare_options(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ so do the problems a store can have: no credentials (``NoCredentialsError``), re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from typing import Any, ClassVar
@@ -89,7 +90,23 @@ class S3Backend(Backend):
             )
         )
 
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        try:
+            return super().read(path, start, end)
+        except OSError as exc:
+            if _past_the_end(exc):  # 416: no byte of the range exists, as a local file reads it
+                return b""
+            raise
+
     def read_into(self, path: str, start: int, buffer: memoryview) -> int:
+        try:
+            return self._read_into(path, start, buffer)
+        except OSError as exc:
+            if _past_the_end(exc):
+                return 0
+            raise
+
+    def _read_into(self, path: str, start: int, buffer: memoryview) -> int:
         fs = self.fs
         size = buffer.nbytes
         if not size or not hasattr(fs, "_call_s3"):
@@ -312,3 +329,14 @@ class S3MultipartWriter(PartUploader[dict[str, Any]]):
                 "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
             ),
         )
+
+
+def _past_the_end(exc: OSError) -> bool:
+    """Whether S3 refused a ranged read as starting at or past the object's end (416, ``InvalidRange``), which
+    s3fs raises as ``OSError(EINVAL)``."""
+    error = getattr(exc.__cause__, "response", None) or {}
+    code = str(error.get("Error", {}).get("Code", "")) if isinstance(error, dict) else ""
+    status = error.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(error, dict) else None
+    return exc.errno == errno.EINVAL and (
+        code == "InvalidRange" or status == 416 or "range is not satisfiable" in str(exc)
+    )
