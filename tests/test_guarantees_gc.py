@@ -81,3 +81,25 @@ def test_a_gc_record_naming_a_path_outside_the_run_is_refused(tmp_path: Path, wh
     with pytest.raises(CorruptSnapshotError):
         SnapshotStore(store.url).gc(min_age=0)
     assert victim.read_bytes() == b"not this run's"
+
+
+def test_a_save_whose_archive_is_deleted_before_its_commit_fails_with_the_fences_storage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gc(min_age=0) fails the saves in flight (SnapshotStore.gc), with a StorageError: an archive deleted between
+    its upload and the save's check of its size escaped as a bare FileNotFoundError (the gc campaign on S3)."""
+    store = SnapshotStore(f"memory://gc-guarantees/{uuid.uuid4().hex[:8]}")
+    store.save(1, {"step": 1})
+    size = store.storage.size
+
+    def deleted_meanwhile(rel: str) -> int:
+        if rel.startswith("snapshots/") and "000000000002" in rel:
+            store.storage.delete(rel)  # as gc(min_age=0) in another process does
+        return size(rel)
+
+    monkeypatch.setattr(store.storage, "size", deleted_meanwhile)
+    with pytest.raises(StorageError, match="gc deleted or may have deleted the archive this save had just written"):
+        store.save(2, {"step": 2})
+    monkeypatch.undo()
+    assert store.itrs() == [1]
+    assert store.load("last") == {"step": 1}

@@ -250,7 +250,13 @@ def write_archive(
         except BaseException:
             writer.abandon()
             raise
-    stored = storage.size(path)
+    try:
+        stored = storage.size(path)
+    except FileNotFoundError:  # gc(min_age=0), which fails saves in flight, or a delete by hand, between the two
+        raise StorageError(
+            f"not committed to {storage.url_of('')}: gc deleted or may have deleted the archive this save had just "
+            f"written ({path}: gc(min_age=0) deletes the objects of saves in flight); retry the save"
+        ) from None
     if stored != size:  # an upload that reported success but kept other bytes: never commit it
         storage.delete(path)
         raise StorageError(
