@@ -323,3 +323,60 @@ def test_a_chunk_compressed_from_other_rows_than_it_was_hashed_from_keeps_no_dig
     buffer.rewards[10] += 1.0  # the rows hashed for save 2, again
     save(store, 3, buffer, changes="hash")
     assert restored_equals(store, buffer)
+
+
+def test_a_hash_save_sees_a_direct_write_into_a_field_stored_as_shifted_rows() -> None:
+    """Rows of 4 KiB or more: next_observations are stored as records of the observations they repeat, and a
+    chunk's id is the hash of that encoding; its XXH3-128 must still cover the field's own rows (found by
+    review: leaving them out saved such a write as the old rows, and no test saw it)."""
+    space = gymnasium.spaces.Box(0, 255, (4096,), np.uint8)
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(64, space, gymnasium.spaces.Box(-1, 1, (2,), np.float32), device="cpu")
+    for i in range(64):
+        obs, next_obs = (rng.integers(0, 256, (1, 4096), dtype=np.uint8) for _ in range(2))
+        buffer.add(obs, next_obs, rng.uniform(-1, 1, (1, 2)), rng.random(1), np.array([i % 7 == 0]), [{}])
+    store = SnapshotStore("memory://changes/hash-shifted")
+    store.save(1, {"rb": buffer_state(buffer, chunk_rows=8)})
+    assert any(path.endswith(".shift.zst") for path in store.info(1).refs)
+    buffer.next_observations[20, 0, 5] ^= 1  # a direct write into a shifted field's row
+    value = buffer_state(buffer, chunk_rows=8)
+    store.save(2, {"rb": value})
+    assert (value.hashed, value.rehashed) == (8, 1)  # the shifted chunks unchanged are taken from save 1 too
+    fresh = ReplayBuffer(64, space, gymnasium.spaces.Box(-1, 1, (2,), np.float32), device="cpu")
+    restore_buffer(store, fresh, key="rb", which=2, verify=True)
+    assert np.array_equal(fresh.next_observations, buffer.next_observations)
+
+
+def test_a_buffer_without_a_ring_position_is_not_kept_alive_by_its_record() -> None:
+    """A kind that hands over fresh copies of its arrays (pytorchrl's, from a device) is found unchanged by its
+    digests alone: its record keeps no array (found by review: it kept a whole host copy alive)."""
+    import gc
+    import weakref
+
+    class Copies:
+        """pytorchrl's protocol, handing over a copy of its data on every call."""
+
+        def __init__(self) -> None:
+            self.data = {"obs": torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)}
+
+        def get_all_buffer_data(self, data_to_cpu: bool = False) -> dict[str, torch.Tensor]:
+            return {name: t.clone() for name, t in self.data.items()}
+
+        def insert_data_slice(self, data: dict[str, torch.Tensor]) -> None:
+            self.data = {name: t.clone() for name, t in data.items()}
+
+        def reset(self) -> None:
+            pass
+
+    buffer = Copies()
+    store = SnapshotStore("memory://changes/no-ring")
+    first = buffer_state(buffer, chunk_rows=8)
+    copy = weakref.ref(next(iter(first.arrays.values())))
+    store.save(1, {"rb": first})
+    del first
+    gc.collect()
+    assert copy() is None  # the copy the save read is gone once the save is
+    buffer.data["obs"][40, 3] = -1.0
+    second = buffer_state(buffer, chunk_rows=8)
+    store.save(2, {"rb": second})
+    assert (second.hashed, second.rehashed) == (8, 1)

@@ -27,7 +27,10 @@ whose rotation reaches its chunk, or by a save that hashes everything (``changes
 The record also keeps, for every chunk whose rows the save read, their XXH3-128 with the id of those same bytes
 (``contents``), for buffers with or without a ring position: a later save in either mode reads a chunk's rows
 (XXH3-128, about 5x faster than BLAKE3 here) and takes the recorded id where they match, hashing with BLAKE3
-only the chunks whose rows changed. Unlike the ring's account, this sees every write, however it was made.
+only the chunks whose rows changed. Unlike the ring's account, this sees every write, however it was made, and
+it holds no array: a digest and an id of the same bytes stay true of any arrays of the same fields, dtypes,
+row shapes and chunking, wherever they lie (a buffer whose kind hands over fresh copies, as pytorchrl's does
+from a device, is not kept alive by its record).
 """
 
 from __future__ import annotations
@@ -107,8 +110,10 @@ class _Record:
     ids: dict[Bounds, str]
     fingerprints: dict[Bounds, str]
     rotation: int = 0
-    #: Chunk bounds -> (XXH3-128 of the chunk's rows, its id), both of the same bytes (see ``Previous``).
+    #: Chunk bounds -> (XXH3-128 of the chunk's rows, its id), both of the same bytes: valid for any arrays of
+    #: the same ``signature``, wherever they lie in memory.
     contents: dict[Bounds, tuple[str, str]] = field(default_factory=dict)
+    signature: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -118,7 +123,7 @@ class _Account:
     known: dict[Bounds, str]
     spot_check: list[Bounds]
     on_hashed: Callable[[dict[Bounds, str], dict[Bounds, tuple[str, str]]], None]
-    #: The last save's XXH3-128 of each chunk's rows, with the id of those rows (see ``Previous``).
+    #: The last save's XXH3-128 of each chunk's rows, with the id of those rows.
     previous: dict[Bounds, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -150,7 +155,11 @@ class Tracker:
         then, and the callback that records this save's. ``encoding`` (anything comparable: how rows become
         chunk objects) must be the same as then for either to apply."""
         layout = (_layout(arrays, chunk_rows), encoding)
-        refs = [_weak(a) for a in arrays.values()]
+        # What a chunk's id depends on besides its rows' bytes: the digests apply to any arrays that match it.
+        signature = (chunk_rows, tuple((name, a.shape[1:], a.dtype.str) for name, a in arrays.items()), encoding)
+        # Only the ring's account needs the arrays to stay where they are; a buffer without a ring position may
+        # hand over fresh copies (pytorchrl's from a device), which a reference here would keep alive.
+        refs = [_weak(a) for a in arrays.values()] if ring is not None else []
         with self._lock:
             try:
                 record = self._records.get(buffer)
@@ -158,11 +167,11 @@ class Tracker:
                 record = None
         bounds = [(a, min(a + chunk_rows, rows)) for a in range(0, rows, chunk_rows)]
         # Taken now, with the rows this save will hold: a background save hashes its copy later.
-        fingerprints = {b: _fingerprint(arrays, *b) for b in bounds}
+        fingerprints = {b: _fingerprint(arrays, *b) for b in bounds} if ring is not None else {}
         known: dict[Bounds, str] = {}
         spot: list[Bounds] = []
+        previous = dict(record.contents) if record is not None and record.signature == signature else {}
         applies = record is not None and record.layout == layout and all(r() is not None for r in record.arrays)
-        previous = dict(record.contents) if record is not None and applies else {}
         if compare and record is not None and applies and record.ring is not None and ring is not None:
             changed = changed_rows(record.ring, ring)
             if changed is not None:
@@ -187,7 +196,7 @@ class Tracker:
         rotation = 0 if record is None else record.rotation + SPOT_CHECKS
 
         def on_hashed(ids: dict[Bounds, str], contents: dict[Bounds, tuple[str, str]]) -> None:
-            entry = _Record(ring, layout, refs, dict(ids), fingerprints, rotation, dict(contents))
+            entry = _Record(ring, layout, refs, dict(ids), fingerprints, rotation, dict(contents), signature)
             with self._lock, contextlib.suppress(TypeError):  # not weakly referenceable: not tracked
                 self._records[buffer] = entry
 
