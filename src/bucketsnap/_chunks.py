@@ -680,14 +680,6 @@ def _decompress_chunk(
         _check_crc(raw, object_crc(rel), where)
 
 
-def _digest(views: list[memoryview], hash_name: str) -> str:
-    """The hex digest of ``views``, one after the other (both hashes release the GIL on large inputs)."""
-    digest = _HASHES[hash_name]()
-    for view in views:
-        digest.update(view)
-    return str(digest.hexdigest())
-
-
 def _object_reader(storage: Storage, rel: str, size: int, where: str) -> RangeReader:
     """Object ``rel`` read forward in ranged requests, so a restore never holds a whole compressed chunk."""
 
