@@ -4,12 +4,14 @@ At most ``max_in_flight`` jobs run; :meth:`BackgroundSaves.submit` first waits f
 the memory held by in-flight host copies. A job's ``on_end`` callback runs once whatever happens to the job
 (done, failed, cancelled, never submitted), so the host buffers it read always go back to their pool. A job's
 error is delivered once: by its future, if the caller asks the future (``result()`` or ``exception()``),
-otherwise by the store's next ``save``/``save_async``/``flush``/``close``. Trade-off: an error the caller never
-asks about is raised at a later, unrelated call, which is surprising but better than a silent loss of a snapshot.
+otherwise by the store's next ``save``/``save_async``/``flush``/``close``, or, with no such call, logged on the
+``bucketsnap`` logger when the store is dropped or Python exits. Trade-off: an error the caller never asks about
+is raised at a later, unrelated call, which is surprising but better than a silent loss of a snapshot.
 
 As Python exits (before it stops thread pools from starting work, which the saves' uploads need), it waits for
-every save in flight, and logs, on the ``bucketsnap`` logger, each failure nobody was told of. A program that
-returned right after a ``save_async`` lost that save before: on S3 and GCS, its uploads could not start.
+every save in flight, those submitted meanwhile too. A program that returned right after a ``save_async`` lost
+that save before: on S3, GCS and Azure its uploads could not start. A save submitted once the pools are
+stopped (from a thread still running after the main thread returned) is refused, saying so.
 """
 
 from __future__ import annotations
